@@ -1,0 +1,122 @@
+"""Shared machinery for configuration dataclasses: validation helpers, strict loading, stable hashing.
+
+Every study's config is a (possibly nested) frozen dataclass. Serialisation is always derived from the
+dataclass fields (`dataclasses.asdict`), never written by hand twice, and loading rejects unknown keys so
+that a typo in a stored config cannot silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid. The message names the field and what is allowed."""
+
+
+def check_choice(name: str, value: Any, allowed: Iterable[str]) -> None:
+    """Raise ConfigError unless `value` is one of `allowed`."""
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    """Raise ConfigError unless `value` is a finite number > 0 (or >= 0 with allow_zero)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number; got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{name} must be {bound}; got {value!r}")
+
+
+def check_integer(name: str, value: Any, *, minimum: int) -> None:
+    """Raise ConfigError unless `value` is an integer >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}; got {value!r}")
+
+
+def check_fraction(name: str, value: float, *, open_low: bool = False, open_high: bool = False) -> None:
+    """Raise ConfigError unless `value` lies in [0, 1] (endpoints excluded where asked)."""
+    check_positive(name, value, allow_zero=True)
+    if value > 1 or (open_low and value == 0) or (open_high and value == 1):
+        low = "(0" if open_low else "[0"
+        high = "1)" if open_high else "1]"
+        raise ConfigError(f"{name} must lie in {low}, {high}; got {value!r}")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Nested plain dict of a dataclass config (tuples become lists so the result is JSON-ready)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def flatten(config: Any, separator: str = ".") -> dict[str, Any]:
+    """Flat `{"network.hidden_dim": 12, ...}` view of a nested dataclass config, keys sorted."""
+    flat: dict[str, Any] = {}
+
+    def visit(prefix: str, value: Any) -> None:
+        if isinstance(value, Mapping):
+            for key, inner in value.items():
+                visit(f"{prefix}{separator}{key}" if prefix else key, inner)
+        else:
+            flat[prefix] = value
+
+    visit("", to_dict(config))
+    return dict(sorted(flat.items()))
+
+
+def config_hash(config: Any, length: int = 16) -> str:
+    """Stable hash of a config: sha256 of its canonical JSON (sorted keys), first `length` hex digits."""
+    canonical = json.dumps(to_dict(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:length]
+
+
+def _resolve_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(field_name: str, hint: Any, value: Any) -> Any:
+    """Turn a JSON value back into the field's type: nested dataclasses, tuples, floats given as ints."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{field_name} must be a mapping of {hint.__name__} fields; got {value!r}")
+        return from_dict(hint, value, _prefix=f"{field_name}.")
+    if origin is tuple:
+        arguments = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{field_name} must be a list; got {value!r}")
+        if len(arguments) == 2 and arguments[1] is Ellipsis:
+            return tuple(_coerce(field_name, arguments[0], item) for item in value)
+        return tuple(_coerce(field_name, argument, item) for argument, item in zip(arguments, value, strict=False))
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        non_none = [argument for argument in typing.get_args(hint) if argument is not type(None)]
+        return _coerce(field_name, non_none[0], value) if len(non_none) == 1 else value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], *, _prefix: str = "") -> T:
+    """Build dataclass `cls` from a (nested) mapping, rejecting unknown keys; missing keys take defaults."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"expected a mapping for {cls.__name__}; got {data!r}")
+    fields = {field.name: field for field in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        names = ", ".join(_prefix + name for name in unknown)
+        raise ConfigError(f"unknown config key(s): {names}; allowed: {', '.join(_prefix + n for n in fields)}")
+    hints = _resolve_hints(cls)
+    values = {name: _coerce(_prefix + name, hints[name], value) for name, value in data.items()}
+    return cls(**values)  # type: ignore[call-arg]
