@@ -1,0 +1,653 @@
+"""Statistics for comparing configurations across seeds.
+
+Pure functions: arrays or tidy DataFrames in, dicts or DataFrames out. Nothing here prints, plots or talks
+to a tracking store, so the analysis of a study can be re-run from its stored per-seed values alone.
+
+Conventions shared by every function:
+
+- A *sample* is the per-seed values of one metric for one configuration: ``values: [seed]``.
+- NaN marks a failed metric and is dropped before anything is computed (per sample, or per pair when
+  paired). Counts ``n`` are always counts of the values actually used.
+- Thin data never raises: where a statistic is undefined (too few values, zero variance) it is NaN.
+- Two-sided tests throughout.
+
+Methods (SCIENCE.md §4):
+
+- Welch's t-test by default, the paired t-test when the seed pairs the two samples.
+- Cohen's d with pooled SD, Hedges' g small-sample correction; d_z for paired data.
+- Bootstrap CI of the difference in means (``scipy.stats.bootstrap``, BCa).
+- Holm (family-wise error) and Benjamini–Hochberg (false discovery rate) adjusted p-values.
+- 2^k factorial designs: ±1-coded OLS with all interactions, ANOVA F-tests, Holm across effects.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.stats
+import statsmodels.formula.api as smf
+from numpy.typing import ArrayLike
+from statsmodels.stats.anova import anova_lm
+from statsmodels.stats.multitest import multipletests
+
+COMPARISON_COLUMNS = [
+    "metric",
+    "config_a",
+    "config_b",
+    "n_a",
+    "n_b",
+    "mean_a",
+    "mean_b",
+    "diff",
+    "ci_low",
+    "ci_high",
+    "t",
+    "df",
+    "p",
+    "p_holm",
+    "p_bh",
+    "cohen_d",
+    "hedges_g",
+]
+"""Columns of :func:`compare_to_baseline`, in order."""
+
+FACTORIAL_COLUMNS = ["metric", "effect", "estimate", "F", "df_num", "df_den", "p", "p_holm"]
+"""Columns of :func:`factorial_effects`, in order."""
+
+ADJUST_METHODS = ("holm", "fdr_bh")
+
+# Residual sum of squares at or below this fraction of the total sum of squares is floating-point
+# round-off of an exact fit, not an error estimate: F and p are then reported as NaN rather than as the
+# ratio of two rounding errors. Noise with a relative SD above ~1e-10 is comfortably above it.
+_EXACT_FIT_RELATIVE_SSR = 1e-20
+
+
+# --------------------------------------------------------------------------------------------------
+# Single samples
+# --------------------------------------------------------------------------------------------------
+
+
+def _finite_sample(values: ArrayLike, name: str = "values") -> np.ndarray:
+    """1-D float array with NaNs (failed metrics) removed; infinities are rejected, not dropped."""
+    array = np.asarray(values, dtype=float).ravel()
+    if np.isinf(array).any():
+        raise ValueError(f"{name} contains infinite values; a metric should be finite or NaN (failed)")
+    return array[~np.isnan(array)]
+
+
+def describe(values: ArrayLike, confidence: float = 0.95) -> dict[str, float]:
+    """Summary of one configuration's per-seed values.
+
+    ``values: [seed]``; NaNs are dropped first. Returns ``n, mean, std, sem, ci_low, ci_high`` with
+
+        std  = sqrt( Σ (x_i − x̄)² / (n − 1) )                  (sample SD, ddof = 1)
+        sem  = std / sqrt(n)
+        CI   = x̄ ± t_{(1+confidence)/2, n−1} · sem              (Student t-interval of the mean)
+
+    The t-interval assumes the seed values are i.i.d. and roughly normal; with few seeds it is the
+    standard choice (e.g. Wasserman, *All of Statistics*, §10.4). ``std``, ``sem`` and the CI are NaN for
+    n < 2; ``mean`` is NaN for n = 0.
+    """
+    _check_confidence(confidence)
+    sample = _finite_sample(values)
+    n = sample.size
+    mean = float(sample.mean()) if n > 0 else math.nan
+    if n < 2:
+        return {
+            "n": n,
+            "mean": mean,
+            "std": math.nan,
+            "sem": math.nan,
+            "ci_low": math.nan,
+            "ci_high": math.nan,
+        }
+    std = float(sample.std(ddof=1))
+    sem = std / math.sqrt(n)
+    half_width = float(scipy.stats.t.ppf((1 + confidence) / 2, df=n - 1)) * sem
+    return {
+        "n": n,
+        "mean": mean,
+        "std": std,
+        "sem": sem,
+        "ci_low": mean - half_width,
+        "ci_high": mean + half_width,
+    }
+
+
+def _check_confidence(confidence: float) -> None:
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Effect sizes
+# --------------------------------------------------------------------------------------------------
+
+
+def _complete_pairs(a: ArrayLike, b: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Aligned arrays with every pair that has a NaN on either side removed."""
+    a_array = np.asarray(a, dtype=float).ravel()
+    b_array = np.asarray(b, dtype=float).ravel()
+    if a_array.shape != b_array.shape:
+        raise ValueError(
+            f"paired comparison needs equal-length samples aligned by seed, got {a_array.size} and {b_array.size}"
+        )
+    if np.isinf(a_array).any() or np.isinf(b_array).any():
+        raise ValueError("paired samples contain infinite values; a metric should be finite or NaN (failed)")
+    keep = ~(np.isnan(a_array) | np.isnan(b_array))
+    return a_array[keep], b_array[keep]
+
+
+def _standardised(difference: float, sd: float) -> float:
+    """difference / sd, NaN when sd = 0.
+
+    Zero spread (every seed gave the same value, typical of a metric pinned at a bound) leaves nothing
+    to standardise by; ±inf would be the limit, but it would swamp any average or plot of effect sizes,
+    and the raw difference and its CI still say what happened.
+    """
+    return difference / sd if sd > 0 else math.nan
+
+
+def hedges_correction(df: float) -> float:
+    """Hedges' small-sample bias correction J = 1 − 3 / (4·df − 1).
+
+    df is the degrees of freedom of the SD that standardises d: n₁ + n₂ − 2 for the pooled SD, which gives
+    the familiar J = 1 − 3/(4(n₁+n₂) − 9); n − 1 for the SD of n paired differences. The approximation to
+    the exact Γ-function form is from Hedges (1981), *J. Educ. Stat.* 6(2), eq. 6e; Hedges & Olkin (1985),
+    *Statistical Methods for Meta-Analysis*, ch. 5. NaN for df < 1.
+    """
+    if df < 1:
+        return math.nan
+    return 1.0 - 3.0 / (4.0 * df - 1.0)
+
+
+def cohen_d(a: ArrayLike, b: ArrayLike, *, paired: bool = False) -> float:
+    """Standardised mean difference of ``a`` minus ``b``.
+
+    Unpaired (Cohen 1988, *Statistical Power Analysis*, §2.2; pooled SD as in SCIENCE.md §4):
+
+        d = (x̄_a − x̄_b) / s_p,   s_p² = ((n_a − 1)s_a² + (n_b − 1)s_b²) / (n_a + n_b − 2)
+
+    Paired (``a`` and ``b`` aligned by seed): d_z = mean(a − b) / sd(a − b) (Cohen 1988, §2.3.5). d_z is
+    the effect size the paired t-test tests (t = d_z·√n), so it is the one reported beside that test; note
+    it is not on the same scale as the unpaired d (it grows with the correlation between the pairs).
+
+    NaNs are dropped (pairs with a NaN on either side when paired). NaN where the SD has no degrees of
+    freedom (fewer than 2 values in all, or fewer than 2 pairs) or is zero.
+    """
+    if paired:
+        a_pairs, b_pairs = _complete_pairs(a, b)
+        differences = a_pairs - b_pairs
+        if differences.size < 2:
+            return math.nan
+        return _standardised(float(differences.mean()), float(differences.std(ddof=1)))
+    a_sample = _finite_sample(a, "a")
+    b_sample = _finite_sample(b, "b")
+    n_a, n_b = a_sample.size, b_sample.size
+    pooled_df = n_a + n_b - 2
+    if n_a == 0 or n_b == 0 or pooled_df < 1:
+        return math.nan
+    # Sums of squared deviations rather than (n − 1)·s², so a group of one contributes 0, not NaN.
+    sum_squares = ((a_sample - a_sample.mean()) ** 2).sum() + ((b_sample - b_sample.mean()) ** 2).sum()
+    pooled_sd = math.sqrt(sum_squares / pooled_df)
+    return _standardised(float(a_sample.mean() - b_sample.mean()), pooled_sd)
+
+
+def hedges_g(a: ArrayLike, b: ArrayLike, *, paired: bool = False) -> float:
+    """Hedges' g = J·d, the small-sample bias-corrected :func:`cohen_d`.
+
+    Unpaired: J = 1 − 3/(4(n_a + n_b) − 9), i.e. :func:`hedges_correction` with df = n_a + n_b − 2.
+    Paired: g = J·d_z with J = 1 − 3/(4(n − 1) − 1) for n pairs — the same correction applied to the
+    df of the SD of the differences (one common choice; Lakens 2013, *Front. Psychol.* 4:863, eq. 4
+    and its discussion of d_z).
+    """
+    if paired:
+        a_pairs, _ = _complete_pairs(a, b)
+        df = a_pairs.size - 1
+    else:
+        df = _finite_sample(a, "a").size + _finite_sample(b, "b").size - 2
+    d = cohen_d(a, b, paired=paired)
+    return hedges_correction(df) * d if not math.isnan(d) else math.nan
+
+
+# --------------------------------------------------------------------------------------------------
+# Two-sample comparison
+# --------------------------------------------------------------------------------------------------
+
+
+def _difference_of_means(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.mean(x, axis=axis) - np.mean(y, axis=axis)
+
+
+def _bootstrap_interval(
+    data: tuple[np.ndarray, ...],
+    statistic: Any,
+    *,
+    n_resamples: int,
+    confidence: float,
+    random_state: int | None,
+) -> tuple[float, float]:
+    """BCa interval, or the percentile interval when BCa is undefined.
+
+    BCa (Efron 1987, *JASA* 82:171) corrects the percentile interval for bias and skew and is scipy's
+    default. Its acceleration is a ratio of jackknife moments that is 0/0 for degenerate data (e.g.
+    all values equal), where scipy returns NaN with a DegenerateDataWarning; the percentile interval is
+    still defined there, so we fall back to it. A fresh generator from the same seed makes the fallback
+    resample exactly as the BCa attempt did.
+    """
+    intervals: dict[str, tuple[float, float]] = {}
+    for method in ("BCa", "percentile"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", scipy.stats.DegenerateDataWarning)
+            # The BCa acceleration of degenerate data divides 0 by 0 before scipy flags it.
+            with np.errstate(invalid="ignore", divide="ignore"):
+                result = scipy.stats.bootstrap(
+                    data,
+                    statistic,
+                    n_resamples=n_resamples,
+                    confidence_level=confidence,
+                    method=method,
+                    vectorized=True,
+                    rng=np.random.default_rng(random_state),
+                )
+        interval = (float(result.confidence_interval.low), float(result.confidence_interval.high))
+        intervals[method] = interval
+        if not (math.isnan(interval[0]) or math.isnan(interval[1])):
+            return interval
+    return intervals["percentile"]
+
+
+def compare(
+    a: ArrayLike,
+    b: ArrayLike,
+    *,
+    paired: bool = False,
+    n_resamples: int = 9999,
+    confidence: float = 0.95,
+    random_state: int | None = 0,
+) -> dict[str, float]:
+    """Compare the per-seed values of configuration ``a`` with those of ``b`` (``a`` minus ``b``).
+
+    ``a: [seed]``, ``b: [seed]``. Returns ``n_a, n_b, mean_a, mean_b, diff, ci_low, ci_high, t, df, p,
+    cohen_d, hedges_g`` where
+
+    - ``diff = mean_a − mean_b``;
+    - ``ci_low, ci_high``: bootstrap ``confidence`` interval of ``diff`` (``scipy.stats.bootstrap``, BCa,
+      percentile if BCa is undefined). Unpaired: the two samples are resampled independently and the
+      statistic is mean(a*) − mean(b*). Paired: the n differences a_i − b_i are resampled as one sample
+      and the statistic is their mean. ``random_state`` seeds ``np.random.default_rng``;
+    - ``t, df, p``: Welch's t-test (``scipy.stats.ttest_ind(equal_var=False)``), t = diff / √(s_a²/n_a +
+      s_b²/n_b) with the Welch–Satterthwaite df = (v_a + v_b)² / (v_a²/(n_a−1) + v_b²/(n_b−1)),
+      v = s²/n (Welch 1947, *Biometrika* 34:28). Paired: ``scipy.stats.ttest_rel``, df = n − 1;
+    - ``cohen_d, hedges_g``: :func:`cohen_d` and :func:`hedges_g` (d_z and its correction when paired).
+
+    NaNs are dropped (whole pairs when paired; then ``n_a = n_b`` = the number of complete pairs). With
+    fewer than 2 values on either side (or fewer than 2 pairs) nothing but the counts, means and ``diff``
+    can be computed: every other entry is NaN and no exception is raised. When the standard error is zero
+    (both samples constant; constant differences when paired) the CI is the degenerate [diff, diff] and
+    ``t, df, p, cohen_d, hedges_g`` are NaN.
+
+    Raises ValueError when ``paired`` and the samples differ in length (they must be aligned by seed).
+    """
+    _check_confidence(confidence)
+    if paired:
+        a_sample, b_sample = _complete_pairs(a, b)
+    else:
+        a_sample, b_sample = _finite_sample(a, "a"), _finite_sample(b, "b")
+    n_a, n_b = a_sample.size, b_sample.size
+    mean_a = float(a_sample.mean()) if n_a else math.nan
+    mean_b = float(b_sample.mean()) if n_b else math.nan
+    result: dict[str, float] = {
+        "n_a": n_a,
+        "n_b": n_b,
+        "mean_a": mean_a,
+        "mean_b": mean_b,
+        "diff": mean_a - mean_b,
+        "ci_low": math.nan,
+        "ci_high": math.nan,
+        "t": math.nan,
+        "df": math.nan,
+        "p": math.nan,
+        "cohen_d": math.nan,
+        "hedges_g": math.nan,
+    }
+    if n_a < 2 or n_b < 2:
+        return result
+
+    if paired:
+        bootstrap_data: tuple[np.ndarray, ...] = (a_sample - b_sample,)
+        statistic: Any = np.mean
+        constant = [_is_constant(a_sample - b_sample)]
+    else:
+        bootstrap_data, statistic = (a_sample, b_sample), _difference_of_means
+        constant = [_is_constant(a_sample), _is_constant(b_sample)]
+    ci_low, ci_high = _bootstrap_interval(
+        bootstrap_data, statistic, n_resamples=n_resamples, confidence=confidence, random_state=random_state
+    )
+    result.update(ci_low=ci_low, ci_high=ci_high)
+    if all(constant):
+        # Zero standard error: the t statistic is diff/0 and the Welch df 0/0. There is no variance
+        # to test against, so t, df, p and the effect sizes stay NaN; diff and its (degenerate) CI stand.
+        return result
+
+    with warnings.catch_warnings():
+        if any(constant):
+            # scipy warns of "precision loss" whenever a sample is exactly constant (its variance is
+            # computed as a tiny non-zero number). The Welch result is still right, so the warning is
+            # noise for metrics pinned at a bound (e.g. no dead latents in any seed).
+            warnings.filterwarnings("ignore", message="Precision loss", category=RuntimeWarning)
+        if paired:
+            test = scipy.stats.ttest_rel(a_sample, b_sample)
+            df = float(n_a - 1)
+        else:
+            test = scipy.stats.ttest_ind(a_sample, b_sample, equal_var=False)
+            df = float(test.df)
+    result.update(
+        t=float(test.statistic),
+        df=df,
+        p=float(test.pvalue),
+        cohen_d=cohen_d(a_sample, b_sample, paired=paired),
+        hedges_g=hedges_g(a_sample, b_sample, paired=paired),
+    )
+    return result
+
+
+def _is_constant(sample: np.ndarray) -> bool:
+    return bool(sample.size > 0 and np.ptp(sample) == 0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Multiple testing
+# --------------------------------------------------------------------------------------------------
+
+
+def adjust_pvalues(p: ArrayLike, method: str) -> np.ndarray:
+    """Multiple-testing adjusted p-values, NaN-aware.
+
+    ``method``:
+
+    - ``"holm"``: Holm (1979), *Scand. J. Stat.* 6:65. Controls the family-wise error rate. With the
+      m p-values sorted ascending, p̃_(i) = max_{j ≤ i} min(1, (m − j + 1)·p_(j)).
+    - ``"fdr_bh"``: Benjamini & Hochberg (1995), *JRSS B* 57:289. Controls the false discovery rate.
+      p̃_(i) = min_{j ≥ i} min(1, m·p_(j) / j).
+
+    Computed with ``statsmodels.stats.multitest.multipletests``. NaN entries (tests that could not be
+    run) stay NaN and are not members of the family: m counts the finite p-values only. The output has
+    the shape of the input.
+    """
+    if method not in ADJUST_METHODS:
+        raise ValueError(f"method must be one of {ADJUST_METHODS}, got {method!r}")
+    p_array = np.asarray(p, dtype=float)
+    adjusted = np.full(p_array.shape, np.nan)
+    present = ~np.isnan(p_array)
+    if present.any():
+        finite = p_array[present]
+        if (finite < 0).any() or (finite > 1).any():
+            raise ValueError("p-values must lie in [0, 1] (or be NaN)")
+        adjusted[present] = multipletests(finite, method=method)[1]
+    return adjusted
+
+
+# --------------------------------------------------------------------------------------------------
+# Many configurations against one baseline
+# --------------------------------------------------------------------------------------------------
+
+
+def _require_columns(frame: pd.DataFrame, columns: Sequence[str], what: str) -> None:
+    missing = [column for column in columns if column not in frame.columns]
+    if missing:
+        raise ValueError(f"{what}: missing column(s) {missing}; available: {list(frame.columns)}")
+
+
+def _paired_by_seed(
+    config_rows: pd.DataFrame, baseline_rows: pd.DataFrame, metric: str, seed_column: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Metric values of the seeds both configurations ran (inner join), in seed order."""
+    sides = []
+    for rows in (config_rows, baseline_rows):
+        values = rows[[seed_column, metric]].dropna(subset=[metric])
+        duplicated = values[seed_column][values[seed_column].duplicated()].unique().tolist()
+        if duplicated:
+            raise ValueError(f"paired comparison of {metric!r}: seed(s) {duplicated} appear more than once")
+        sides.append(values.set_index(seed_column)[metric])
+    joined = pd.concat(sides, axis=1, join="inner", keys=["a", "b"]).sort_index()
+    return joined["a"].to_numpy(dtype=float), joined["b"].to_numpy(dtype=float)
+
+
+def compare_to_baseline(
+    per_seed: pd.DataFrame,
+    *,
+    config_column: str,
+    metrics: list[str],
+    baseline: str,
+    paired: bool = False,
+    seed_column: str = "seed",
+    n_resamples: int = 9999,
+    random_state: int | None = 0,
+) -> pd.DataFrame:
+    """Compare every configuration with ``baseline``, on every metric, with adjusted p-values.
+
+    ``per_seed`` is tidy: one row per (configuration, seed) run, a ``config_column`` label, a
+    ``seed_column`` and one column per metric. For each metric (in the given order) and each
+    configuration other than the baseline (in order of first appearance), :func:`compare` (config minus
+    baseline) gives one row with the columns :data:`COMPARISON_COLUMNS`:
+    ``metric, config_a, config_b, n_a, n_b, mean_a, mean_b, diff, ci_low, ci_high, t, df, p, p_holm,
+    p_bh, cohen_d, hedges_g`` with ``config_a`` the compared configuration and ``config_b`` the baseline.
+
+    NaN metric values (failed metrics) are dropped per metric. When ``paired``, the two configurations
+    are aligned on ``seed_column`` (inner join: only seeds both ran; each seed at most once per
+    configuration) and n is the number of pairs.
+
+    The multiple-testing family is every row of the returned table (all metrics × configurations):
+    ``p_holm`` (family-wise error) and ``p_bh`` (false discovery rate) are :func:`adjust_pvalues` over
+    the whole ``p`` column, rows with NaN ``p`` excluded. Filter the input, not the output, if a smaller
+    family is wanted.
+
+    Raises ValueError if a column is missing or ``baseline`` is not among the configurations.
+    """
+    required = [config_column, *metrics] + ([seed_column] if paired else [])
+    _require_columns(per_seed, required, "compare_to_baseline")
+    configs = list(pd.unique(per_seed[config_column].dropna()))
+    if baseline not in configs:
+        raise ValueError(
+            f"baseline {baseline!r} not found in column {config_column!r}; available configs: {configs}"
+        )
+    baseline_rows = per_seed[per_seed[config_column] == baseline]
+    rows = []
+    for metric in metrics:
+        for config in configs:
+            if config == baseline:
+                continue
+            config_rows = per_seed[per_seed[config_column] == config]
+            if paired:
+                a, b = _paired_by_seed(config_rows, baseline_rows, metric, seed_column)
+            else:
+                a = config_rows[metric].to_numpy(dtype=float)
+                b = baseline_rows[metric].to_numpy(dtype=float)
+            comparison = compare(a, b, paired=paired, n_resamples=n_resamples, random_state=random_state)
+            rows.append({"metric": metric, "config_a": config, "config_b": baseline, **comparison})
+    table = pd.DataFrame(rows, columns=[c for c in COMPARISON_COLUMNS if c not in ("p_holm", "p_bh")])
+    table["p_holm"] = adjust_pvalues(table["p"].to_numpy(dtype=float), "holm")
+    table["p_bh"] = adjust_pvalues(table["p"].to_numpy(dtype=float), "fdr_bh")
+    table = table[COMPARISON_COLUMNS]
+    return table.astype({"n_a": int, "n_b": int}) if len(table) else table
+
+
+# --------------------------------------------------------------------------------------------------
+# 2^k factorial designs
+# --------------------------------------------------------------------------------------------------
+
+
+def factorial_effect_names(factor_names: Sequence[str]) -> list[str]:
+    """All 2^k − 1 effects: main effects, then two-way, three-way, ... interactions, each in factor order.
+
+    ``["init", "noise", "reg"]`` → ``init, noise, reg, init:noise, init:reg, noise:reg, init:noise:reg``.
+    """
+    return [":".join(combo) for combo in _effect_combinations(len(factor_names), factor_names)]
+
+
+def _effect_combinations(k: int, names: Sequence[Any]) -> list[tuple[Any, ...]]:
+    return [combo for order in range(1, k + 1) for combo in itertools.combinations(names, order)]
+
+
+def _check_factors(per_seed: pd.DataFrame, factors: dict[str, tuple[Any, Any]]) -> None:
+    if not factors:
+        raise ValueError("factors must name at least one factor column")
+    _require_columns(per_seed, list(factors), "factorial design")
+    for column, levels in factors.items():
+        if len(levels) != 2 or levels[0] == levels[1]:
+            raise ValueError(f"factor {column!r} needs two distinct (low, high) levels, got {levels!r}")
+        unexpected = sorted({str(v) for v in per_seed[column] if v not in levels})
+        if unexpected:
+            raise ValueError(
+                f"factor {column!r} has value(s) {unexpected} outside its levels {tuple(levels)}; "
+                "filter the runs to the factorial before analysing it"
+            )
+
+
+def _codes(per_seed: pd.DataFrame, factors: dict[str, tuple[Any, Any]]) -> pd.DataFrame:
+    """±1 codes (low = −1, high = +1), one column per factor, same index as ``per_seed``."""
+    return pd.DataFrame(
+        {column: np.where(per_seed[column] == high, 1.0, -1.0) for column, (_, high) in factors.items()},
+        index=per_seed.index,
+    )
+
+
+def _missing_cells(codes: pd.DataFrame, factors: dict[str, tuple[Any, Any]]) -> list[str]:
+    present = set(map(tuple, codes.to_numpy()))
+    missing = []
+    for cell in itertools.product((-1.0, 1.0), repeat=len(factors)):
+        if cell not in present:
+            labels = [
+                f"{column}={levels[0] if code < 0 else levels[1]}"
+                for (column, levels), code in zip(factors.items(), cell, strict=True)
+            ]
+            missing.append(", ".join(labels))
+    return missing
+
+
+def factorial_effects(
+    per_seed: pd.DataFrame,
+    *,
+    factors: dict[str, tuple[Any, Any]],
+    metrics: list[str],
+) -> pd.DataFrame:
+    """All main effects and interactions of a complete 2^k factorial, per metric.
+
+    ``per_seed`` is tidy (one row per run) with one column per factor and one per metric. ``factors``
+    maps a factor column to its ``(low, high)`` levels, coded −1 / +1. Every one of the 2^k cells must
+    have at least one run (ValueError naming the missing cells otherwise); NaN metric values are dropped
+    per metric before that check.
+
+    Model (Montgomery, *Design and Analysis of Experiments*, ch. 6): OLS of the metric on the ±1 codes
+    with every interaction, ``y ~ A + B + ... + A:B + ... + A:B:C:D`` (saturated in the cell means), and
+    ANOVA F-tests (``statsmodels.stats.anova.anova_lm``, typ=2) of each effect against the residual
+    mean square, df_num = 1, df_den = N − 2^k.
+
+    ``estimate`` of an effect is the contrast of its column, the product of the involved factors'
+    codes: mean of the cell means where the contrast is +1 minus mean of the cell means where it is −1.
+    For a balanced design this is mean(y | contrast = +1) − mean(y | contrast = −1) = 2·β, β the OLS
+    coefficient of the ±1 column. For unbalanced-but-complete data (unequal seeds per cell) it is still
+    2·β of the saturated fit (unweighted cell means), which does not let one cell's extra seeds shift
+    another factor's effect, whereas the pooled mean difference would. Then the columns are no longer
+    orthogonal and ANOVA types I, II and III disagree; we report type II (each effect adjusted for every
+    effect that does not contain it).
+
+    Returns rows ``metric, effect, estimate, F, df_num, df_den, p, p_holm`` (:data:`FACTORIAL_COLUMNS`),
+    effects named and ordered as :func:`factorial_effect_names`; ``p_holm`` is Holm across the
+    2^k − 1 effects of each metric. Where there is no error estimate — one run per cell (df_den = 0) or
+    an exact fit (residual SS ≈ 0, e.g. noise-free data) — F, p and p_holm are NaN; estimates stay.
+    """
+    _check_factors(per_seed, factors)
+    _require_columns(per_seed, metrics, "factorial_effects")
+    factor_names = list(factors)
+    k = len(factor_names)
+    # Internal identifiers keep arbitrary column names (spaces, dots) out of the formula.
+    internal = {name: f"x{i}" for i, name in enumerate(factor_names)}
+    combinations = _effect_combinations(k, factor_names)
+    terms = [":".join(internal[name] for name in combo) for combo in combinations]
+    formula = "y ~ " + " + ".join(terms)
+    all_codes = _codes(per_seed, factors)
+
+    rows = []
+    for metric in metrics:
+        y = per_seed[metric].astype(float)
+        if np.isinf(y).any():
+            raise ValueError(f"metric {metric!r} contains infinite values")
+        keep = y.notna()
+        codes = all_codes[keep]
+        missing = _missing_cells(codes, factors)
+        if missing:
+            raise ValueError(
+                f"factorial_effects: metric {metric!r} has no runs in {len(missing)} of {2**k} cells: "
+                + "; ".join(missing)
+            )
+        data = codes.rename(columns=internal)
+        data["y"] = y[keep].to_numpy()
+
+        cell_means = data.groupby(list(internal.values()))["y"].mean()
+        cell_codes = np.array(cell_means.index.to_list(), dtype=float).reshape(len(cell_means), k)
+
+        model = smf.ols(formula, data=data).fit()
+        df_den = float(model.df_resid)
+        total_ss = float(((data["y"] - data["y"].mean()) ** 2).sum())
+        has_error_estimate = df_den > 0 and model.ssr > _EXACT_FIT_RELATIVE_SSR * total_ss
+        if has_error_estimate:
+            anova = anova_lm(model, typ=2)
+
+        metric_rows = []
+        for combo, term in zip(combinations, terms, strict=True):
+            contrast = np.prod(cell_codes[:, [factor_names.index(name) for name in combo]], axis=1)
+            estimate = float(cell_means[contrast > 0].mean() - cell_means[contrast < 0].mean())
+            if has_error_estimate:
+                f_value, p_value = float(anova.loc[term, "F"]), float(anova.loc[term, "PR(>F)"])
+            else:
+                f_value, p_value = math.nan, math.nan
+            metric_rows.append(
+                {
+                    "metric": metric,
+                    "effect": ":".join(combo),
+                    "estimate": estimate,
+                    "F": f_value,
+                    "df_num": 1,
+                    "df_den": df_den,
+                    "p": p_value,
+                }
+            )
+        holm = adjust_pvalues([row["p"] for row in metric_rows], "holm")
+        for row, p_holm in zip(metric_rows, holm, strict=True):
+            row["p_holm"] = float(p_holm)
+        rows.extend(metric_rows)
+    return pd.DataFrame(rows, columns=FACTORIAL_COLUMNS)
+
+
+def factorial_cell_means(
+    per_seed: pd.DataFrame,
+    factors: dict[str, tuple[Any, Any]],
+    metric: str,
+    confidence: float = 0.95,
+) -> pd.DataFrame:
+    """Per-cell summary of one metric over the cells of ``factors``.
+
+    One row per cell, all 2^k cells in standard order (first factor varying slowest, low before high),
+    with the factor columns holding the level labels, then ``n, mean, std, sem, ci_low, ci_high`` from
+    :func:`describe` (NaN metric values dropped). Factors of the data not named in ``factors`` are pooled
+    over, so passing one or two factors gives the marginal means of main-effect and interaction plots.
+    A cell without runs has n = 0 and NaN statistics; no completeness is required here.
+    """
+    _check_factors(per_seed, factors)
+    _require_columns(per_seed, [metric], "factorial_cell_means")
+    rows = []
+    for cell in itertools.product(*factors.values()):
+        mask = np.ones(len(per_seed), dtype=bool)
+        for column, level in zip(factors, cell, strict=True):
+            mask &= (per_seed[column] == level).to_numpy()
+        summary = describe(per_seed.loc[mask, metric].to_numpy(dtype=float), confidence=confidence)
+        rows.append({**dict(zip(factors, cell, strict=True)), **summary})
+    return pd.DataFrame(rows, columns=[*factors, "n", "mean", "std", "sem", "ci_low", "ci_high"])

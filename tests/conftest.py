@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny configurations so the suite runs in seconds on 2 cores."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from pipeline.config import AblationConfig, DataConfig, NetworkConfig, SAEConfig
+
+torch.set_num_threads(1)
+
+
+def tiny_config(**network_fields) -> AblationConfig:
+    """A published-shaped config with few samples and epochs."""
+    return AblationConfig(
+        data=DataConfig(samples=96),
+        network=NetworkConfig(epochs=24, **network_fields),
+        sae=SAEConfig(epochs=12),
+        curve_every=10,
+        metric_null_draws=20,
+    )
+
+
+@pytest.fixture
+def tiny() -> AblationConfig:
+    return tiny_config()
+
+
+def with_network(config: AblationConfig, **fields) -> AblationConfig:
+    return dataclasses.replace(config, network=dataclasses.replace(config.network, **fields))

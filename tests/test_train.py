@@ -1,0 +1,182 @@
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from pipeline.config import AblationConfig
+from pipeline.data import make_dataset
+from pipeline.evaluation import METRIC_NAMES, checkpoint, evaluate_seed, reevaluate
+from pipeline.experiments.taming import run_ablation, run_ablations
+from pipeline.models import MLP, initial_parameters, layer_dims, mlp_forward
+from pipeline.train import BatchedAdam, draw_noise, train_pass
+from tests.conftest import tiny_config, with_network
+
+
+def test_batched_adam_matches_torch_adam_slice_by_slice():
+    torch.manual_seed(0)
+    start = torch.randn(3, 4, 5)
+    targets = torch.randn(3, 4, 5)
+    learning_rates = [1e-3, 1e-2, 5e-2]
+    decays = [0.0, 1e-2, 1e-1]
+    batched = start.clone().requires_grad_()
+    optimizer = BatchedAdam([batched], lr=torch.tensor(learning_rates), coupled_decay=torch.tensor(decays))
+    singles = [start[index].clone().requires_grad_() for index in range(3)]
+    references = [
+        torch.optim.Adam([single], lr=lr, weight_decay=decay)
+        for single, lr, decay in zip(singles, learning_rates, decays, strict=True)
+    ]
+    for _ in range(50):
+        optimizer.zero_grad()
+        ((batched - targets) ** 3).abs().sum().backward()
+        optimizer.step()
+        for index, (single, reference) in enumerate(zip(singles, references, strict=True)):
+            reference.zero_grad()
+            ((single - targets[index]) ** 3).abs().sum().backward()
+            reference.step()
+    for index, single in enumerate(singles):
+        assert torch.allclose(batched[index], single, atol=1e-6)
+
+
+def test_noise_distributions():
+    generator = torch.Generator().manual_seed(0)
+    bipolar = draw_noise("bipolar", 0.1, (200_000,), generator)
+    assert bipolar.unique().tolist() == pytest.approx([-0.1, 0.1])
+    assert abs(bipolar.mean().item()) < 2e-3
+    gaussian = draw_noise("gaussian", 0.1, (200_000,), generator)
+    assert abs(gaussian.std().item() - 0.1) < 2e-3
+    heavy = draw_noise("positive_kurtosis", 0.1, (400_000,), generator)
+    # Student-t(3)·σ/√3: median absolute value σ/√3 · t₃'s 75th percentile (0.7649), a robust check.
+    assert abs(heavy.abs().median().item() - 0.1 / math.sqrt(3) * 0.7649) < 2e-3
+    # Heavy tails: P(|t₃| > 4.541) = 0.02 (t table), far above the Gaussian's 6e-6 at the same multiple.
+    tail = (heavy.abs() > 0.1 / math.sqrt(3) * 4.541).float().mean().item()
+    assert abs(tail - 0.02) < 2e-3
+
+
+def test_initializations():
+    dims = layer_dims(8, 12, 4)
+    weights, biases = initial_parameters("random", dims, torch.Generator().manual_seed(0))
+    assert [tuple(w.shape) for w in weights] == [(8, 12), (12, 12), (12, 12), (12, 12), (12, 8)]
+    for weight, bias in zip(weights, biases, strict=True):
+        bound = 1 / math.sqrt(weight.shape[0])
+        assert weight.abs().max() <= bound and bias.abs().max() <= bound
+    weights, biases = initial_parameters("orthogonal", dims, torch.Generator().manual_seed(0))
+    square = weights[1].t()  # nn.Linear layout [out, in], orthogonal with gain √2
+    assert torch.allclose(square @ square.t(), 2 * torch.eye(12), atol=1e-5)
+    assert all(torch.equal(bias, torch.zeros_like(bias)) for bias in biases)
+
+
+def _two_configs():
+    first = tiny_config()
+    second = tiny_config(init="orthogonal", noise="positive_kurtosis", reg="l2", act="gelu")
+    return first, second
+
+
+def test_seed_in_a_batch_equals_seed_alone():
+    first, second = _two_configs()
+    mixed = train_pass([first, second, first, second], [0, 0, 1, 1])
+    alone = train_pass([second], [1])[0]
+    batched = mixed[3]
+    assert batched.config == second and batched.seed == 1
+    for a, b in zip(batched.network.state_dict().values(), alone.network.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+    for a, b in zip(batched.sae.state_dict().values(), alone.sae.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+    dataset = make_dataset(second.data, 1)
+    batched_metrics = evaluate_seed(second, batched.network, batched.sae, dataset)
+    alone_metrics = evaluate_seed(second, alone.network, alone.sae, dataset)
+    for name in METRIC_NAMES:
+        assert batched_metrics[name] == pytest.approx(alone_metrics[name], rel=1e-3, abs=1e-5), name
+
+
+def test_exported_module_matches_batched_forward():
+    config = tiny_config(act="gelu")
+    result = train_pass([config], [0])[0]
+    assert isinstance(result.network, MLP)
+    dataset = make_dataset(config.data, 0)
+    state = result.network.state_dict()
+    weights = [state[f"layers.{layer}.weight"].t() for layer in range(5)]
+    biases = [state[f"layers.{layer}.bias"] for layer in range(5)]
+    expected, hidden = mlp_forward(dataset.train_inputs, weights, biases, [("gelu", 1)])
+    outputs, module_hidden = result.network.forward_with_hidden(dataset.train_inputs)
+    assert torch.allclose(outputs, expected, atol=1e-6) and torch.allclose(module_hidden, hidden, atol=1e-6)
+    reconstruction, latents = result.sae(hidden)
+    assert reconstruction.shape == hidden.shape and latents.shape == (hidden.shape[0], config.sae.d_sae)
+    standardized = (hidden - result.sae.mean) / result.sae.std
+    assert torch.allclose(standardized[: dataset.train_inputs.shape[0]].mean(0), torch.zeros(12), atol=1e-5)
+
+
+def test_same_config_and_seed_give_the_same_metrics():
+    config = tiny_config(noise="positive_kurtosis")
+    first = run_ablation(config, seeds=[0, 1]).metrics_table()
+    second = run_ablation(config, seeds=[0, 1]).metrics_table()
+    assert first[list(METRIC_NAMES)].equals(second[list(METRIC_NAMES)])
+
+
+def test_results_have_every_metric_and_curves():
+    config = tiny_config()
+    result = run_ablation(config, seeds=[0, 1, 2])
+    table = result.metrics_table()
+    assert list(table["seed"]) == [0, 1, 2] and (table["status"] == "finished").all()
+    assert table[list(METRIC_NAMES)].notna().all().all()
+    curves = result.seeds[0].curves
+    assert curves["network"]["epoch"] == [10, 20, 24]
+    assert curves["sae"]["epoch"] == [10, 12]
+    # The last curve point is the trained network's clean train MSE, the same number as the metric.
+    assert curves["network"]["train_mse"][-1] == pytest.approx(result.seeds[0].metrics["train_mse"], rel=1e-4)
+
+
+def test_divergence_fails_one_model_and_spares_the_rest(tiny):
+    exploding = with_network(tiny, sigma=1e30)
+    results = run_ablations([tiny, exploding], seeds=[0, 1])
+    healthy, diverged = results
+    assert [seed.finished for seed in healthy.seeds] == [True, True]
+    assert all(not seed.finished for seed in diverged.seeds)
+    assert diverged.seeds[0].failure.startswith("network loss became inf at epoch 0")
+    assert diverged.metrics_table()["status"].tolist() == ["failed", "failed"]
+    alone = run_ablation(tiny, seeds=[0, 1])
+    for name in ("train_mse", "macs", "interference"):
+        assert healthy.seeds[1].metrics[name] == pytest.approx(alone.seeds[1].metrics[name], rel=1e-4)
+
+
+def test_checkpoint_round_trip_reproduces_metrics(tmp_path):
+    config = tiny_config(reg="l2", l2_form="penalty")
+    seed = run_ablation(config, seeds=[3]).seeds[0]
+    path = tmp_path / "seed.pt"
+    torch.save(checkpoint(config, seed.seed, seed.network, seed.sae), path)
+    loaded = torch.load(path, weights_only=True)
+    assert reevaluate(loaded) == seed.metrics
+
+
+def test_shared_pass_and_separate_passes_agree():
+    configs = [tiny_config(), tiny_config(init="orthogonal", act="gelu")]
+    shared = run_ablations(configs, seeds=[0], share_passes=True)
+    separate = run_ablations(configs, seeds=[0], share_passes=False)
+    for a, b in zip(shared, separate, strict=True):
+        assert a.seeds[0].metrics["val_mse"] == pytest.approx(b.seeds[0].metrics["val_mse"], rel=1e-4)
+
+
+def test_regularization_forms_change_training():
+    base = tiny_config(reg="l2", lambda_reg=0.5)
+    decay = run_ablation(base, seeds=[0]).seeds[0]
+    penalty = run_ablation(with_network(base, l2_form="penalty"), seeds=[0]).seeds[0]
+    none = run_ablation(with_network(base, reg="none"), seeds=[0]).seeds[0]
+    norms = [
+        sum(weight.square().sum().item() for weight in result.network.weight_matrices())
+        for result in (decay, penalty, none)
+    ]
+    # Both L2 forms shrink the weights relative to no regularization.
+    assert norms[0] < norms[2] and norms[1] < norms[2]
+    assert norms[0] != norms[1]
+
+
+def test_pass_rejects_incompatible_configs():
+    config = tiny_config()
+    other = dataclasses.replace(config, sae=dataclasses.replace(config.sae, d_sae=8))
+    with pytest.raises(ValueError, match="share data, widths"):
+        train_pass([config, other], [0, 0])
+
+
+def test_every_default_metric_is_finite_for_a_default_shape():
+    result = run_ablation(AblationConfig(network=tiny_config().network, sae=tiny_config().sae), seeds=[0])
+    assert all(math.isfinite(result.seeds[0].metrics[name]) for name in METRIC_NAMES)
