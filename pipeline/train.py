@@ -138,8 +138,27 @@ def pass_key(config: AblationConfig) -> tuple:
     )
 
 
-def _stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.stack(list(tensors)).requires_grad_()
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' → CUDA if available, then Apple MPS, else CPU; otherwise the named device."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device must be one of auto, cpu, cuda, mps; got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "device 'cuda' was asked for but torch sees no CUDA device; use --device auto or cpu"
+        )
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' was asked for but torch sees no MPS device; use --device auto or cpu")
+    return torch.device(name)
+
+
+def _stack(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    return torch.stack(list(tensors)).to(device).requires_grad_()
 
 
 def _activation_groups(configs: Sequence[AblationConfig]) -> list[tuple[str, int]]:
@@ -157,6 +176,7 @@ class _PassState:
     """Bookkeeping for failures in a pass: which models are alive, and why the others stopped."""
 
     models: int
+    device: torch.device = torch.device("cpu")
     failures: list[str | None] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -164,7 +184,7 @@ class _PassState:
 
     @property
     def alive(self) -> torch.Tensor:
-        return torch.tensor([failure is None for failure in self.failures])
+        return torch.tensor([failure is None for failure in self.failures], device=self.device)
 
     def check(self, losses: torch.Tensor, stage: str, epoch: int) -> bool:
         """Record models whose loss stopped being finite; True when any model newly failed."""
@@ -188,11 +208,16 @@ def _freeze_failed(parameters: Sequence[torch.Tensor], alive: torch.Tensor) -> N
 
 
 def train_pass(
-    configs: Sequence[AblationConfig], seeds: Sequence[int], progress: Progress | None = None
+    configs: Sequence[AblationConfig],
+    seeds: Sequence[int],
+    progress: Progress | None = None,
+    device: str | torch.device = "cpu",
 ) -> list[SeedResult]:
     """Train one model per (configs[i], seeds[i]) in a single batched pass; results in input order.
 
-    All configs must share `pass_key`. Returns a SeedResult per model with `network`, `sae` and
+    All configs must share `pass_key`. Random draws always happen on the CPU from per-model generators
+    and are then moved to `device`, so a seed's data, init and noise are the same on every device.
+    Returns a SeedResult per model with `network`, `sae` and
     `curves` set (metrics are computed by `pipeline.evaluation`).
     """
     if len(configs) != len(seeds) or not configs:
@@ -212,9 +237,10 @@ def train_pass(
     }
     datasets = [datasets_by_seed[seed] for seed in seeds]
 
-    network_curves, network, state = _train_networks(configs, seeds, datasets, progress)
+    device = resolve_device(device) if isinstance(device, str) else device
+    network_curves, network, state = _train_networks(configs, seeds, datasets, progress, device)
     sae_curves, sae_parameters, standardizations = _train_saes(
-        configs, seeds, datasets, network, state, progress
+        configs, seeds, datasets, network, state, progress, device
     )
 
     elapsed = (time.perf_counter() - started) / models
@@ -228,12 +254,12 @@ def train_pass(
         }
         if result.finished:
             result.network = MLP.from_parameters(
-                [weight[index].detach() for weight in weights],
-                [bias[index].detach() for bias in biases],
+                [weight[index].detach().cpu() for weight in weights],
+                [bias[index].detach().cpu() for bias in biases],
                 config.network.act,
             )
-            mean, std = standardizations[0][index], standardizations[1][index]
-            one_sae = {name: value[index].detach() for name, value in sae_parameters.items()}
+            mean, std = standardizations[0][index].cpu(), standardizations[1][index].cpu()
+            one_sae = {name: value[index].detach().cpu() for name, value in sae_parameters.items()}
             result.sae = sae_architectures.SparseAutoencoder(config.sae, one_sae, mean, std)
         results.append(result)
     # Back to input order.
@@ -250,11 +276,11 @@ def _curve_slice(curves: dict[str, list], index: int) -> dict[str, list[float]]:
     }
 
 
-def _per_model_tensor(values: Sequence[float]) -> torch.Tensor:
-    return torch.tensor(list(values), dtype=torch.float32)
+def _per_model_tensor(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    return torch.tensor(list(values), dtype=torch.float32, device=device)
 
 
-def _train_networks(configs, seeds, datasets, progress):
+def _train_networks(configs, seeds, datasets, progress, device):
     first = configs[0]
     models = len(configs)
     dims = layer_dims(first.data.features, first.network.hidden_dim, first.network.hidden_layers)
@@ -262,39 +288,44 @@ def _train_networks(configs, seeds, datasets, progress):
         network_initial_parameters(config.network.init, dims, generator_for(seed, "init"))
         for config, seed in zip(configs, seeds, strict=True)
     ]
-    weights = [_stack([model[0][layer] for model in initial]) for layer in range(len(dims) - 1)]
-    biases = [_stack([model[1][layer] for model in initial]) for layer in range(len(dims) - 1)]
+    weights = [_stack([model[0][layer] for model in initial], device) for layer in range(len(dims) - 1)]
+    biases = [_stack([model[1][layer] for model in initial], device) for layer in range(len(dims) - 1)]
     parameters = weights + biases
 
     def coefficient(reg: str, form: str | None = None) -> torch.Tensor:
         return _per_model_tensor(
-            config.network.lambda_reg
-            if config.network.reg == reg and (form is None or config.network.l2_form == form)
-            else 0.0
-            for config in configs
+            (
+                config.network.lambda_reg
+                if config.network.reg == reg and (form is None or config.network.l2_form == form)
+                else 0.0
+                for config in configs
+            ),
+            device,
         )
 
     l1_strength = coefficient("l1")
     l2_penalty_strength = coefficient("l2", "penalty")
     optimizer = BatchedAdam(
         parameters,
-        lr=_per_model_tensor(config.network.lr for config in configs),
+        lr=_per_model_tensor((config.network.lr for config in configs), device),
         coupled_decay=coefficient("l2", "decay") if any(c.network.reg == "l2" for c in configs) else None,
     )
     use_l1 = bool((l1_strength > 0).any())
     use_l2_penalty = bool((l2_penalty_strength > 0).any())
 
-    train_inputs = torch.stack([dataset.train_inputs for dataset in datasets])
-    train_targets = torch.stack([dataset.train_targets for dataset in datasets])
-    validation_inputs = torch.stack([dataset.validation_inputs for dataset in datasets])
-    validation_targets = torch.stack([dataset.validation_targets for dataset in datasets])
+    train_inputs = torch.stack([dataset.train_inputs for dataset in datasets]).to(device)
+    train_targets = torch.stack([dataset.train_targets for dataset in datasets]).to(device)
+    validation_inputs = torch.stack([dataset.validation_inputs for dataset in datasets]).to(device)
+    validation_targets = torch.stack([dataset.validation_targets for dataset in datasets]).to(device)
     activation_groups = _activation_groups(configs)
     noise_generators = [generator_for(seed, "noise") for seed in seeds]
     noisy_models = [index for index, config in enumerate(configs) if config.network.noise != "none"]
     noise_shape = (train_inputs.shape[1], first.network.hidden_dim)
-    noise_buffer = torch.zeros(NOISE_CHUNK_EPOCHS, models, *noise_shape) if noisy_models else None
+    noise_buffer = (
+        torch.zeros(NOISE_CHUNK_EPOCHS, models, *noise_shape, device=device) if noisy_models else None
+    )
 
-    state = _PassState(models)
+    state = _PassState(models, device)
     curves: dict[str, list] = {"epoch": [], "train_mse": [], "val_mse": []}
     epochs = first.network.epochs
 
@@ -343,14 +374,14 @@ def _train_networks(configs, seeds, datasets, progress):
     return curves, (weights, biases), state
 
 
-def _train_saes(configs, seeds, datasets, network, state: _PassState, progress):
+def _train_saes(configs, seeds, datasets, network, state: _PassState, progress, device):
     first = configs[0]
     sae_config = first.sae
     architecture = sae_architectures.architecture(sae_config.architecture)
     weights, biases = network
     activation_groups = _activation_groups(configs)
     with torch.no_grad():
-        train_inputs = torch.stack([dataset.train_inputs for dataset in datasets])
+        train_inputs = torch.stack([dataset.train_inputs for dataset in datasets]).to(device)
         _, hidden = mlp_forward(
             train_inputs, [w.detach() for w in weights], [b.detach() for b in biases], activation_groups
         )
@@ -361,8 +392,10 @@ def _train_saes(configs, seeds, datasets, network, state: _PassState, progress):
         architecture.initial_parameters(hidden_dim, sae_config.d_sae, sae_config, generator_for(seed, "sae"))
         for seed in seeds
     ]
-    parameters = {name: _stack([model[name] for model in initial]) for name in initial[0]}
-    optimizer = BatchedAdam(list(parameters.values()), lr=_per_model_tensor(c.sae.lr for c in configs))
+    parameters = {name: _stack([model[name] for model in initial], device) for name in initial[0]}
+    optimizer = BatchedAdam(
+        list(parameters.values()), lr=_per_model_tensor((c.sae.lr for c in configs), device)
+    )
     curves: dict[str, list] = {"epoch": [], "sae_loss": [], "sae_l0": [], "sae_dead_fraction": []}
     for epoch in range(sae_config.epochs):
         latents = architecture.encode(parameters, standardized, sae_config)

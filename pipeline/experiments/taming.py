@@ -12,7 +12,6 @@ a slice of the batch; `bench/engine.py` measures when that pays.
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -84,6 +83,7 @@ def run_ablations(
     *,
     share_passes: bool = True,
     progress: Progress | None = None,
+    device: str = "cpu",
 ) -> list[AblationResult]:
     """Train and evaluate every configuration for every seed; one AblationResult per config, in order."""
     seeds = list(seeds)
@@ -91,13 +91,11 @@ def run_ablations(
         raise ValueError("seeds must name at least one seed")
     results = [AblationResult(config) for config in configs]
     for members in plan_passes(configs, seeds, share_passes):
-        started = time.perf_counter()
         trained = train_pass(
-            [configs[index] for index, _ in members], [seed for _, seed in members], progress
+            [configs[index] for index, _ in members], [seed for _, seed in members], progress, device
         )
         for (config_index, _), seed_result in zip(members, trained, strict=True):
             results[config_index].seeds.append(evaluate(seed_result))
-        del started
     for result in results:
         result.seeds.sort(key=lambda seed_result: seed_result.seed)
     return results

@@ -1,0 +1,165 @@
+"""Where runs go: tracking URI resolution and checks, experiments, code version.
+
+MLflow lives only in `tracking/`. Nothing here writes to a store until `open_store` has checked the URI,
+so bad input never leaves an experiment or run behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import mlflow
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import ViewType
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "taming"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SUPPORTED_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql")
+
+
+class TrackingError(ValueError):
+    """The tracking store cannot be used as given; the message names the option."""
+
+
+def resolve_tracking_uri(option: str | None) -> str:
+    """`--tracking-uri`, else MLFLOW_TRACKING_URI, else MLflow 3's default `sqlite:///mlflow.db`."""
+    return option or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
+    """Raise TrackingError if `uri` is malformed or unreachable; writes nothing.
+
+    sqlite: the database's folder must exist. file: a path (the folder may be created). http(s): the
+    server must answer its /health endpoint within `timeout` seconds.
+    """
+    parsed = urllib.parse.urlparse(uri)
+    scheme = parsed.scheme.split("+")[0]
+    if not scheme:
+        # A bare path is MLflow's file store; accept it like file://.
+        return
+    if scheme not in SUPPORTED_SCHEMES:
+        raise TrackingError(
+            f"--tracking-uri must start with one of {', '.join(s + '://' for s in SUPPORTED_SCHEMES)}; got {uri!r}"
+        )
+    if scheme == "sqlite":
+        if not uri.startswith("sqlite:///"):
+            raise TrackingError(
+                f"--tracking-uri for SQLite must look like sqlite:///path/to/mlflow.db; got {uri!r}"
+            )
+        database = Path(uri.removeprefix("sqlite:///"))
+        if not database.parent.is_dir():
+            raise TrackingError(f"--tracking-uri points into a folder that does not exist: {database.parent}")
+    elif scheme in ("http", "https"):
+        if not parsed.netloc:
+            raise TrackingError(f"--tracking-uri must name a host, e.g. http://127.0.0.1:5000; got {uri!r}")
+        health = urllib.parse.urljoin(uri.rstrip("/") + "/", "health")
+        try:
+            with urllib.request.urlopen(health, timeout=timeout) as response:  # noqa: S310 (user-given URI)
+                response.read()
+        except (urllib.error.URLError, OSError, ValueError) as error:
+            raise TrackingError(
+                f"--tracking-uri {uri} is unreachable ({error}); is the MLflow server running?"
+            ) from error
+
+
+@dataclass(frozen=True)
+class Store:
+    """A checked tracking store and a client bound to it."""
+
+    uri: str
+    client: MlflowClient
+
+    def experiment_id(self, name: str | None = None, *, create: bool = True) -> str:
+        """Id of experiment `name` (or the one MLflow's environment names), created once if missing.
+
+        Resolution when `name` is None: MLFLOW_EXPERIMENT_NAME, then MLFLOW_EXPERIMENT_ID (what
+        `mlflow run` hands over), then "taming".
+        """
+        if name is None:
+            if os.environ.get("MLFLOW_EXPERIMENT_NAME"):
+                name = os.environ["MLFLOW_EXPERIMENT_NAME"]
+            elif os.environ.get("MLFLOW_EXPERIMENT_ID"):
+                return os.environ["MLFLOW_EXPERIMENT_ID"]
+            else:
+                name = DEFAULT_EXPERIMENT
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None:
+            if experiment.lifecycle_stage == "deleted":
+                raise TrackingError(
+                    f"--experiment {name!r} is deleted in this store; restore it or pick another name"
+                )
+            return experiment.experiment_id
+        if not create:
+            raise TrackingError(f"--experiment {name!r} does not exist in {self.uri}")
+        try:
+            return self.client.create_experiment(name)
+        except mlflow.exceptions.MlflowException:
+            # Another process created it between our lookup and create: use theirs.
+            experiment = self.client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+            return experiment.experiment_id
+
+    def existing_experiment_id(self, name: str | None) -> str:
+        return self.experiment_id(name, create=False)
+
+    def list_experiments(self) -> list[str]:
+        return [
+            experiment.name for experiment in self.client.search_experiments(view_type=ViewType.ACTIVE_ONLY)
+        ]
+
+
+def open_store(option: str | None) -> Store:
+    """Resolve and check the tracking URI, then bind a client to it (no write yet)."""
+    uri = resolve_tracking_uri(option)
+    check_tracking_uri(uri)
+    return Store(uri=uri, client=MlflowClient(tracking_uri=uri))
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """Fingerprint of what determines results: the pipeline's source files and the torch version.
+
+    Unlike a git commit it changes exactly when the science changes (uncommitted edits included) and not
+    when only docs or the CLI change, so "reuse a finished run" never reuses stale results.
+    """
+    digest = hashlib.sha256(torch.__version__.encode())
+    for path in sorted((PROJECT_ROOT / "pipeline").rglob("*.py")):
+        digest.update(str(path.relative_to(PROJECT_ROOT)).encode())
+        digest.update(path.read_bytes())
+    return "src-" + digest.hexdigest()[:12]
+
+
+@lru_cache(maxsize=1)
+def git_commit() -> str:
+    """The checkout's commit, with '-dirty' when it has uncommitted changes; 'unknown' outside git."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=5,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")

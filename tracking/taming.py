@@ -1,0 +1,467 @@
+"""Recording the taming study: one MLflow run per ablation, one nested run per seed, resumable sweeps.
+
+Run tree (all in one experiment):
+    sweep run            kind=sweep      the sweep's summary table
+    ablation run         kind=ablation   params = every config field; tags = factors, config hash, code
+                                         version, sweep id, identity; metrics = mean/std/sem/CI per metric
+      seed run (nested)  kind=seed       that seed's metrics, curves (epoch as step), overlap PNG, checkpoint
+
+A run is FINISHED only after all its artifacts are logged; any exception marks the open runs FAILED
+with the reason in the `failure_reason` tag. Identity = config hash + seed list + code version: a sweep
+re-run reuses FINISHED ablations of the same identity and redoes the rest.
+
+This module records; it never trains. The caller passes a `trainer` (normally
+`pipeline.experiments.taming.run_ablations`), so recording can be tested and reused on its own.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+from pipeline import stats
+from pipeline.config import AblationConfig
+from pipeline.configuration import flatten
+from pipeline.evaluation import METRIC_NAMES, checkpoint
+from pipeline.plots.taming import overlap_grid, overlap_heatmap
+from pipeline.train import pass_key
+from tracking.store import Store, code_version, git_commit
+
+NOTE_TAG = "mlflow.note.content"
+CHECKPOINT_PATH = "checkpoint/seed.pt"
+SUMMARY_STATISTICS = ("mean", "std", "sem", "ci_low", "ci_high")
+# MLflow accepts at most 100 params/tags and 1000 metrics per log_batch call.
+BATCH_PARAMS, BATCH_METRICS = 100, 1000
+
+Trainer = Callable[..., list]
+
+
+def seeds_label(seeds: Sequence[int]) -> str:
+    """Compact, canonical text of a seed list: '0-9' for a contiguous range, else '0,2,5'."""
+    ordered = sorted(set(seeds))
+    if len(ordered) > 2 and ordered == list(range(ordered[0], ordered[-1] + 1)):
+        return f"{ordered[0]}-{ordered[-1]}"
+    return ",".join(str(seed) for seed in ordered)
+
+
+@dataclass
+class AblationOutcome:
+    """What happened to one configuration of a sweep."""
+
+    config: AblationConfig
+    run_id: str
+    status: str  # "finished" | "reused" | "failed"
+    seeds_finished: int = 0
+    seeds_failed: int = 0
+    summary: dict[str, dict[str, float]] = field(default_factory=dict)
+    failure: str | None = None
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _log_batch(store: Store, run_id: str, metrics=(), params=(), tags=()) -> None:
+    """log_batch in chunks that respect MLflow's per-call limits."""
+    metrics, params, tags = list(metrics), list(params), list(tags)
+    for start in range(0, max(len(params), len(tags), 1), BATCH_PARAMS):
+        store.client.log_batch(
+            run_id, params=params[start : start + BATCH_PARAMS], tags=tags[start : start + BATCH_PARAMS]
+        )
+    for start in range(0, len(metrics), BATCH_METRICS):
+        store.client.log_batch(run_id, metrics=metrics[start : start + BATCH_METRICS])
+
+
+def _params(config: AblationConfig, seeds: Sequence[int]) -> list[Param]:
+    values = {
+        name: json.dumps(value) if isinstance(value, list) else str(value)
+        for name, value in flatten(config).items()
+    }
+    values["seeds"] = seeds_label(seeds)
+    values["seed_count"] = str(len(seeds))
+    return [Param(name, value) for name, value in values.items()]
+
+
+def _identity_tags(config: AblationConfig, seeds: Sequence[int]) -> dict[str, str]:
+    return {
+        "config_hash": config.hash(),
+        "code_version": code_version(),
+        "seeds": seeds_label(seeds),
+        **config.factors,
+    }
+
+
+def identity_filter(config: AblationConfig, seeds: Sequence[int], kind: str = "ablation") -> str:
+    tags = _identity_tags(config, seeds)
+    return " and ".join(
+        [f"tags.kind = '{kind}'"]
+        + [f"tags.{name} = '{tags[name]}'" for name in ("config_hash", "code_version", "seeds")]
+    )
+
+
+def finished_runs_for(store: Store, experiment_id: str, config: AblationConfig, seeds: Sequence[int]) -> list:
+    """FINISHED ablation runs with this identity (normally zero or one)."""
+    return store.client.search_runs(
+        [experiment_id],
+        identity_filter(config, seeds) + " and attributes.status = 'FINISHED'",
+        max_results=100,
+    )
+
+
+def _fail(store: Store, run_id: str, reason: str) -> None:
+    """Mark a run FAILED with its reason; never raises (it runs while another error propagates)."""
+    try:
+        store.client.set_tag(run_id, "failure_reason", reason[:5000])
+        store.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+    except Exception:  # noqa: BLE001 - the original error matters more than this one
+        pass
+
+
+def _save_figure(store: Store, run_id: str, figure, artifact_file: str) -> None:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=80)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / Path(artifact_file).name
+        path.write_bytes(buffer.getvalue())
+        parent = str(Path(artifact_file).parent)
+        store.client.log_artifact(run_id, str(path), None if parent == "." else parent)
+
+
+def _log_file(
+    store: Store, run_id: str, name: str, write: Callable[[Path], None], artifact_path: str | None = None
+) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / name
+        write(path)
+        store.client.log_artifact(run_id, str(path), artifact_path)
+
+
+def start_ablation_run(
+    store: Store,
+    experiment_id: str,
+    config: AblationConfig,
+    seeds: Sequence[int],
+    *,
+    sweep_id: str,
+    preset: str | None,
+    run_id: str | None = None,
+) -> str:
+    """Create (or adopt, when `mlflow run` handed one over) the ablation run, RUNNING, with params and tags."""
+    tags = {
+        "kind": "ablation",
+        "sweep_id": sweep_id,
+        "preset": preset or "none",
+        "git_commit": git_commit(),
+        "config_name": config.name,
+        NOTE_TAG: config.describe(),
+        MLFLOW_RUN_NAME: config.name,
+        **_identity_tags(config, seeds),
+    }
+    if run_id is None:
+        run_id = store.client.create_run(
+            experiment_id, run_name=config.name, tags={"kind": "ablation"}
+        ).info.run_id
+    _log_batch(store, run_id, params=_params(config, seeds), tags=[RunTag(k, v) for k, v in tags.items()])
+    return run_id
+
+
+def log_seed(
+    store: Store, experiment_id: str, parent_run_id: str, seed_result, sweep_id: str, artifacts: bool = True
+) -> str:
+    """One nested seed run: metrics, curves, overlap heatmap, checkpoint. FINISHED or FAILED with reason."""
+    config: AblationConfig = seed_result.config
+    name = f"{config.name} seed {seed_result.seed}"
+    tags = {
+        MLFLOW_PARENT_RUN_ID: parent_run_id,
+        MLFLOW_RUN_NAME: name,
+        "kind": "seed",
+        "seed": str(seed_result.seed),
+        "sweep_id": sweep_id,
+        "config_name": config.name,
+        **_identity_tags(config, [seed_result.seed]),
+    }
+    run_id = store.client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+    try:
+        timestamp = _now_ms()
+        metrics = [
+            Metric(metric, float(value), timestamp, 0)
+            for metric, value in seed_result.metrics.items()
+            if value is not None and math.isfinite(value)
+        ]
+        for curves in seed_result.curves.values():
+            for curve, values in curves.items():
+                if curve == "epoch":
+                    continue
+                metrics.extend(
+                    Metric(f"curve.{curve}", float(value), timestamp, int(epoch))
+                    for epoch, value in zip(curves["epoch"], values, strict=True)
+                    if math.isfinite(value)
+                )
+        params = [Param("seed", str(seed_result.seed)), Param("config_hash", config.hash())]
+        if not seed_result.finished:
+            _log_batch(
+                store,
+                run_id,
+                metrics=metrics,
+                params=params,
+                tags=[RunTag("failure_reason", seed_result.failure)],
+            )
+            store.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+            return run_id
+        _log_batch(store, run_id, metrics=metrics, params=params)
+        if artifacts:
+            figure = overlap_heatmap(seed_result.sae.decoder_directions.detach(), title=name)
+            _save_figure(store, run_id, figure, "overlap.png")
+            saved = checkpoint(config, seed_result.seed, seed_result.network, seed_result.sae)
+            _log_file(store, run_id, "seed.pt", lambda path: torch.save(saved, path), "checkpoint")
+        store.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+    except BaseException as error:
+        _fail(store, run_id, f"logging failed: {type(error).__name__}: {error}")
+        raise
+    return run_id
+
+
+def summarize_seeds(table: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """mean/std/sem/95 % CI per metric over the finished seeds of an ablation."""
+    finished = table[table["status"] == "finished"]
+    return {metric: stats.describe(finished[metric].dropna().to_numpy()) for metric in METRIC_NAMES}
+
+
+def finish_ablation_run(store: Store, run_id: str, result, artifacts: bool = True) -> AblationOutcome:
+    """Log the per-seed table, the heatmap grid and the seed summary; FINISHED (FAILED if no seed finished)."""
+    table = result.metrics_table()
+    summary = summarize_seeds(table)
+    finished, failed = len(result.finished), len(result.failed)
+    timestamp = _now_ms()
+    metrics = [Metric("seeds_finished", finished, timestamp, 0), Metric("seeds_failed", failed, timestamp, 0)]
+    for metric, description in summary.items():
+        metrics.extend(
+            Metric(f"{metric}_{statistic}", float(description[statistic]), timestamp, 0)
+            for statistic in SUMMARY_STATISTICS
+            if math.isfinite(description[statistic])
+        )
+    _log_batch(store, run_id, metrics=metrics)
+    store.client.log_text(run_id, table.to_csv(index=False), "seeds.csv")
+    if artifacts and result.finished:
+        figure = overlap_grid(
+            [seed.sae.decoder_directions.detach() for seed in result.finished],
+            [f"seed {seed.seed}" for seed in result.finished],
+            suptitle=result.config.name,
+        )
+        _save_figure(store, run_id, figure, "overlap_grid.png")
+    outcome = AblationOutcome(result.config, run_id, "finished", finished, failed, summary)
+    if finished == 0:
+        outcome.status, outcome.failure = (
+            "failed",
+            "every seed failed: " + "; ".join(s.failure for s in result.failed),
+        )
+        _fail(store, run_id, outcome.failure)
+    else:
+        store.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+    return outcome
+
+
+def _retire_older_runs(store: Store, experiment_id: str, config, seeds, keep_run_id: str) -> None:
+    """After a --force re-run, delete older FINISHED runs of the same identity (and their seed runs)."""
+    for run in finished_runs_for(store, experiment_id, config, seeds):
+        if run.info.run_id == keep_run_id:
+            continue
+        children = store.client.search_runs(
+            [experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run.info.run_id}'"
+        )
+        for child in children:
+            store.client.delete_run(child.info.run_id)
+        store.client.set_tag(run.info.run_id, "superseded_by", keep_run_id)
+        store.client.delete_run(run.info.run_id)
+
+
+def _reused_outcome(store: Store, run, config: AblationConfig) -> AblationOutcome:
+    metrics = run.data.metrics
+    summary = {
+        metric: {
+            statistic: metrics.get(f"{metric}_{statistic}", math.nan) for statistic in SUMMARY_STATISTICS
+        }
+        for metric in METRIC_NAMES
+    }
+    return AblationOutcome(
+        config,
+        run.info.run_id,
+        "reused",
+        int(metrics.get("seeds_finished", 0)),
+        int(metrics.get("seeds_failed", 0)),
+        summary,
+    )
+
+
+def run_tracked_sweep(
+    store: Store,
+    experiment_id: str,
+    configs: Sequence[AblationConfig],
+    seeds: Sequence[int],
+    *,
+    trainer: Trainer,
+    preset: str | None = None,
+    force: bool = False,
+    adopted_run_id: str | None = None,
+    adopt_as: str = "sweep",
+    share_passes: bool = True,
+    artifacts: bool = True,
+    progress=None,
+    on_reuse: Callable[[AblationConfig, str], None] | None = None,
+    on_plan: Callable[[list[AblationConfig]], None] | None = None,
+) -> tuple[str, list[AblationOutcome]]:
+    """Train what is not already FINISHED and record everything; returns (sweep id, outcomes in order).
+
+    `adopted_run_id` is the run `mlflow run` created: with adopt_as="sweep" it becomes the sweep run,
+    with adopt_as="ablation" (one config) the ablation run. `trainer(configs, seeds, share_passes=...,
+    progress=...)` returns one AblationResult per config. Configs train in groups that share a pass when
+    `share_passes`, else one config per pass, and each group is recorded as soon as it has trained.
+    """
+    seeds = list(seeds)
+    sweep_id = uuid.uuid4().hex[:12]
+    sweep_run_id = None
+    if adopt_as == "sweep":
+        sweep_run_id = adopted_run_id or (
+            store.client.create_run(
+                experiment_id, run_name=f"sweep {preset or 'custom'}", tags={"kind": "sweep"}
+            ).info.run_id
+            if len(configs) > 1
+            else None
+        )
+    outcomes: list[AblationOutcome | None] = [None] * len(configs)
+    try:
+        if sweep_run_id is not None:
+            name = f"sweep {preset or 'custom'} ({len(configs)} configs × {len(seeds)} seeds)"
+            _log_batch(
+                store,
+                sweep_run_id,
+                params=[
+                    Param("preset", preset or "custom"),
+                    Param("seeds", seeds_label(seeds)),
+                    Param("configs", str(len(configs))),
+                ],
+                tags=[
+                    RunTag("kind", "sweep"),
+                    RunTag("sweep_id", sweep_id),
+                    RunTag(MLFLOW_RUN_NAME, name),
+                    RunTag("code_version", code_version()),
+                    RunTag("git_commit", git_commit()),
+                ],
+            )
+        pending: list[int] = []
+        for index, config in enumerate(configs):
+            existing = [] if force else finished_runs_for(store, experiment_id, config, seeds)
+            if existing:
+                outcomes[index] = _reused_outcome(store, existing[0], config)
+                if on_reuse is not None:
+                    on_reuse(config, existing[0].info.run_id)
+                if adopt_as == "ablation" and adopted_run_id is not None:
+                    # `mlflow run` opened a run for work that is already done: say so and close it.
+                    _log_batch(
+                        store,
+                        adopted_run_id,
+                        tags=[RunTag("kind", "reuse"), RunTag("reused_run_id", existing[0].info.run_id)],
+                    )
+                    store.client.set_terminated(adopted_run_id, RunStatus.to_string(RunStatus.FINISHED))
+            else:
+                pending.append(index)
+        if on_plan is not None:
+            on_plan([configs[index] for index in pending])
+        groups = _pass_groups(configs, pending, share_passes)
+        for group in groups:
+            run_ids = {}
+            try:
+                for index in group:
+                    adopt = adopted_run_id if adopt_as == "ablation" else None
+                    run_ids[index] = start_ablation_run(
+                        store,
+                        experiment_id,
+                        configs[index],
+                        seeds,
+                        sweep_id=sweep_id,
+                        preset=preset,
+                        run_id=adopt,
+                    )
+                results = trainer(
+                    [configs[index] for index in group], seeds, share_passes=True, progress=progress
+                )
+                for index, result in zip(group, results, strict=True):
+                    for seed_result in result.seeds:
+                        log_seed(store, experiment_id, run_ids[index], seed_result, sweep_id, artifacts)
+                    outcomes[index] = finish_ablation_run(store, run_ids[index], result, artifacts)
+                    if force:
+                        _retire_older_runs(store, experiment_id, configs[index], seeds, run_ids[index])
+            except BaseException as error:
+                reason = f"{type(error).__name__}: {error}"
+                for index, run_id in run_ids.items():
+                    if outcomes[index] is None:
+                        _fail(store, run_id, reason)
+                raise
+        if sweep_run_id is not None:
+            _finish_sweep_run(store, sweep_run_id, outcomes)  # type: ignore[arg-type]
+    except BaseException as error:
+        if sweep_run_id is not None:
+            _fail(store, sweep_run_id, f"{type(error).__name__}: {error}")
+        raise
+    return sweep_id, outcomes  # type: ignore[return-value]
+
+
+def _pass_groups(
+    configs: Sequence[AblationConfig], pending: Sequence[int], share_passes: bool
+) -> list[list[int]]:
+    if not share_passes:
+        return [[index] for index in pending]
+    groups: dict[object, list[int]] = {}
+    for index in pending:
+        groups.setdefault(pass_key(configs[index]), []).append(index)
+    return list(groups.values())
+
+
+def summary_frame(outcomes: Sequence[AblationOutcome], metrics: Sequence[str]) -> pd.DataFrame:
+    """One row per configuration: status, seeds, and mean/std of each metric."""
+    rows = []
+    for outcome in outcomes:
+        row = {
+            "configuration": outcome.config.name,
+            "status": outcome.status,
+            "seeds": f"{outcome.seeds_finished} ok"
+            + (f", {outcome.seeds_failed} failed" if outcome.seeds_failed else ""),
+        }
+        for metric in metrics:
+            description = outcome.summary.get(metric, {})
+            row[metric] = description.get("mean", math.nan)
+            row[f"{metric}_std"] = description.get("std", math.nan)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _finish_sweep_run(store: Store, run_id: str, outcomes: Sequence[AblationOutcome]) -> None:
+    frame = summary_frame(outcomes, METRIC_NAMES)
+    frame.insert(1, "run_id", [outcome.run_id for outcome in outcomes])
+    store.client.log_text(run_id, frame.to_csv(index=False), "summary.csv")
+    timestamp = _now_ms()
+    counts = {
+        status: sum(outcome.status == status for outcome in outcomes)
+        for status in ("finished", "reused", "failed")
+    }
+    _log_batch(
+        store,
+        run_id,
+        metrics=[Metric(f"ablations_{status}", count, timestamp, 0) for status, count in counts.items()],
+    )
+    if counts["failed"]:
+        _fail(store, run_id, f"{counts['failed']} ablation(s) failed")
+    else:
+        store.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
