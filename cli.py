@@ -459,7 +459,136 @@ def inspect(run_id, tracking_uri):
     click.echo(markdown_table(pd.DataFrame(sorted(run.data.metrics.items()), columns=["metric", "value"])))
 
 
+EXAMPLES_REPORT = """
+\b
+Examples:
+  python cli.py report                                   # every finished seed run of experiment 'taming'
+  python cli.py report --sweep-id latest                 # only the ablations of the latest sweep
+  python cli.py report --metric macs --metric interference --baseline "random·bipolar·l2·relu"
+  python cli.py report --filter "params.\\`network.epochs\\` = '2000'" --paired --out reports/full
+"""
+
+
+@cli.command(epilog=EXAMPLES_REPORT)
+@click.option(
+    "--experiment",
+    default=None,
+    help="MLflow experiment name [default: the one `mlflow run` hands over, else 'taming'].",
+)
+@click.option(
+    "--tracking-uri",
+    default=None,
+    help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db].",
+)
+@click.option(
+    "--sweep-id",
+    default=None,
+    help="Analyse only the ablations of this sweep ('latest' = the newest sweep run).",
+)
+@click.option(
+    "--filter",
+    "filter_string",
+    default=None,
+    help="Extra MLflow search filter on the seed runs, e.g. \"tags.reg = 'l2'\".",
+)
+@click.option(
+    "--baseline",
+    default=None,
+    help="Configuration every other is compared with [default: random·bipolar·l1·relu].",
+)
+@click.option(
+    "--metric",
+    "metrics",
+    multiple=True,
+    help="Metric to compare (repeatable) [default: the headline metrics].",
+)
+@click.option(
+    "--paired",
+    is_flag=True,
+    help="Paired t-tests on shared seeds (seed k of every configuration sees the same data).",
+)
+@click.option(
+    "--resamples",
+    type=click.IntRange(min=100),
+    default=9999,
+    show_default=True,
+    help="Bootstrap resamples for the CI of each difference.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Folder for the CSVs, report.md, report.html and PNGs [default: reports/report-<time>].",
+)
+@click.option("--no-log", is_flag=True, help="Write the report files only; do not log an analysis run.")
+def report(
+    experiment, tracking_uri, sweep_id, filter_string, baseline, metrics, paired, resamples, out_dir, no_log
+):
+    """Statistics from the tracking store: every configuration against a baseline, and the 2^4 factorial.
+
+    Reads only FINISHED seed runs (failed ones are counted, never silently dropped), recomputes every
+    statistic from the stored per-seed values (Welch or paired t, Cohen's d, Hedges' g, bootstrap CI,
+    Holm and BH corrections; OLS/ANOVA for all 15 factorial effects when all 16 cells are present),
+    prints Markdown tables, writes comparisons.csv, factorial.csv, report.md, report.html and figures,
+    and logs them as an analysis run beside the runs it read.
+    """
+    import time
+    from pathlib import Path
+
+    from pipeline.analysis import BASELINE_NAME, DEFAULT_METRICS, build_report
+    from tracking.analysis import log_report, select_seeds
+    from tracking.store import TrackingError
+
+    store = _store(tracking_uri)
+    adopted = _adopted_run(store)
+    try:
+        if experiment is None and adopted is not None:
+            experiment_id = adopted.info.experiment_id
+        else:
+            experiment_id = store.existing_experiment_id(experiment)
+        frame, query = select_seeds(store, experiment_id, sweep_id=sweep_id, filter_string=filter_string)
+    except TrackingError as error:
+        _fail_usage(str(error))
+    baseline = baseline or BASELINE_NAME
+    try:
+        built = build_report(
+            frame,
+            metrics=list(metrics) or list(DEFAULT_METRICS),
+            baseline=baseline,
+            paired=paired,
+            n_resamples=resamples,
+        )
+    except ValueError as error:
+        _fail_usage(f"--baseline/--metric: {error}")
+    folder = Path(out_dir or f"reports/report-{time.strftime('%Y%m%d-%H%M%S')}")
+    files = built.write(folder)
+    click.echo(built.markdown())
+    click.echo(f"\nReport files in {folder}/ (open report.html in a browser).")
+    if not no_log:
+        options = {
+            "baseline": baseline,
+            "metrics": ",".join(built.metrics),
+            "paired": paired,
+            "resamples": resamples,
+            "sweep_id": sweep_id or "",
+            "filter": filter_string or "",
+        }
+        run_id = log_report(
+            store,
+            experiment_id,
+            files,
+            description=built.headline(),
+            query=query,
+            options=options,
+            adopted_run_id=adopted.info.run_id if adopted is not None else None,
+        )
+        click.echo(f"Logged as analysis run {run_id} in experiment {experiment_id}.")
+
+
 def main() -> None:
+    # MLflow's own download bars would interleave with ours.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     cli(prog_name="python cli.py")
 
 

@@ -19,11 +19,13 @@ from pathlib import Path
 import mlflow
 import torch
 from mlflow import MlflowClient
-from mlflow.entities import ViewType
+from mlflow.entities import RunStatus, ViewType
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "taming"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# MLflow accepts at most 100 params/tags and 1000 metrics per log_batch call.
+BATCH_PARAMS, BATCH_METRICS = 100, 1000
 SUPPORTED_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql")
 
 
@@ -163,3 +165,23 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return commit + ("-dirty" if dirty else "")
+
+
+def log_in_batches(store: Store, run_id: str, metrics=(), params=(), tags=()) -> None:
+    """log_batch in chunks that respect MLflow's per-call limits."""
+    metrics, params, tags = list(metrics), list(params), list(tags)
+    for start in range(0, max(len(params), len(tags), 1), BATCH_PARAMS):
+        store.client.log_batch(
+            run_id, params=params[start : start + BATCH_PARAMS], tags=tags[start : start + BATCH_PARAMS]
+        )
+    for start in range(0, len(metrics), BATCH_METRICS):
+        store.client.log_batch(run_id, metrics=metrics[start : start + BATCH_METRICS])
+
+
+def fail_run(store: Store, run_id: str, reason: str) -> None:
+    """Mark a run FAILED with its reason; never raises (it runs while another error propagates)."""
+    try:
+        store.client.set_tag(run_id, "failure_reason", reason[:5000])
+        store.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+    except Exception:  # noqa: BLE001 - the original error matters more than this one
+        pass

@@ -37,13 +37,11 @@ from pipeline.configuration import flatten
 from pipeline.evaluation import METRIC_NAMES, checkpoint
 from pipeline.plots.taming import overlap_grid, overlap_heatmap
 from pipeline.train import pass_key
-from tracking.store import Store, code_version, git_commit
+from tracking.store import Store, code_version, fail_run, git_commit, log_in_batches
 
 NOTE_TAG = "mlflow.note.content"
 CHECKPOINT_PATH = "checkpoint/seed.pt"
 SUMMARY_STATISTICS = ("mean", "std", "sem", "ci_low", "ci_high")
-# MLflow accepts at most 100 params/tags and 1000 metrics per log_batch call.
-BATCH_PARAMS, BATCH_METRICS = 100, 1000
 
 Trainer = Callable[..., list]
 
@@ -71,17 +69,6 @@ class AblationOutcome:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def _log_batch(store: Store, run_id: str, metrics=(), params=(), tags=()) -> None:
-    """log_batch in chunks that respect MLflow's per-call limits."""
-    metrics, params, tags = list(metrics), list(params), list(tags)
-    for start in range(0, max(len(params), len(tags), 1), BATCH_PARAMS):
-        store.client.log_batch(
-            run_id, params=params[start : start + BATCH_PARAMS], tags=tags[start : start + BATCH_PARAMS]
-        )
-    for start in range(0, len(metrics), BATCH_METRICS):
-        store.client.log_batch(run_id, metrics=metrics[start : start + BATCH_METRICS])
 
 
 def _params(config: AblationConfig, seeds: Sequence[int]) -> list[Param]:
@@ -118,15 +105,6 @@ def finished_runs_for(store: Store, experiment_id: str, config: AblationConfig, 
         identity_filter(config, seeds) + " and attributes.status = 'FINISHED'",
         max_results=100,
     )
-
-
-def _fail(store: Store, run_id: str, reason: str) -> None:
-    """Mark a run FAILED with its reason; never raises (it runs while another error propagates)."""
-    try:
-        store.client.set_tag(run_id, "failure_reason", reason[:5000])
-        store.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
-    except Exception:  # noqa: BLE001 - the original error matters more than this one
-        pass
 
 
 def _save_figure(store: Store, run_id: str, figure, artifact_file: str) -> None:
@@ -173,7 +151,7 @@ def start_ablation_run(
         run_id = store.client.create_run(
             experiment_id, run_name=config.name, tags={"kind": "ablation"}
         ).info.run_id
-    _log_batch(store, run_id, params=_params(config, seeds), tags=[RunTag(k, v) for k, v in tags.items()])
+    log_in_batches(store, run_id, params=_params(config, seeds), tags=[RunTag(k, v) for k, v in tags.items()])
     return run_id
 
 
@@ -211,7 +189,7 @@ def log_seed(
                 )
         params = [Param("seed", str(seed_result.seed)), Param("config_hash", config.hash())]
         if not seed_result.finished:
-            _log_batch(
+            log_in_batches(
                 store,
                 run_id,
                 metrics=metrics,
@@ -220,7 +198,7 @@ def log_seed(
             )
             store.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
             return run_id
-        _log_batch(store, run_id, metrics=metrics, params=params)
+        log_in_batches(store, run_id, metrics=metrics, params=params)
         if artifacts:
             figure = overlap_heatmap(seed_result.sae.decoder_directions.detach(), title=name)
             _save_figure(store, run_id, figure, "overlap.png")
@@ -228,7 +206,7 @@ def log_seed(
             _log_file(store, run_id, "seed.pt", lambda path: torch.save(saved, path), "checkpoint")
         store.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
     except BaseException as error:
-        _fail(store, run_id, f"logging failed: {type(error).__name__}: {error}")
+        fail_run(store, run_id, f"logging failed: {type(error).__name__}: {error}")
         raise
     return run_id
 
@@ -252,7 +230,7 @@ def finish_ablation_run(store: Store, run_id: str, result, artifacts: bool = Tru
             for statistic in SUMMARY_STATISTICS
             if math.isfinite(description[statistic])
         )
-    _log_batch(store, run_id, metrics=metrics)
+    log_in_batches(store, run_id, metrics=metrics)
     store.client.log_text(run_id, table.to_csv(index=False), "seeds.csv")
     if artifacts and result.finished:
         figure = overlap_grid(
@@ -267,7 +245,7 @@ def finish_ablation_run(store: Store, run_id: str, result, artifacts: bool = Tru
             "failed",
             "every seed failed: " + "; ".join(s.failure for s in result.failed),
         )
-        _fail(store, run_id, outcome.failure)
+        fail_run(store, run_id, outcome.failure)
     else:
         store.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
     return outcome
@@ -344,7 +322,7 @@ def run_tracked_sweep(
     try:
         if sweep_run_id is not None:
             name = f"sweep {preset or 'custom'} ({len(configs)} configs × {len(seeds)} seeds)"
-            _log_batch(
+            log_in_batches(
                 store,
                 sweep_run_id,
                 params=[
@@ -369,7 +347,7 @@ def run_tracked_sweep(
                     on_reuse(config, existing[0].info.run_id)
                 if adopt_as == "ablation" and adopted_run_id is not None:
                     # `mlflow run` opened a run for work that is already done: say so and close it.
-                    _log_batch(
+                    log_in_batches(
                         store,
                         adopted_run_id,
                         tags=[RunTag("kind", "reuse"), RunTag("reused_run_id", existing[0].info.run_id)],
@@ -407,13 +385,13 @@ def run_tracked_sweep(
                 reason = f"{type(error).__name__}: {error}"
                 for index, run_id in run_ids.items():
                     if outcomes[index] is None:
-                        _fail(store, run_id, reason)
+                        fail_run(store, run_id, reason)
                 raise
         if sweep_run_id is not None:
             _finish_sweep_run(store, sweep_run_id, outcomes)  # type: ignore[arg-type]
     except BaseException as error:
         if sweep_run_id is not None:
-            _fail(store, sweep_run_id, f"{type(error).__name__}: {error}")
+            fail_run(store, sweep_run_id, f"{type(error).__name__}: {error}")
         raise
     return sweep_id, outcomes  # type: ignore[return-value]
 
@@ -456,12 +434,12 @@ def _finish_sweep_run(store: Store, run_id: str, outcomes: Sequence[AblationOutc
         status: sum(outcome.status == status for outcome in outcomes)
         for status in ("finished", "reused", "failed")
     }
-    _log_batch(
+    log_in_batches(
         store,
         run_id,
         metrics=[Metric(f"ablations_{status}", count, timestamp, 0) for status, count in counts.items()],
     )
     if counts["failed"]:
-        _fail(store, run_id, f"{counts['failed']} ablation(s) failed")
+        fail_run(store, run_id, f"{counts['failed']} ablation(s) failed")
     else:
         store.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))

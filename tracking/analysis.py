@@ -1,0 +1,112 @@
+"""The analysis stage's store side: which seed runs a report reads, and the report's own run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from mlflow.entities import Param, RunStatus, RunTag
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+
+from tracking.query import search_all, seed_frame
+from tracking.store import Store, TrackingError, code_version, fail_run, git_commit, log_in_batches
+
+
+def latest_sweep_id(store: Store, experiment_id: str) -> str:
+    """The sweep id of the most recent sweep run (any status) in the experiment."""
+    runs = store.client.search_runs(
+        [experiment_id], "tags.kind = 'sweep'", max_results=1, order_by=["attributes.start_time DESC"]
+    )
+    if not runs:
+        raise TrackingError(
+            "--sweep-id latest: this experiment has no sweep run; run `python cli.py sweep` first"
+        )
+    return runs[0].data.tags["sweep_id"]
+
+
+def sweep_ablation_run_ids(store: Store, experiment_id: str, sweep_id: str) -> list[str]:
+    """Ablation runs a sweep used, its own and the FINISHED ones it reused, from its summary.csv."""
+    runs = search_all(store, [experiment_id], f"tags.kind = 'sweep' and tags.sweep_id = '{sweep_id}'")
+    if not runs:
+        raise TrackingError(f"--sweep-id {sweep_id!r} matches no sweep run in this experiment")
+    run = runs[0]
+    try:
+        path = store.client.download_artifacts(run.info.run_id, "summary.csv")
+    except Exception:  # noqa: BLE001 - an unfinished sweep has no summary; fall back to its tag
+        return [
+            r.info.run_id
+            for r in search_all(
+                store, [experiment_id], f"tags.kind = 'ablation' and tags.sweep_id = '{sweep_id}'"
+            )
+        ]
+    return pd.read_csv(path)["run_id"].tolist()
+
+
+def select_seeds(
+    store: Store, experiment_id: str, *, sweep_id: str | None = None, filter_string: str | None = None
+) -> tuple[pd.DataFrame, str]:
+    """Every seed run (all statuses) the report should read, and a text of the query used.
+
+    With a sweep id: the seed runs of that sweep's ablations (reused ones included). A configuration
+    whose runs carry more than one config hash (runs with different settings) is an error: the
+    statistics would mix them.
+    """
+    if sweep_id == "latest":
+        sweep_id = latest_sweep_id(store, experiment_id)
+    query = f"experiment {experiment_id}; tags.kind = 'seed'"
+    frame = seed_frame(store, [experiment_id], filter_string, statuses=None)
+    if filter_string:
+        query += f" and {filter_string}"
+    if sweep_id is not None:
+        parents = set(sweep_ablation_run_ids(store, experiment_id, sweep_id))
+        frame = frame[frame["parent_run_id"].isin(parents)] if not frame.empty else frame
+        query += f"; ablations of sweep {sweep_id}"
+    if frame.empty:
+        raise TrackingError(f"no seed runs match ({query}); check --experiment, --sweep-id and --filter")
+    # A --force re-run deletes the older ablation; its seed runs must not count twice.
+    live_parents = {run.info.run_id for run in search_all(store, [experiment_id], "tags.kind = 'ablation'")}
+    frame = frame[frame["parent_run_id"].isin(live_parents)]
+    hashes = frame[frame["status"] == "FINISHED"].groupby("config")["config_hash"].nunique()
+    mixed = hashes[hashes > 1].index.tolist()
+    if mixed:
+        raise TrackingError(
+            f"configuration(s) {', '.join(mixed)} have runs with different settings (config hashes); "
+            "narrow the selection with --sweep-id or --filter"
+        )
+    return frame.reset_index(drop=True), query
+
+
+def log_report(
+    store: Store,
+    experiment_id: str,
+    files: list[Path],
+    *,
+    description: str,
+    query: str,
+    options: dict,
+    adopted_run_id: str | None,
+) -> str:
+    """Log a written report as its own run (kind=analysis) with every file as an artifact."""
+    run_id = (
+        adopted_run_id
+        or store.client.create_run(experiment_id, run_name="report", tags={"kind": "analysis"}).info.run_id
+    )
+    try:
+        params = [Param("query", query[:6000])] + [
+            Param(name, str(value)[:6000]) for name, value in options.items()
+        ]
+        tags = [
+            RunTag("kind", "analysis"),
+            RunTag(MLFLOW_RUN_NAME, f"report ({options.get('baseline', '')} baseline)"),
+            RunTag("code_version", code_version()),
+            RunTag("git_commit", git_commit()),
+            RunTag("mlflow.note.content", description[:7900]),
+        ]
+        log_in_batches(store, run_id, params=params, tags=tags)
+        for path in files:
+            store.client.log_artifact(run_id, str(path))
+        store.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+    except BaseException as error:
+        fail_run(store, run_id, f"{type(error).__name__}: {error}")
+        raise
+    return run_id
