@@ -1,0 +1,197 @@
+"""The analysis stage: pure report building on hand-made tables, and end to end from a tracking store."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pandas as pd
+import pytest
+import statsmodels.formula.api as smf
+from click.testing import CliRunner
+from mlflow import MlflowClient
+from scipy import stats as scipy_stats
+from statsmodels.stats.anova import anova_lm
+
+import cli
+from pipeline.analysis import BASELINE_NAME, build_report
+from pipeline.config import FACTOR_LEVELS, STRATEGIC_CONFIGURATIONS
+
+
+def synthetic_seeds(cells, seeds=4, effect_of_reg=0.0, failed=()) -> pd.DataFrame:
+    """A tidy seed table: macs = 0.3 + effect·[reg == l2] + noise; `failed` lists (config, seed) FAILED rows."""
+    generator = np.random.default_rng(0)
+    rows = []
+    for cell in cells:
+        name = "·".join(cell)
+        for seed in range(seeds):
+            status = "FAILED" if (name, seed) in failed else "FINISHED"
+            value = 0.3 + effect_of_reg * (cell[2] == "l2") + generator.normal(0, 0.01)
+            rows.append(
+                {
+                    "config": name,
+                    **dict(zip(FACTOR_LEVELS, cell, strict=True)),
+                    "seed": seed,
+                    "status": status,
+                    "macs": value if status == "FINISHED" else np.nan,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def test_thin_missing_and_failed_data_are_reported_honestly():
+    cells = list(STRATEGIC_CONFIGURATIONS[:4])
+    table = synthetic_seeds(cells, seeds=3, failed={("·".join(cells[1]), 1), ("·".join(cells[1]), 2)})
+    report = build_report(table, metrics=["macs"], n_resamples=200, figures=False)
+    counts = report.counts.set_index("configuration")
+    assert counts.loc["·".join(cells[1]), "finished"] == 1 and counts.loc["·".join(cells[1]), "failed"] == 2
+    thin = report.comparisons[report.comparisons["config_a"] == "·".join(cells[1])].iloc[0]
+    assert thin["n_a"] == 1 and np.isnan(thin["p"]) and np.isnan(thin["t"])
+    text = report.markdown()
+    assert "Fewer than 2 finished seeds" in text and "·".join(cells[1]) in text
+    assert "Missing from the strategic 8" in text and "·".join(STRATEGIC_CONFIGURATIONS[7]) in text
+    assert "2 failed seed runs counted" in text
+    assert report.factorial is None
+
+
+def test_unknown_baseline_or_metric_is_a_clear_error():
+    table = synthetic_seeds(STRATEGIC_CONFIGURATIONS[:2])
+    with pytest.raises(ValueError, match="baseline 'nope' has no finished seeds"):
+        build_report(table, metrics=["macs"], baseline="nope", figures=False)
+    with pytest.raises(ValueError, match=r"metric\(s\) \['bogus'\] are not in the store"):
+        build_report(table, metrics=["bogus"], figures=False)
+
+
+def test_factorial_verdict_finds_the_planted_effect():
+    cells = list(itertools.product(*FACTOR_LEVELS.values()))
+    table = synthetic_seeds(cells, seeds=3, effect_of_reg=-0.05)
+    report = build_report(table, metrics=["macs"], n_resamples=200, figures=True)
+    effects = report.factorial.set_index("effect")
+    assert effects.loc["reg", "estimate"] == pytest.approx(-0.05, abs=0.01)
+    assert effects.loc["reg", "p_holm"] < 1e-6
+    assert report.verdicts[0].startswith("macs: reg (−0.0")
+    assert {"seeds_macs", "main_effects_macs", "interactions_macs"} <= set(report.figures)
+
+
+TINY = ["--seeds", "2", "--epochs", "20", "--sae-epochs", "10", "--samples", "64", "--no-artifacts"]
+
+
+def test_report_end_to_end_matches_independent_recomputation(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runner = CliRunner()
+    result = runner.invoke(
+        cli.cli, ["sweep", "--preset", "factorial", *TINY, "--tracking-uri", uri, "--experiment", "f"]
+    )
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "report"
+    result = runner.invoke(
+        cli.cli,
+        [
+            "report",
+            "--tracking-uri",
+            uri,
+            "--experiment",
+            "f",
+            "--sweep-id",
+            "latest",
+            "--out",
+            str(out),
+            "--resamples",
+            "200",
+            "--metric",
+            "macs",
+            "--metric",
+            "val_mse",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "Factorial effects" in result.output and "What matters" in result.output
+    for name in (
+        "comparisons.csv",
+        "factorial.csv",
+        "report.md",
+        "report.html",
+        "seeds_macs.png",
+        "main_effects_macs.png",
+        "interactions_val_mse.png",
+    ):
+        assert (out / name).exists(), name
+    assert "data:image/png;base64," in (out / "report.html").read_text()
+
+    # Independent recomputation straight from the store's seed runs.
+    client = MlflowClient(uri)
+    experiment_id = client.get_experiment_by_name("f").experiment_id
+    seed_runs = client.search_runs([experiment_id], "tags.kind = 'seed' and attributes.status = 'FINISHED'")
+    rows = [
+        {
+            **{factor: run.data.tags[factor] for factor in FACTOR_LEVELS},
+            "config": run.data.tags["config_name"],
+            "val_mse": run.data.metrics["val_mse"],
+            "macs": run.data.metrics["macs"],
+        }
+        for run in seed_runs
+    ]
+    store_frame = pd.DataFrame(rows)
+    assert len(store_frame) == 32
+
+    comparisons = pd.read_csv(out / "comparisons.csv")
+    row = comparisons[
+        (comparisons["metric"] == "val_mse") & (comparisons["config_a"] == "orthogonal·bipolar·l2·gelu")
+    ]
+    row = row.iloc[0]
+    a = store_frame[store_frame["config"] == "orthogonal·bipolar·l2·gelu"]["val_mse"]
+    b = store_frame[store_frame["config"] == BASELINE_NAME]["val_mse"]
+    welch = scipy_stats.ttest_ind(a, b, equal_var=False)
+    assert row["t"] == pytest.approx(welch.statistic, rel=1e-9, abs=1e-9)
+    assert row["p"] == pytest.approx(welch.pvalue, rel=1e-9, abs=1e-9)
+    assert row["diff"] == pytest.approx(a.mean() - b.mean(), rel=1e-9, abs=1e-12)
+    pooled = np.sqrt(((len(a) - 1) * a.var() + (len(b) - 1) * b.var()) / (len(a) + len(b) - 2))
+    assert row["cohen_d"] == pytest.approx((a.mean() - b.mean()) / pooled, rel=1e-9)
+    assert list(comparisons.columns) == [
+        "metric",
+        "config_a",
+        "config_b",
+        "n_a",
+        "n_b",
+        "mean_a",
+        "mean_b",
+        "diff",
+        "ci_low",
+        "ci_high",
+        "t",
+        "df",
+        "p",
+        "p_holm",
+        "p_bh",
+        "cohen_d",
+        "hedges_g",
+    ]
+
+    factorial = pd.read_csv(out / "factorial.csv")
+    assert list(factorial.columns) == ["metric", "effect", "estimate", "F", "df_num", "df_den", "p", "p_holm"]
+    assert len(factorial) == 30
+    coded = store_frame.copy()
+    for factor, (_low, high) in FACTOR_LEVELS.items():
+        coded[factor] = np.where(coded[factor] == high, 1.0, -1.0)
+    fit = smf.ols("val_mse ~ init * noise * reg * act", data=coded).fit()
+    anova = anova_lm(fit, typ=2)
+    effect = factorial[(factorial["metric"] == "val_mse") & (factorial["effect"] == "reg")].iloc[0]
+    assert effect["F"] == pytest.approx(anova.loc["reg", "F"], rel=1e-9)
+    assert effect["p"] == pytest.approx(anova.loc["reg", "PR(>F)"], rel=1e-9)
+    high = coded[coded["reg"] == 1]["val_mse"].mean()
+    low = coded[coded["reg"] == -1]["val_mse"].mean()
+    assert effect["estimate"] == pytest.approx(high - low, rel=1e-9)
+    interaction = factorial[(factorial["metric"] == "val_mse") & (factorial["effect"] == "reg:act")].iloc[0]
+    assert interaction["F"] == pytest.approx(anova.loc["reg:act", "F"], rel=1e-9)
+
+    analysis = client.search_runs([experiment_id], "tags.kind = 'analysis'")
+    assert len(analysis) == 1 and analysis[0].info.status == "FINISHED"
+    assert "tags.kind = 'seed'" in analysis[0].data.params["query"]
+    logged = {artifact.path for artifact in client.list_artifacts(analysis[0].info.run_id)}
+    assert {"comparisons.csv", "factorial.csv", "report.md", "report.html"} <= logged
+
+
+def test_report_on_a_missing_experiment_is_a_usage_error(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = CliRunner().invoke(cli.cli, ["report", "--tracking-uri", uri, "--experiment", "nothing-here"])
+    assert result.exit_code == 2 and "--experiment 'nothing-here' does not exist" in result.output
