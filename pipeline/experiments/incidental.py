@@ -1,0 +1,296 @@
+"""The three incidental-polysemanticity experiments (SCIENCE.md §2) as pure functions returning plain data.
+
+- collisions: polysemantic neurons vs m against n²/(4m), L1 as the winner-take-all force (§2.2);
+- noise: fourth norm under hidden-layer noise of negative, zero and positive excess kurtosis (§2.3);
+- dynamics: the sparsification ODE against its closed-form prediction (§2.4).
+
+A point is one config; `run_point` trains it and returns params (the flattened config), scalar metrics,
+per-instance rows and curves, so a tracking layer can log each point as one run. Nothing here writes files.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.stats
+import torch
+
+from pipeline.configuration import flatten
+from pipeline.incidental import (
+    SPARSIFICATION_MIDDLE_WINDOW,
+    IncidentalConfig,
+    predicted_l1_norm,
+    predicted_nonzeros,
+    predicted_polysemantic_neurons,
+    simulate_sparsification,
+    train_incidental,
+)
+
+# The scalar metrics of one trained point, in this order.
+POINT_METRICS = (
+    "polysemantic_neurons",
+    "polysemantic_neurons_std",
+    "predicted_polysemantic_neurons",
+    "fourth_norm",
+    "initial_collisions",
+    "winner_was_initial_argmax",
+    "opposite_sign_fraction",
+    "final_loss",
+)
+
+
+@dataclass
+class PointResult:
+    """One trained point.
+
+    params: the flattened config (every IncidentalConfig field).
+    metrics: exactly POINT_METRICS; means over instances unless the name says otherwise.
+        polysemantic_neurons_std is the sample standard deviation across instances (NaN with one instance);
+        opposite_sign_fraction pools all instances (opposite-sign polysemantic neurons / polysemantic neurons,
+        NaN when there are none).
+    per_instance: one row per instance: "instance" (global index) and every measurement of
+        `pipeline.incidental.measure_instances`.
+    curves: "step", "loss", "fourth_norm", "polysemantic_neurons" (means over instances).
+    initial_weights, final_weights: [instance, n, m] CPU tensors.
+    """
+
+    config: IncidentalConfig
+    params: dict[str, Any]
+    metrics: dict[str, float]
+    per_instance: pd.DataFrame
+    curves: dict[str, list[float]]
+    initial_weights: torch.Tensor
+    final_weights: torch.Tensor
+    wall_time_s: float
+
+
+def run_point(config: IncidentalConfig, progress: Callable[[int], None] | None = None) -> PointResult:
+    """Train one config (all its instances in one batched pass) and summarise it."""
+    result = train_incidental(config, progress=progress)
+    per_instance = pd.DataFrame({"instance": result.instance_indices, **result.measurements})
+    counts = per_instance["polysemantic_neurons"]
+    polysemantic_total = counts.sum()
+    metrics = {
+        "polysemantic_neurons": float(counts.mean()),
+        "polysemantic_neurons_std": float(counts.std(ddof=1)) if len(counts) > 1 else math.nan,
+        "predicted_polysemantic_neurons": predicted_polysemantic_neurons(config.n, config.m),
+        "fourth_norm": float(per_instance["fourth_norm"].mean()),
+        "initial_collisions": float(per_instance["initial_collisions"].mean()),
+        "winner_was_initial_argmax": float(per_instance["winner_was_initial_argmax"].mean()),
+        "opposite_sign_fraction": (
+            float(per_instance["opposite_sign_neurons"].sum() / polysemantic_total)
+            if polysemantic_total > 0
+            else math.nan
+        ),
+        "final_loss": float(per_instance["final_loss"].mean()),
+    }
+    return PointResult(
+        config=config,
+        params=flatten(config),
+        metrics={name: metrics[name] for name in POINT_METRICS},
+        per_instance=per_instance,
+        curves=result.curves,
+        initial_weights=result.initial_weights,
+        final_weights=result.final_weights,
+        wall_time_s=result.wall_time_s,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Experiment 1: collisions and the n²/(4m) law
+
+
+def collisions_points(
+    n: int = 64,
+    ms: Iterable[int] = (64, 128, 256, 512),
+    l1_values: Iterable[float] = (1e-3,),
+    instances: int = 16,
+    steps: int = 7500,
+    **overrides: Any,
+) -> list[IncidentalConfig]:
+    """Configs of the collision sweep, ordered by λ then m.
+
+    Defaults: the published recipe (AdamW lr 1e-3, torch's weight decay 0.01, 7500 steps, 16 instances) at
+    n = 64 so the sweep runs in about 30 s on a 2-core CPU; the published figure used n = 256, m = 256…4096 and
+    λ ∈ {1e-3, 1e-2, 1e-1}. `overrides` go to every IncidentalConfig (seed, lr, device, …).
+    """
+    return [
+        IncidentalConfig(n=n, m=m, l1=l1, instances=instances, steps=steps, **overrides)
+        for l1 in l1_values
+        for m in ms
+    ]
+
+
+def confidence_halfwidth(std: Any, count: Any, level: float = 0.95) -> np.ndarray:
+    """Half-width of the Student-t confidence interval of a mean: t_{(1+level)/2, k−1}·s/√k (NaN for k < 2)."""
+    std = np.asarray(std, dtype=np.float64)
+    count = np.asarray(count, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        quantile = scipy.stats.t.ppf((1 + level) / 2, count - 1)
+        return np.where(count > 1, quantile * std / np.sqrt(count), np.nan)
+
+
+def collisions_table(points: Sequence[PointResult]) -> pd.DataFrame:
+    """One row per point: n, m, l1, instances, the metrics, and the 95 % CI of the mean count."""
+    rows = [
+        {
+            "n": point.config.n,
+            "m": point.config.m,
+            "l1": point.config.l1,
+            "instances": point.config.instances,
+            **point.metrics,
+        }
+        for point in points
+    ]
+    table = pd.DataFrame(rows)
+    halfwidth = confidence_halfwidth(table["polysemantic_neurons_std"], table["instances"])
+    table["polysemantic_neurons_ci_low"] = table["polysemantic_neurons"] - halfwidth
+    table["polysemantic_neurons_ci_high"] = table["polysemantic_neurons"] + halfwidth
+    return table
+
+
+def loglog_slope(ms: Sequence[float], counts: Sequence[float]) -> tuple[float, float, float, float]:
+    """OLS fit of log(count) on log(m): (slope, intercept, slope 95 % CI low, high). Theory: slope −1.
+
+    Points with a zero count have no logarithm and are dropped; the CI uses the Student-t quantile with
+    (points − 2) degrees of freedom on scipy.stats.linregress's standard error (NaN with fewer than 3 points).
+    """
+    ms = np.asarray(ms, dtype=np.float64)
+    counts = np.asarray(counts, dtype=np.float64)
+    keep = counts > 0
+    log_m, log_count = np.log(ms[keep]), np.log(counts[keep])
+    if log_m.size < 2:
+        return (math.nan, math.nan, math.nan, math.nan)
+    fit = scipy.stats.linregress(log_m, log_count)
+    if log_m.size < 3:
+        return (float(fit.slope), float(fit.intercept), math.nan, math.nan)
+    halfwidth = scipy.stats.t.ppf(0.975, log_m.size - 2) * fit.stderr
+    return (
+        float(fit.slope),
+        float(fit.intercept),
+        float(fit.slope - halfwidth),
+        float(fit.slope + halfwidth),
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Experiment 2: noise as the winner-take-all force
+
+
+def noise_points(
+    n: int = 8,
+    m: int = 16,
+    instances: int = 5,
+    steps: int = 20_000,
+    sigmas: Iterable[float] = (0.07, 0.1, 0.15),
+    noise_types: Iterable[str] = ("bipolar", "gaussian", "laplace", "student_t"),
+    optimizer: str = "sgd",
+    lr: float = 0.02,
+    l1: float = 0.0,
+    **overrides: Any,
+) -> list[IncidentalConfig]:
+    """Configs of the noise comparison, ordered by noise type then σ.
+
+    Published run (seed 003 code): n = 8, m = 16, 5 instances, plain SGD lr 0.02, λ = 0, 100 000 steps,
+    Bernoulli and Gaussian noise at σ ∈ {0.07, 0.1, 0.15}. The default here stops at 20 000 steps so all
+    twelve points run in 30–45 s on a 2-core CPU; pass steps=100_000 for the published length.
+    Noise is drawn per sample by default; noise_sharing="per_step" reproduces the published sharing.
+    """
+    weight_decay = overrides.pop("weight_decay", 0.01 if optimizer == "adamw" else 0.0)
+    return [
+        IncidentalConfig(
+            n=n,
+            m=m,
+            instances=instances,
+            steps=steps,
+            noise=noise,
+            sigma=sigma,
+            optimizer=optimizer,
+            lr=lr,
+            l1=l1,
+            weight_decay=weight_decay,
+            **overrides,
+        )
+        for noise in noise_types
+        for sigma in sigmas
+    ]
+
+
+def noise_label(config: IncidentalConfig) -> str:
+    """Legend label of a noise point, e.g. "bipolar σ=0.1" (the noise type comes first)."""
+    return f"{config.noise} σ={config.sigma:g}"
+
+
+def curves_by_label(points: Sequence[PointResult]) -> dict[str, dict[str, list[float]]]:
+    """{noise_label: curves} for `pipeline.plots.incidental.fourth_norm_plot`."""
+    return {noise_label(point.config): point.curves for point in points}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Experiment 3: speed of sparsification
+
+
+@dataclass
+class DynamicsPoint:
+    """One simulated encoding against the prediction.
+
+    params: m, l1, dt, t_max, seed.
+    metrics: completion_time (first t with m′ ≤ 1), completion_time_times_l1 (documented 1.6–2),
+        nonzeros_ratio_median/min/max (m′ over ‖w‖₁²-prediction for t·λ in SPARSIFICATION_MIDDLE_WINDOW;
+        documented 2–2.7), l1_norm_ratio_median (‖w‖₁ over its prediction, same window).
+    simulation: `simulate_sparsification`'s output plus "predicted_l1_norm" and "predicted_nonzeros" arrays.
+    """
+
+    params: dict[str, Any]
+    metrics: dict[str, float]
+    simulation: dict[str, Any]
+
+
+def dynamics(
+    m: int = 10_000,
+    l1_values: Iterable[float] = (1e-3, 1e-4),
+    t_max_times_l1: float = 3.0,
+    dt: float = 0.5,
+    seed: int = 0,
+) -> list[DynamicsPoint]:
+    """Simulate the sparsification ODE for each λ up to t = t_max_times_l1/λ and compare with the prediction.
+
+    Defaults keep λ√m ≤ 0.1 (the regime the prediction assumes) and finish in about a second; the published
+    simulation used m = 1e5, λ = 1e-5 and initial standard deviation 0.9/√m.
+    """
+    points = []
+    for l1 in l1_values:
+        t_max = t_max_times_l1 / l1
+        simulation = simulate_sparsification(m, l1, t_max, dt=dt, seed=seed)
+        times = simulation["t"]
+        simulation["predicted_l1_norm"] = predicted_l1_norm(m, l1, times)
+        simulation["predicted_nonzeros"] = predicted_nonzeros(m, l1, times)
+        low, high = SPARSIFICATION_MIDDLE_WINDOW
+        middle = (times * l1 >= low) & (times * l1 <= high)
+        nonzeros_ratio = simulation["nonzeros"][middle] / simulation["predicted_nonzeros"][middle]
+        l1_ratio = simulation["l1_norm"][middle] / simulation["predicted_l1_norm"][middle]
+        completion = simulation["completion_time"]
+        metrics = {
+            "completion_time": float(completion),
+            "completion_time_times_l1": float(completion * l1),
+            "nonzeros_ratio_median": float(np.median(nonzeros_ratio)),
+            "nonzeros_ratio_min": float(nonzeros_ratio.min()),
+            "nonzeros_ratio_max": float(nonzeros_ratio.max()),
+            "l1_norm_ratio_median": float(np.median(l1_ratio)),
+        }
+        params = {"m": m, "l1": l1, "dt": dt, "t_max": t_max, "seed": seed}
+        points.append(DynamicsPoint(params=params, metrics=metrics, simulation=simulation))
+    return points
+
+
+def summarize_points(points: Sequence[PointResult], keys: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """One row per point: the chosen params (default n, m, l1, noise, sigma, noise_sharing) and all metrics."""
+    columns = keys or {name: name for name in ("n", "m", "l1", "noise", "sigma", "noise_sharing")}
+    return pd.DataFrame(
+        [{label: point.params[name] for label, name in columns.items()} | point.metrics for point in points]
+    )

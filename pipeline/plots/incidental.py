@@ -1,0 +1,144 @@
+"""Figures of the incidental-polysemanticity study (SCIENCE.md §2), built without pyplot.
+
+Each function returns a `matplotlib.figure.Figure`; the caller decides where it goes (`fig.savefig(...)`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from pipeline.experiments.incidental import confidence_halfwidth
+from pipeline.incidental import NOISE_TYPES, predicted_l1_norm, predicted_nonzeros
+
+# One colour family per noise type; σ picks the shade within it (darker = larger σ), as in the published figure.
+_NOISE_COLORMAPS = {"bipolar": "Reds", "gaussian": "Blues", "laplace": "Greens", "student_t": "Purples"}
+
+
+def collisions_plot(table: pd.DataFrame) -> Figure:
+    """Polysemantic neurons vs m on log–log axes, one series per λ, with the n²/(4m) prediction.
+
+    table: one row per point with columns n, m, l1, instances, polysemantic_neurons (mean over instances) and
+        polysemantic_neurons_std (as from `collisions_table` or a tracking store). Error bars are the 95 %
+        Student-t confidence interval of the mean across instances. Points whose mean is 0 cannot be drawn
+        on a log axis and are left out.
+    """
+    figure = Figure(figsize=(7, 5), layout="constrained")
+    axes = figure.add_subplot()
+    for l1, group in table.sort_values("m").groupby("l1"):
+        means = group["polysemantic_neurons"].to_numpy(dtype=float)
+        halfwidth = confidence_halfwidth(group["polysemantic_neurons_std"], group["instances"])
+        halfwidth = np.nan_to_num(halfwidth)
+        lower = np.minimum(halfwidth, means * (1 - 1e-3))  # keep the lower bar above 0 on a log axis
+        keep = means > 0
+        axes.errorbar(
+            group["m"].to_numpy()[keep],
+            means[keep],
+            yerr=np.vstack([lower[keep], halfwidth[keep]]),
+            fmt="o-",
+            capsize=4,
+            label=f"λ = {l1:g} (mean, 95 % CI)",
+        )
+    for n in sorted(table["n"].unique()):
+        ms = np.geomspace(table["m"].min(), table["m"].max(), 100)
+        suffix = f" (n = {n})" if table["n"].nunique() > 1 else ""
+        axes.plot(ms, n * n / (4 * ms), "k--", label=f"prediction n²/(4m){suffix}")
+    axes.set_xscale("log", base=2)
+    axes.set_yscale("log")
+    axes.set_xlabel("hidden neurons m")
+    axes.set_ylabel("polysemantic neurons")
+    n_values = ", ".join(str(n) for n in sorted(table["n"].unique()))
+    axes.set_title(f"Incidental polysemantic neurons, n = {n_values}")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend()
+    return figure
+
+
+def _label_colors(labels: Sequence[str]) -> dict[str, Any]:
+    """Colour per label: a noise family's colormap when the label starts with a noise type, else the cycle."""
+    families: dict[str, list[str]] = {}
+    for label in labels:
+        family = label.split()[0] if label.split() else ""
+        families.setdefault(family if family in NOISE_TYPES else "", []).append(label)
+    colors: dict[str, Any] = {}
+    cycle = iter(matplotlib.rcParams["axes.prop_cycle"].by_key()["color"] * 10)
+    for family, members in families.items():
+        if family in _NOISE_COLORMAPS:
+            colormap = matplotlib.colormaps[_NOISE_COLORMAPS[family]]
+            for rank, label in enumerate(members):
+                colors[label] = colormap(0.45 + 0.5 * (rank + 1) / len(members))
+        else:
+            for label in members:
+                colors[label] = next(cycle)
+    return colors
+
+
+def fourth_norm_plot(
+    curves_by_label: Mapping[str, Mapping[str, Sequence[float]]], m: int | None = None
+) -> Figure:
+    """Mean fourth norm Σ_j W_ij⁴ over training steps for each label (log–log, as in the published figure).
+
+    curves_by_label: {label: curves} with "step" and "fourth_norm" lists (see `curves_by_label`); labels that
+        start with a noise type ("bipolar σ=0.1") are coloured by family and shaded by order.
+    m: hidden size; when given, draws the isotropic level 3/(m+2) (a random unit direction, where Gaussian noise
+        keeps the encodings) dashed and the init expectation 3/m dotted. One-hot encodings sit at 1.
+    """
+    figure = Figure(figsize=(8, 5), layout="constrained")
+    axes = figure.add_subplot()
+    colors = _label_colors(list(curves_by_label))
+    for label, curves in curves_by_label.items():
+        steps = np.asarray(curves["step"], dtype=float)
+        values = np.asarray(curves["fourth_norm"], dtype=float)
+        positive = steps > 0  # step 0 has no place on a log axis
+        axes.plot(steps[positive], values[positive], color=colors[label], label=label)
+    if m is not None:
+        axes.axhline(3 / (m + 2), color="black", linestyle="--", linewidth=1, label=f"3/(m+2), m = {m}")
+        axes.axhline(3 / m, color="grey", linestyle=":", linewidth=1, label="3/m (init expectation)")
+    axes.set_xscale("log")
+    axes.set_yscale("log")
+    axes.set_xlabel("training step")
+    axes.set_ylabel("mean fourth norm Σ_j W_ij⁴")
+    axes.set_title("Sparsification by hidden-layer noise")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize="small", ncol=2)
+    return figure
+
+
+def sparsification_plot(simulations: Sequence[Mapping[str, Any]]) -> Figure:
+    """‖w‖₁ (left) and non-zeros m′ (right) vs t on log–log axes, predictions dashed, one colour per run.
+
+    simulations: outputs of `simulate_sparsification` (they carry "m" and "l1", from which the predictions
+        1/(1/√m + λt) and its square are drawn).
+    """
+    figure = Figure(figsize=(11, 4.5), layout="constrained")
+    l1_axes, nonzeros_axes = figure.subplots(1, 2)
+    cycle = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, simulation in enumerate(simulations):
+        color = cycle[index % len(cycle)]
+        times = np.asarray(simulation["t"], dtype=float)
+        positive = times > 0
+        m, l1 = simulation["m"], simulation["l1"]
+        label = f"m = {m}, λ = {l1:g}"
+        l1_axes.plot(times[positive], np.asarray(simulation["l1_norm"])[positive], color=color, label=label)
+        l1_axes.plot(times[positive], predicted_l1_norm(m, l1, times[positive]), "--", color=color)
+        nonzeros_axes.plot(
+            times[positive], np.asarray(simulation["nonzeros"])[positive], color=color, label=label
+        )
+        nonzeros_axes.plot(times[positive], predicted_nonzeros(m, l1, times[positive]), "--", color=color)
+    for axes, name in ((l1_axes, "‖w‖₁"), (nonzeros_axes, "non-zeros m′")):
+        axes.set_xscale("log")
+        axes.set_yscale("log")
+        axes.set_xlabel("t")
+        axes.set_ylabel(name)
+        axes.grid(True, which="both", alpha=0.3)
+        axes.plot([], [], "k--", label="prediction")
+        axes.legend(fontsize="small")
+    l1_axes.set_title("‖w‖₁ vs 1/(1/√m + λt)")
+    nonzeros_axes.set_title("m′ vs ‖w‖₁² prediction")
+    nonzeros_axes.set_ylim(bottom=0.5)
+    return figure
