@@ -97,7 +97,9 @@ def _coerce(field_name: str, hint: Any, value: Any) -> Any:
             raise ConfigError(f"{field_name} must be a list; got {value!r}")
         if len(arguments) == 2 and arguments[1] is Ellipsis:
             return tuple(_coerce(field_name, arguments[0], item) for item in value)
-        return tuple(_coerce(field_name, argument, item) for argument, item in zip(arguments, value, strict=False))
+        return tuple(
+            _coerce(field_name, argument, item) for argument, item in zip(arguments, value, strict=False)
+        )
     if origin in (typing.Union, types.UnionType):
         if value is None:
             return None
@@ -116,7 +118,9 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, _prefix: str = "") -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         names = ", ".join(_prefix + name for name in unknown)
-        raise ConfigError(f"unknown config key(s): {names}; allowed: {', '.join(_prefix + n for n in fields)}")
+        raise ConfigError(
+            f"unknown config key(s): {names}; allowed: {', '.join(_prefix + n for n in fields)}"
+        )
     hints = _resolve_hints(cls)
     values = {name: _coerce(_prefix + name, hints[name], value) for name, value in data.items()}
     return cls(**values)  # type: ignore[call-arg]

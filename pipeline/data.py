@@ -11,7 +11,8 @@ from pipeline.config import DataConfig
 
 # Independent RNG streams per seed. Data depends only on the seed, so seed k of every configuration sees
 # the same data set, which is what makes a paired comparison across configurations meaningful.
-STREAMS = {"data": 0, "init": 1, "noise": 2, "sae": 3}
+# Noise has one stream per kind, so configurations sharing a seed and a noise kind share noise.
+STREAMS = {"data": 0, "init": 1, "sae": 3, "noise_bipolar": 4, "noise_positive_kurtosis": 5, "noise_gaussian": 6}
 
 
 def generator_for(seed: int, stream: str) -> torch.Generator:

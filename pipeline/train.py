@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +20,7 @@ import torch
 from pipeline import sae as sae_architectures
 from pipeline.config import AblationConfig
 from pipeline.data import Dataset, generator_for, make_dataset
-from pipeline.models import MLP, layer_dims, mlp_forward
+from pipeline.models import MLP, layer_dims, mlp_backward, mlp_forward_features
 from pipeline.models import initial_parameters as network_initial_parameters
 
 # Noise is drawn this many epochs at a time per model. Fixed (not tied to the batch) so that a model's
@@ -60,15 +60,20 @@ class BatchedAdam:
         return values.reshape(-1, *([1] * (like.dim() - 1)))
 
     @torch.no_grad()
-    def step(self, active: torch.Tensor | None = None) -> None:
+    def step(
+        self, active: torch.Tensor | None = None, gradients: Sequence[torch.Tensor] | None = None
+    ) -> None:
+        """One update. `gradients` default to each parameter's `.grad`; `active=None` means all models."""
         self.step_count += 1
         beta1, beta2 = self.betas
         bias_correction1 = 1 - beta1**self.step_count
         bias_correction2_root = math.sqrt(1 - beta2**self.step_count)
-        for parameter, first, second in zip(
-            self.parameters, self.first_moments, self.second_moments, strict=True
+        if gradients is None:
+            gradients = [parameter.grad for parameter in self.parameters]
+        step_sizes = self.lr / bias_correction1
+        for parameter, gradient, first, second in zip(
+            self.parameters, gradients, self.first_moments, self.second_moments, strict=True
         ):
-            gradient = parameter.grad
             if self.coupled_decay is not None:
                 gradient = gradient + self._per_model(self.coupled_decay, parameter) * parameter
             if active is not None:
@@ -76,8 +81,7 @@ class BatchedAdam:
             first.mul_(beta1).add_(gradient, alpha=1 - beta1)
             second.mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
             denominator = (second.sqrt() / bias_correction2_root).add_(self.eps)
-            step_size = self._per_model(self.lr / bias_correction1, parameter)
-            parameter.sub_(step_size * first / denominator)
+            parameter.sub_(self._per_model(step_sizes, parameter) * first / denominator)
 
     def zero_grad(self) -> None:
         for parameter in self.parameters:
@@ -126,9 +130,14 @@ class SeedResult:
 
 
 def pass_key(config: AblationConfig) -> tuple:
-    """Configurations with equal keys can share one batched pass."""
+    """Configurations with equal keys can share one batched pass.
+
+    The activation is part of the key: one function over the whole batch beats applying two to slices
+    and concatenating (measured in bench/engine.py).
+    """
     network = config.network
     return (
+        network.act,
         config.data,
         network.hidden_dim,
         network.hidden_layers,
@@ -161,16 +170,6 @@ def _stack(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tenso
     return torch.stack(list(tensors)).to(device).requires_grad_()
 
 
-def _activation_groups(configs: Sequence[AblationConfig]) -> list[tuple[str, int]]:
-    groups: list[tuple[str, int]] = []
-    for config in configs:
-        if groups and groups[-1][0] == config.network.act:
-            groups[-1] = (groups[-1][0], groups[-1][1] + 1)
-        else:
-            groups.append((config.network.act, 1))
-    return groups
-
-
 @dataclass
 class _PassState:
     """Bookkeeping for failures in a pass: which models are alive, and why the others stopped."""
@@ -181,6 +180,10 @@ class _PassState:
 
     def __post_init__(self) -> None:
         self.failures = [None] * self.models
+
+    @property
+    def all_alive(self) -> bool:
+        return all(failure is None for failure in self.failures)
 
     @property
     def alive(self) -> torch.Tensor:
@@ -215,37 +218,30 @@ def train_pass(
 ) -> list[SeedResult]:
     """Train one model per (configs[i], seeds[i]) in a single batched pass; results in input order.
 
-    All configs must share `pass_key`. Random draws always happen on the CPU from per-model generators
-    and are then moved to `device`, so a seed's data, init and noise are the same on every device.
-    Returns a SeedResult per model with `network`, `sae` and
-    `curves` set (metrics are computed by `pipeline.evaluation`).
+    All configs must share `pass_key`. Random draws always happen on the CPU from per-seed generators and
+    are then moved to `device`, so a seed's data, init and noise are the same on every device. Returns a
+    SeedResult per model with `network`, `sae` and `curves` set (metrics come from `pipeline.evaluation`).
     """
     if len(configs) != len(seeds) or not configs:
         raise ValueError("train_pass needs one seed per config and at least one model")
-    keys = {pass_key(config) for config in configs}
-    if len(keys) != 1:
-        raise ValueError("configs in one pass must share data, widths, depth, epochs and SAE settings")
+    if len({pass_key(config) for config in configs}) != 1:
+        raise ValueError(
+            "configs in one pass must share activation, data, widths, depth, epochs and SAE settings"
+        )
     started = time.perf_counter()
-    # Group models by activation so each activation applies to one contiguous slice.
-    order = sorted(range(len(configs)), key=lambda index: configs[index].network.act)
-    configs = [configs[index] for index in order]
-    seeds = [seeds[index] for index in order]
-    models = len(configs)
     first = configs[0]
     datasets_by_seed: dict[int, Dataset] = {
         seed: make_dataset(first.data, seed) for seed in dict.fromkeys(seeds)
     }
     datasets = [datasets_by_seed[seed] for seed in seeds]
-
     device = resolve_device(device) if isinstance(device, str) else device
-    network_curves, network, state = _train_networks(configs, seeds, datasets, progress, device)
-    sae_curves, sae_parameters, standardizations = _train_saes(
-        configs, seeds, datasets, network, state, progress, device
+    state = _PassState(len(configs), device)
+    network_curves, weights, biases = _train_networks(configs, seeds, datasets, state, progress, device)
+    sae_curves, sae_parameters, (means, stds) = _train_saes(
+        configs, seeds, datasets, weights, biases, state, progress, device
     )
-
-    elapsed = (time.perf_counter() - started) / models
+    elapsed = (time.perf_counter() - started) / len(configs)
     results: list[SeedResult] = []
-    weights, biases = network
     for index, (config, seed) in enumerate(zip(configs, seeds, strict=True)):
         result = SeedResult(config=config, seed=seed, failure=state.failures[index], wall_seconds=elapsed)
         result.curves = {
@@ -254,19 +250,16 @@ def train_pass(
         }
         if result.finished:
             result.network = MLP.from_parameters(
-                [weight[index].detach().cpu() for weight in weights],
-                [bias[index].detach().cpu() for bias in biases],
+                [weight[index].cpu() for weight in weights],
+                [bias[index].cpu() for bias in biases],
                 config.network.act,
             )
-            mean, std = standardizations[0][index].cpu(), standardizations[1][index].cpu()
             one_sae = {name: value[index].detach().cpu() for name, value in sae_parameters.items()}
-            result.sae = sae_architectures.SparseAutoencoder(config.sae, one_sae, mean, std)
+            result.sae = sae_architectures.SparseAutoencoder(
+                config.sae, one_sae, means[index].cpu(), stds[index].cpu()
+            )
         results.append(result)
-    # Back to input order.
-    restored: list[SeedResult | None] = [None] * models
-    for position, index in enumerate(order):
-        restored[index] = results[position]
-    return restored  # type: ignore[return-value]
+    return results
 
 
 def _curve_slice(curves: dict[str, list], index: int) -> dict[str, list[float]]:
@@ -276,23 +269,68 @@ def _curve_slice(curves: dict[str, list], index: int) -> dict[str, list[float]]:
     }
 
 
-def _per_model_tensor(values: Sequence[float], device: torch.device) -> torch.Tensor:
+def _per_model_tensor(values: Iterable[float], device: torch.device) -> torch.Tensor:
     return torch.tensor(list(values), dtype=torch.float32, device=device)
 
 
-def _train_networks(configs, seeds, datasets, progress, device):
+class _NoiseSource:
+    """Last-hidden-layer noise for a pass, drawn NOISE_CHUNK_EPOCHS at a time.
+
+    Unit noise is drawn once per (seed, noise kind) from that pair's own generator and scaled by each
+    model's σ. Configurations that share a seed and a noise kind therefore see the same noise (common
+    random numbers, which sharpen paired comparisons), a seed's noise does not depend on what else is in
+    the pass, and a pass of 8 configurations draws 2 streams per seed instead of 8.
+    """
+
+    def __init__(self, configs, seeds, shape: tuple[int, int], epochs: int, device: torch.device) -> None:
+        self.shape, self.epochs, self.device = shape, epochs, device
+        keys = [(seed, config.network.noise) for config, seed in zip(configs, seeds, strict=True)]
+        noisy = [key for key in dict.fromkeys(keys) if key[1] != "none"]
+        self.enabled = bool(noisy)
+        self.streams = {key: generator_for(key[0], f"noise_{key[1]}") for key in noisy}
+        self.stream_order = list(self.streams)
+        position = {key: index for index, key in enumerate(self.stream_order)}
+        # Models without noise point at stream 0 with σ = 0.
+        self.model_stream = torch.tensor([position.get(key, 0) for key in keys], device=device)
+        sigmas = [config.network.sigma if config.network.noise != "none" else 0.0 for config in configs]
+        self.sigma = _per_model_tensor(sigmas, device).reshape(-1, 1, 1)
+        self.chunk: torch.Tensor | None = None
+
+    def for_epoch(self, epoch: int) -> torch.Tensor | None:
+        """Noise `[model, hidden, sample]` for this epoch (None when no model is noisy)."""
+        if not self.enabled:
+            return None
+        position = epoch % NOISE_CHUNK_EPOCHS
+        if position == 0:
+            count = min(NOISE_CHUNK_EPOCHS, self.epochs - epoch)
+            draws = [
+                draw_noise(kind, 1.0, (count, *self.shape), self.streams[(seed, kind)])
+                for seed, kind in self.stream_order
+            ]
+            self.chunk = torch.stack(draws, dim=1).to(self.device)  # [epoch, stream, hidden, sample]
+        return self.chunk[position].index_select(0, self.model_stream).mul_(self.sigma)
+
+
+def _stack_features(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Per-model `[sample, feature]` tensors → feature-major `[model, feature, sample]`."""
+    return torch.stack(list(tensors)).transpose(1, 2).contiguous().to(device)
+
+
+@torch.no_grad()
+def _train_networks(configs, seeds, datasets, state: _PassState, progress, device):
+    """Full-batch Adam on every model at once, with the hand-written backward of `mlp_backward`."""
     first = configs[0]
-    models = len(configs)
+    activation = first.network.act
     dims = layer_dims(first.data.features, first.network.hidden_dim, first.network.hidden_layers)
     initial = [
         network_initial_parameters(config.network.init, dims, generator_for(seed, "init"))
         for config, seed in zip(configs, seeds, strict=True)
     ]
-    weights = [_stack([model[0][layer] for model in initial], device) for layer in range(len(dims) - 1)]
-    biases = [_stack([model[1][layer] for model in initial], device) for layer in range(len(dims) - 1)]
-    parameters = weights + biases
+    layers = len(dims) - 1
+    weights = [torch.stack([model[0][layer] for model in initial]).to(device) for layer in range(layers)]
+    biases = [torch.stack([model[1][layer] for model in initial]).to(device) for layer in range(layers)]
 
-    def coefficient(reg: str, form: str | None = None) -> torch.Tensor:
+    def strength(reg: str, form: str | None = None) -> torch.Tensor:
         return _per_model_tensor(
             (
                 config.network.lambda_reg
@@ -301,92 +339,83 @@ def _train_networks(configs, seeds, datasets, progress, device):
                 for config in configs
             ),
             device,
-        )
+        ).reshape(-1, 1, 1)
 
-    l1_strength = coefficient("l1")
-    l2_penalty_strength = coefficient("l2", "penalty")
+    l1_strength, l2_penalty_strength, decay = (
+        strength("l1"),
+        strength("l2", "penalty"),
+        strength("l2", "decay"),
+    )
+    use_l1, use_l2_penalty = bool(l1_strength.any()), bool(l2_penalty_strength.any())
     optimizer = BatchedAdam(
-        parameters,
+        weights + biases,
         lr=_per_model_tensor((config.network.lr for config in configs), device),
-        coupled_decay=coefficient("l2", "decay") if any(c.network.reg == "l2" for c in configs) else None,
+        coupled_decay=decay.flatten() if bool(decay.any()) else None,
     )
-    use_l1 = bool((l1_strength > 0).any())
-    use_l2_penalty = bool((l2_penalty_strength > 0).any())
-
-    train_inputs = torch.stack([dataset.train_inputs for dataset in datasets]).to(device)
-    train_targets = torch.stack([dataset.train_targets for dataset in datasets]).to(device)
-    validation_inputs = torch.stack([dataset.validation_inputs for dataset in datasets]).to(device)
-    validation_targets = torch.stack([dataset.validation_targets for dataset in datasets]).to(device)
-    activation_groups = _activation_groups(configs)
-    noise_generators = [generator_for(seed, "noise") for seed in seeds]
-    noisy_models = [index for index, config in enumerate(configs) if config.network.noise != "none"]
-    noise_shape = (train_inputs.shape[1], first.network.hidden_dim)
-    noise_buffer = (
-        torch.zeros(NOISE_CHUNK_EPOCHS, models, *noise_shape, device=device) if noisy_models else None
-    )
-
-    state = _PassState(models, device)
-    curves: dict[str, list] = {"epoch": [], "train_mse": [], "val_mse": []}
+    train_inputs = _stack_features([dataset.train_inputs for dataset in datasets], device)
+    train_targets = _stack_features([dataset.train_targets for dataset in datasets], device)
+    validation_inputs = _stack_features([dataset.validation_inputs for dataset in datasets], device)
+    validation_targets = _stack_features([dataset.validation_targets for dataset in datasets], device)
     epochs = first.network.epochs
+    noise = _NoiseSource(configs, seeds, (first.network.hidden_dim, train_inputs.shape[2]), epochs, device)
+    # MSE = mean over [feature, sample] per model, so ∂MSE/∂output = 2·(output − target)/count.
+    output_scale = 2.0 / (train_targets.shape[1] * train_targets.shape[2])
+    curves: dict[str, list] = {"epoch": [], "train_mse": [], "val_mse": []}
 
-    def record(epoch: int) -> None:
-        with torch.no_grad():
-            train_outputs, _ = mlp_forward(train_inputs, weights, biases, activation_groups)
-            validation_outputs, _ = mlp_forward(validation_inputs, weights, biases, activation_groups)
-            curves["epoch"].append(epoch)
-            curves["train_mse"].append(((train_outputs - train_targets) ** 2).mean(dim=(1, 2)).tolist())
-            curves["val_mse"].append(
-                ((validation_outputs - validation_targets) ** 2).mean(dim=(1, 2)).tolist()
-            )
+    def mse(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        outputs, _ = mlp_forward_features(inputs, weights, biases, activation)
+        return (outputs - targets).square().mean(dim=(1, 2))
 
+    alive = state.alive
     for epoch in range(epochs):
-        chunk_position = epoch % NOISE_CHUNK_EPOCHS
-        if noise_buffer is not None and chunk_position == 0:
-            chunk = min(NOISE_CHUNK_EPOCHS, epochs - epoch)
-            for index in noisy_models:
-                network = configs[index].network
-                noise_buffer[:chunk, index] = draw_noise(
-                    network.noise, network.sigma, (chunk, *noise_shape), noise_generators[index]
-                )
-        noise = noise_buffer[chunk_position] if noise_buffer is not None else None
-        outputs, _ = mlp_forward(train_inputs, weights, biases, activation_groups, noise)
-        losses = ((outputs - train_targets) ** 2).mean(dim=(1, 2))
+        outputs, trace = mlp_forward_features(
+            train_inputs, weights, biases, activation, noise.for_epoch(epoch)
+        )
+        residual = outputs - train_targets
+        losses = residual.square().mean(dim=(1, 2))
         if use_l1:
-            losses = losses + l1_strength * sum(weight.abs().sum(dim=(1, 2)) for weight in weights)
+            losses = losses + l1_strength.flatten() * sum(weight.abs().sum(dim=(1, 2)) for weight in weights)
         if use_l2_penalty:
-            losses = losses + l2_penalty_strength * sum(weight.square().sum(dim=(1, 2)) for weight in weights)
+            losses = losses + l2_penalty_strength.flatten() * sum(
+                weight.square().sum(dim=(1, 2)) for weight in weights
+            )
         newly_failed = state.check(losses, "network", epoch)
-        alive = state.alive
-        optimizer.zero_grad()
-        torch.where(alive, losses, 0.0).sum().backward()
-        optimizer.step(alive)
         if newly_failed:
-            _freeze_failed(parameters, alive)
+            alive = state.alive
+        weight_gradients, bias_gradients = mlp_backward(
+            residual.mul_(output_scale), weights, trace, activation
+        )
+        for weight, gradient in zip(weights, weight_gradients, strict=True):
+            if use_l1:
+                gradient.add_(l1_strength * weight.sign())
+            if use_l2_penalty:
+                gradient.add_(2 * l2_penalty_strength * weight)
+        optimizer.step(None if state.all_alive else alive, weight_gradients + bias_gradients)
+        if newly_failed:
+            _freeze_failed(weights + biases, alive)
         if (epoch + 1) % first.curve_every == 0 or epoch + 1 == epochs:
-            record(epoch + 1)
+            curves["epoch"].append(epoch + 1)
+            curves["train_mse"].append(mse(train_inputs, train_targets).tolist())
+            curves["val_mse"].append(mse(validation_inputs, validation_targets).tolist())
         if progress is not None:
             progress(1)
     # A model can blow up on its very last step; check the trained parameters once more.
-    with torch.no_grad():
-        outputs, _ = mlp_forward(train_inputs, weights, biases, activation_groups)
-        if state.check(((outputs - train_targets) ** 2).mean(dim=(1, 2)), "network", epochs):
-            _freeze_failed(parameters, state.alive)
-    return curves, (weights, biases), state
+    if state.check(mse(train_inputs, train_targets), "network", epochs):
+        _freeze_failed(weights + biases, state.alive)
+    return curves, weights, biases
 
 
-def _train_saes(configs, seeds, datasets, network, state: _PassState, progress, device):
+def _train_saes(configs, seeds, datasets, weights, biases, state: _PassState, progress, device):
+    """The SAE of every model on its network's clean last hidden layer (train split), standardized."""
     first = configs[0]
     sae_config = first.sae
     architecture = sae_architectures.architecture(sae_config.architecture)
-    weights, biases = network
-    activation_groups = _activation_groups(configs)
     with torch.no_grad():
-        train_inputs = torch.stack([dataset.train_inputs for dataset in datasets]).to(device)
-        _, hidden = mlp_forward(
-            train_inputs, [w.detach() for w in weights], [b.detach() for b in biases], activation_groups
-        )
+        train_inputs = _stack_features([dataset.train_inputs for dataset in datasets], device)
+        _, trace = mlp_forward_features(train_inputs, weights, biases, first.network.act)
+        hidden = trace.inputs[-1].transpose(1, 2)  # [model, sample, hidden]: the SAE code is sample-major
         mean, std = sae_architectures.standardization(hidden)
-        standardized = (hidden - mean.unsqueeze(-2)) / std.unsqueeze(-2)
+        standardized = ((hidden - mean.unsqueeze(-2)) / std.unsqueeze(-2)).contiguous()
     hidden_dim = hidden.shape[-1]
     initial = [
         architecture.initial_parameters(hidden_dim, sae_config.d_sae, sae_config, generator_for(seed, "sae"))
@@ -397,17 +426,19 @@ def _train_saes(configs, seeds, datasets, network, state: _PassState, progress, 
         list(parameters.values()), lr=_per_model_tensor((c.sae.lr for c in configs), device)
     )
     curves: dict[str, list] = {"epoch": [], "sae_loss": [], "sae_l0": [], "sae_dead_fraction": []}
+    alive = state.alive
     for epoch in range(sae_config.epochs):
         latents = architecture.encode(parameters, standardized, sae_config)
         reconstruction = architecture.decode(parameters, latents)
-        losses = ((reconstruction - standardized) ** 2).mean(dim=(1, 2)) + architecture.sparsity_penalty(
+        losses = (reconstruction - standardized).square().mean(dim=(1, 2)) + architecture.sparsity_penalty(
             parameters, latents, sae_config
         )
         newly_failed = state.check(losses, "sae", epoch)
-        alive = state.alive
+        if newly_failed:
+            alive = state.alive
         optimizer.zero_grad()
-        torch.where(alive, losses, 0.0).sum().backward()
-        optimizer.step(alive)
+        (losses if state.all_alive else torch.where(alive, losses, 0.0)).sum().backward()
+        optimizer.step(None if state.all_alive else alive)
         if newly_failed:
             _freeze_failed(list(parameters.values()), alive)
         if (epoch + 1) % first.curve_every == 0 or epoch + 1 == sae_config.epochs:

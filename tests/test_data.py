@@ -17,7 +17,7 @@ def test_split_sizes_and_determinism():
 
 def test_streams_are_independent():
     a = torch.rand(5, generator=generator_for(0, "data"))
-    b = torch.rand(5, generator=generator_for(0, "noise"))
+    b = torch.rand(5, generator=generator_for(0, "noise_bipolar"))
     c = torch.rand(5, generator=generator_for(1, "data"))
     assert not torch.equal(a, b) and not torch.equal(a, c)
 

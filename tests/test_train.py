@@ -8,7 +8,14 @@ from pipeline.config import AblationConfig
 from pipeline.data import make_dataset
 from pipeline.evaluation import METRIC_NAMES, checkpoint, evaluate_seed, reevaluate
 from pipeline.experiments.taming import run_ablation, run_ablations
-from pipeline.models import MLP, initial_parameters, layer_dims, mlp_forward
+from pipeline.models import (
+    MLP,
+    initial_parameters,
+    layer_dims,
+    mlp_backward,
+    mlp_forward,
+    mlp_forward_features,
+)
 from pipeline.train import BatchedAdam, draw_noise, train_pass
 from tests.conftest import tiny_config, with_network
 
@@ -56,19 +63,51 @@ def test_noise_distributions():
 def test_initializations():
     dims = layer_dims(8, 12, 4)
     weights, biases = initial_parameters("random", dims, torch.Generator().manual_seed(0))
-    assert [tuple(w.shape) for w in weights] == [(8, 12), (12, 12), (12, 12), (12, 12), (12, 8)]
+    assert [tuple(w.shape) for w in weights] == [(12, 8), (12, 12), (12, 12), (12, 12), (8, 12)]
     for weight, bias in zip(weights, biases, strict=True):
-        bound = 1 / math.sqrt(weight.shape[0])
+        bound = 1 / math.sqrt(weight.shape[1])
         assert weight.abs().max() <= bound and bias.abs().max() <= bound
     weights, biases = initial_parameters("orthogonal", dims, torch.Generator().manual_seed(0))
-    square = weights[1].t()  # nn.Linear layout [out, in], orthogonal with gain √2
+    square = weights[1]  # nn.Linear layout [out, in], orthogonal with gain √2
     assert torch.allclose(square @ square.t(), 2 * torch.eye(12), atol=1e-5)
     assert all(torch.equal(bias, torch.zeros_like(bias)) for bias in biases)
 
 
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_hand_written_backward_matches_autograd(activation):
+    generator = torch.Generator().manual_seed(0)
+    dims = layer_dims(5, 7, 3)
+    weights = [
+        torch.randn(2, d_out, d_in, generator=generator)
+        for d_in, d_out in zip(dims[:-1], dims[1:], strict=True)
+    ]
+    biases = [torch.randn(2, d_out, generator=generator) for d_out in dims[1:]]
+    inputs = torch.randn(2, 5, 11, generator=generator)
+    targets = torch.randn(2, 5, 11, generator=generator)
+    noise = torch.randn(2, 7, 11, generator=generator)
+    leaves = [tensor.clone().requires_grad_() for tensor in weights + biases]
+    outputs, _ = mlp_forward_features(inputs, leaves[:4], leaves[4:], activation, noise)
+    ((outputs - targets) ** 2).mean(dim=(1, 2)).sum().backward()
+    outputs, trace = mlp_forward_features(inputs, weights, biases, activation, noise)
+    gradient = 2 * (outputs - targets) / (5 * 11)
+    weight_gradients, bias_gradients = mlp_backward(gradient, weights, trace, activation)
+    for mine, leaf in zip(weight_gradients + bias_gradients, leaves, strict=True):
+        assert torch.allclose(mine, leaf.grad, atol=1e-5)
+
+
+def test_configs_sharing_a_seed_and_noise_kind_share_noise():
+    # With σ = 0 for one config the only difference between two configs is σ, so noise must scale exactly.
+    low, high = tiny_config(sigma=0.05), tiny_config(sigma=0.1)
+    from pipeline.train import _NoiseSource
+
+    source = _NoiseSource([low, high, low], [0, 0, 1], (12, 5), 3, torch.device("cpu"))
+    first = source.for_epoch(0)
+    assert torch.allclose(first[1], 2 * first[0]) and not torch.allclose(first[2], first[0])
+
+
 def _two_configs():
     first = tiny_config()
-    second = tiny_config(init="orthogonal", noise="positive_kurtosis", reg="l2", act="gelu")
+    second = tiny_config(init="orthogonal", noise="positive_kurtosis", reg="l2", sigma=0.2)
     return first, second
 
 
@@ -95,9 +134,10 @@ def test_exported_module_matches_batched_forward():
     assert isinstance(result.network, MLP)
     dataset = make_dataset(config.data, 0)
     state = result.network.state_dict()
-    weights = [state[f"layers.{layer}.weight"].t() for layer in range(5)]
-    biases = [state[f"layers.{layer}.bias"] for layer in range(5)]
-    expected, hidden = mlp_forward(dataset.train_inputs, weights, biases, [("gelu", 1)])
+    weights = [state[f"layers.{layer}.weight"].unsqueeze(0) for layer in range(5)]
+    biases = [state[f"layers.{layer}.bias"].unsqueeze(0) for layer in range(5)]
+    expected, hidden = mlp_forward(dataset.train_inputs.unsqueeze(0), weights, biases, "gelu")
+    expected, hidden = expected[0], hidden[0]
     outputs, module_hidden = result.network.forward_with_hidden(dataset.train_inputs)
     assert torch.allclose(outputs, expected, atol=1e-6) and torch.allclose(module_hidden, hidden, atol=1e-6)
     reconstruction, latents = result.sae(hidden)
@@ -173,7 +213,7 @@ def test_regularization_forms_change_training():
 def test_pass_rejects_incompatible_configs():
     config = tiny_config()
     other = dataclasses.replace(config, sae=dataclasses.replace(config.sae, d_sae=8))
-    with pytest.raises(ValueError, match="share data, widths"):
+    with pytest.raises(ValueError, match="share activation, data, widths"):
         train_pass([config, other], [0, 0])
 
 
