@@ -12,13 +12,25 @@ from pipeline.config import DataConfig
 # Independent RNG streams per seed. Data depends only on the seed, so seed k of every configuration sees
 # the same data set, which is what makes a paired comparison across configurations meaningful.
 # Noise has one stream per kind, so configurations sharing a seed and a noise kind share noise.
-STREAMS = {"data": 0, "init": 1, "sae": 3, "noise_bipolar": 4, "noise_positive_kurtosis": 5, "noise_gaussian": 6}
+STREAMS = {
+    "data": 0,
+    "init": 1,
+    "sae": 3,
+    "noise_bipolar": 4,
+    "noise_positive_kurtosis": 5,
+    "noise_gaussian": 6,
+}
 
 
 def generator_for(seed: int, stream: str) -> torch.Generator:
     """A torch.Generator for one (seed, stream) pair; streams never overlap, whatever the seed."""
     state = np.random.SeedSequence([seed, STREAMS[stream]]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
+
+
+def numpy_generator_for(seed: int, stream: str) -> np.random.Generator:
+    """A numpy Generator (PCG64) for one (seed, stream) pair, for draws where numpy is the faster sampler."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, STREAMS[stream]])))
 
 
 @dataclass(frozen=True)

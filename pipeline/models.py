@@ -54,6 +54,40 @@ def initial_parameters(
     return weights, biases
 
 
+Activation = str | Sequence[tuple[str, int, int]]
+
+
+def activation_runs(activation: Activation, models: int) -> list[tuple[str, int, int]]:
+    """Normalise to contiguous (name, first model, end model) runs: "relu" → [("relu", 0, models)]."""
+    if isinstance(activation, str):
+        return [(activation, 0, models)]
+    return list(activation)
+
+
+def runs_of(names: Sequence[str]) -> list[tuple[str, int, int]]:
+    """Contiguous runs of equal names: ["relu", "relu", "gelu"] → [("relu", 0, 2), ("gelu", 2, 3)]."""
+    runs: list[tuple[str, int, int]] = []
+    for index, name in enumerate(names):
+        if runs and runs[-1][0] == name:
+            runs[-1] = (name, runs[-1][1], index + 1)
+        else:
+            runs.append((name, index, index + 1))
+    return runs
+
+
+def _activate(pre: torch.Tensor, runs: Sequence[tuple[str, int, int]]) -> torch.Tensor:
+    # Several activations in one pass write their slices into one buffer (no concatenation copy).
+    if len(runs) == 1:
+        return ACTIVATION_FUNCTIONS[runs[0][0]](pre)
+    out = torch.empty_like(pre)
+    for name, start, stop in runs:
+        if name == "relu":
+            torch.clamp_min(pre[start:stop], 0.0, out=out[start:stop])
+        else:
+            torch.ops.aten.gelu.out(pre[start:stop], out=out[start:stop])
+    return out
+
+
 @dataclass
 class ForwardTrace:
     """What the hand-written backward needs: the layer inputs and the hidden pre-activations.
@@ -70,21 +104,21 @@ def mlp_forward_features(
     inputs: torch.Tensor,
     weights: Sequence[torch.Tensor],
     biases: Sequence[torch.Tensor],
-    activation: str,
+    activation: Activation,
     last_hidden_noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ForwardTrace]:
     """Feature-major batched forward: inputs `[model, feature, sample]` → outputs `[model, feature, sample]`.
 
     Noise `[model, hidden, sample]` is added to the last hidden activation, the input of the final linear
-    layer (SCIENCE.md §1.2).
+    layer (SCIENCE.md §1.2). `activation` is one name, or (name, start, stop) runs over the models.
     """
-    function = ACTIVATION_FUNCTIONS[activation]
+    runs = activation_runs(activation, inputs.shape[0])
     trace = ForwardTrace(inputs=[inputs], pre_activations=[])
     hidden = inputs
     for weight, bias in zip(weights[:-1], biases[:-1], strict=True):
         pre = torch.baddbmm(bias.unsqueeze(-1), weight, hidden)
         trace.pre_activations.append(pre)
-        hidden = function(pre)
+        hidden = _activate(pre, runs)
         trace.inputs.append(hidden)
     if last_hidden_noise is not None:
         hidden = hidden + last_hidden_noise
@@ -92,23 +126,38 @@ def mlp_forward_features(
     return torch.baddbmm(biases[-1].unsqueeze(-1), weights[-1], hidden), trace
 
 
-def _activation_backward(gradient: torch.Tensor, pre: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "relu":
-        return torch.ops.aten.threshold_backward(gradient, pre, 0.0)
-    return torch.ops.aten.gelu_backward(gradient, pre)
+def _activation_backward(
+    gradient: torch.Tensor, pre: torch.Tensor, runs: Sequence[tuple[str, int, int]]
+) -> torch.Tensor:
+    if len(runs) == 1:
+        if runs[0][0] == "relu":
+            return torch.ops.aten.threshold_backward(gradient, pre, 0.0)
+        return torch.ops.aten.gelu_backward(gradient, pre)
+    out = torch.empty_like(gradient)
+    for name, start, stop in runs:
+        if name == "relu":
+            torch.ops.aten.threshold_backward.grad_input(
+                gradient[start:stop], pre[start:stop], 0.0, grad_input=out[start:stop]
+            )
+        else:
+            torch.ops.aten.gelu_backward.grad_input(
+                gradient[start:stop], pre[start:stop], approximate="none", grad_input=out[start:stop]
+            )
+    return out
 
 
 def mlp_backward(
     output_gradient: torch.Tensor,
     weights: Sequence[torch.Tensor],
     trace: ForwardTrace,
-    activation: str,
+    activation: Activation,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Gradients of a loss w.r.t. every weight `[model, d_out, d_in]` and bias `[model, d_out]`.
 
     `output_gradient: [model, feature, sample]` is ∂loss/∂outputs. Backpropagation through
     h_{l+1} = act(W_l h_l + b_l): ∂W_l = δ_l h_lᵀ, ∂b_l = Σ_samples δ_l, δ_{l−1} = act'(pre_{l−1}) ⊙ W_lᵀ δ_l.
     """
+    runs = activation_runs(activation, output_gradient.shape[0])
     layers = len(weights)
     weight_gradients: list[torch.Tensor] = [None] * layers  # type: ignore[list-item]
     bias_gradients: list[torch.Tensor] = [None] * layers  # type: ignore[list-item]
@@ -118,7 +167,7 @@ def mlp_backward(
         bias_gradients[layer] = delta.sum(dim=-1)
         if layer > 0:
             delta = _activation_backward(
-                torch.bmm(weights[layer].transpose(1, 2), delta), trace.pre_activations[layer - 1], activation
+                torch.bmm(weights[layer].transpose(1, 2), delta), trace.pre_activations[layer - 1], runs
             )
     return weight_gradients, bias_gradients
 
@@ -127,7 +176,7 @@ def mlp_forward(
     inputs: torch.Tensor,
     weights: Sequence[torch.Tensor],
     biases: Sequence[torch.Tensor],
-    activation: str,
+    activation: Activation,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample-major convenience wrapper: inputs `[model, sample, feature]` → (outputs, last hidden), both
     sample-major, clean (no noise)."""

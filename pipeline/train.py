@@ -15,12 +15,13 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from pipeline import sae as sae_architectures
 from pipeline.config import AblationConfig
-from pipeline.data import Dataset, generator_for, make_dataset
-from pipeline.models import MLP, layer_dims, mlp_backward, mlp_forward_features
+from pipeline.data import Dataset, generator_for, make_dataset, numpy_generator_for
+from pipeline.models import MLP, layer_dims, mlp_backward, mlp_forward_features, runs_of
 from pipeline.models import initial_parameters as network_initial_parameters
 
 # Noise is drawn this many epochs at a time per model. Fixed (not tied to the batch) so that a model's
@@ -63,49 +64,94 @@ class BatchedAdam:
     def step(
         self, active: torch.Tensor | None = None, gradients: Sequence[torch.Tensor] | None = None
     ) -> None:
-        """One update. `gradients` default to each parameter's `.grad`; `active=None` means all models."""
+        """One update. `gradients` default to each parameter's `.grad`; `active=None` means all models.
+
+        Written with torch's `_foreach_*` kernels: one call per formula term for all parameters, which
+        measured several times faster than a Python loop over ten small tensors.
+        """
         self.step_count += 1
         beta1, beta2 = self.betas
         bias_correction1 = 1 - beta1**self.step_count
         bias_correction2_root = math.sqrt(1 - beta2**self.step_count)
+        parameters = self.parameters
         if gradients is None:
-            gradients = [parameter.grad for parameter in self.parameters]
+            gradients = [parameter.grad for parameter in parameters]
+        gradients = list(gradients)
+        if self.coupled_decay is not None:
+            decays = [self._per_model(self.coupled_decay, parameter) for parameter in parameters]
+            gradients = torch._foreach_add(gradients, torch._foreach_mul(parameters, decays))
+        if active is not None:
+            gradients = [
+                torch.where(self._per_model(active, gradient), gradient, 0.0) for gradient in gradients
+            ]
+        torch._foreach_mul_(self.first_moments, beta1)
+        torch._foreach_add_(self.first_moments, gradients, alpha=1 - beta1)
+        torch._foreach_mul_(self.second_moments, beta2)
+        torch._foreach_addcmul_(self.second_moments, gradients, gradients, value=1 - beta2)
+        denominators = torch._foreach_sqrt(self.second_moments)
+        torch._foreach_div_(denominators, bias_correction2_root)
+        torch._foreach_add_(denominators, self.eps)
+        updates = torch._foreach_div(self.first_moments, denominators)
         step_sizes = self.lr / bias_correction1
-        for parameter, gradient, first, second in zip(
-            self.parameters, gradients, self.first_moments, self.second_moments, strict=True
-        ):
-            if self.coupled_decay is not None:
-                gradient = gradient + self._per_model(self.coupled_decay, parameter) * parameter
-            if active is not None:
-                gradient = torch.where(self._per_model(active, parameter), gradient, 0.0)
-            first.mul_(beta1).add_(gradient, alpha=1 - beta1)
-            second.mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
-            denominator = (second.sqrt() / bias_correction2_root).add_(self.eps)
-            parameter.sub_(self._per_model(step_sizes, parameter) * first / denominator)
+        torch._foreach_mul_(updates, [self._per_model(step_sizes, parameter) for parameter in parameters])
+        torch._foreach_sub_(parameters, updates)
 
     def zero_grad(self) -> None:
         for parameter in self.parameters:
             parameter.grad = None
 
 
-def draw_noise(kind: str, sigma: float, shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
-    """Noise for the last hidden layer, `shape`, each element fresh.
+def _student_t3_unit(count: int, generator: np.random.Generator) -> np.ndarray:
+    """`count` float32 draws of t₃/√3 (Student-t, 3 degrees of freedom, scaled to unit variance).
 
-    bipolar: ±σ with probability ½ each (excess kurtosis −2).
-    gaussian: N(0, σ²) (excess kurtosis 0).
-    positive_kurtosis: Student-t with 3 degrees of freedom times σ/√3, so its std is σ (heavy tails,
-        infinite kurtosis). Built as Z/√(V/3) with V = Z₁² + Z₂² + Z₃² ~ χ²₃ from standard normals, so it
-        needs only `generator`-driven draws (torch's Gamma sampler takes no generator).
+    Bailey's polar method (Math. Comp. 62, 1994): for (U, V) uniform on the unit disc and W = U² + V²,
+    T = U·√(ν(W^(−2/ν) − 1)/W) is exactly t_ν. About 2.5 uniforms per draw, measured 1.7× faster than
+    Z/√(χ²₃/3) from four normals. Candidates come in blocks and accepted ones are kept in order, so the
+    result depends only on `generator`.
     """
+    nu = 3.0
+    kept: list[np.ndarray] = []
+    needed = count
+    while needed > 0:
+        candidates = int(needed * 1.3) + 64  # acceptance π/4 ≈ 0.785
+        pairs = generator.random((2, candidates), dtype=np.float32) * 2 - 1
+        radius = pairs[0] * pairs[0] + pairs[1] * pairs[1]
+        accepted = (radius < 1) & (radius > 0)
+        u, w = pairs[0][accepted][:needed], radius[accepted][:needed]
+        kept.append(u * np.sqrt(nu * (w ** (-2 / nu) - 1) / w))
+        needed -= u.size
+    values = kept[0] if len(kept) == 1 else np.concatenate(kept)
+    return values / np.float32(math.sqrt(nu))
+
+
+def fill_unit_noise(kind: str, out: torch.Tensor, generator: np.random.Generator) -> torch.Tensor:
+    """Fill the CPU tensor `out` with unit-scale noise of `kind` (times σ for the study's noise).
+
+    bipolar: ±1 with probability ½ each (excess kurtosis −2, the minimum), one random bit per element.
+    gaussian: N(0, 1) (excess kurtosis 0).
+    positive_kurtosis: Student-t with 3 degrees of freedom divided by √3 (unit variance, heavy tails,
+        infinite kurtosis), as published: Student-t(3)·σ/√3.
+    Draws come from a numpy Generator: its bit-level output makes bipolar noise ~15× cheaper than
+    torch's uniform sampler, and noise drawing was the largest cost after the matrix products.
+    """
+    flat = out.numpy().reshape(-1)
+    count = flat.size
     if kind == "bipolar":
-        return (torch.rand(shape, generator=generator) < 0.5).to(torch.float32).mul_(2 * sigma).sub_(sigma)
-    if kind == "gaussian":
-        return torch.randn(shape, generator=generator).mul_(sigma)
-    if kind == "positive_kurtosis":
-        numerator = torch.randn(shape, generator=generator)
-        chi_square = torch.randn((3, *shape), generator=generator).square_().sum(dim=0)
-        return numerator.mul_(sigma).div_(chi_square.sqrt_())
-    raise ValueError(f"noise must be one of bipolar, gaussian, positive_kurtosis; got {kind!r}")
+        bits = np.unpackbits(generator.integers(0, 256, (count + 7) // 8, dtype=np.uint8))[:count]
+        np.multiply(bits, 2, out=flat, casting="unsafe")
+        flat -= 1
+    elif kind == "gaussian":
+        generator.standard_normal(dtype=np.float32, out=flat)
+    elif kind == "positive_kurtosis":
+        flat[:] = _student_t3_unit(count, generator)
+    else:
+        raise ValueError(f"noise must be one of bipolar, gaussian, positive_kurtosis; got {kind!r}")
+    return out
+
+
+def draw_noise(kind: str, sigma: float, shape: Sequence[int], generator: np.random.Generator) -> torch.Tensor:
+    """A fresh tensor of noise `kind` with scale σ (see `fill_unit_noise`)."""
+    return fill_unit_noise(kind, torch.empty(tuple(shape)), generator).mul_(sigma)
 
 
 @dataclass
@@ -130,14 +176,10 @@ class SeedResult:
 
 
 def pass_key(config: AblationConfig) -> tuple:
-    """Configurations with equal keys can share one batched pass.
-
-    The activation is part of the key: one function over the whole batch beats applying two to slices
-    and concatenating (measured in bench/engine.py).
-    """
+    """Configurations with equal keys can share one batched pass (they may differ in the four factors,
+    σ, λ, the L2 form and the learning rate)."""
     network = config.network
     return (
-        network.act,
         config.data,
         network.hidden_dim,
         network.hidden_layers,
@@ -225,10 +267,12 @@ def train_pass(
     if len(configs) != len(seeds) or not configs:
         raise ValueError("train_pass needs one seed per config and at least one model")
     if len({pass_key(config) for config in configs}) != 1:
-        raise ValueError(
-            "configs in one pass must share activation, data, widths, depth, epochs and SAE settings"
-        )
+        raise ValueError("configs in one pass must share data, widths, depth, epochs and SAE settings")
     started = time.perf_counter()
+    # Models sorted by activation, so each activation covers one contiguous slice of the batch.
+    order = sorted(range(len(configs)), key=lambda index: configs[index].network.act)
+    configs = [configs[index] for index in order]
+    seeds = [seeds[index] for index in order]
     first = configs[0]
     datasets_by_seed: dict[int, Dataset] = {
         seed: make_dataset(first.data, seed) for seed in dict.fromkeys(seeds)
@@ -259,7 +303,10 @@ def train_pass(
                 config.sae, one_sae, means[index].cpu(), stds[index].cpu()
             )
         results.append(result)
-    return results
+    restored: list[SeedResult] = [None] * len(results)  # type: ignore[list-item]
+    for position, index in enumerate(order):
+        restored[index] = results[position]
+    return restored
 
 
 def _curve_slice(curves: dict[str, list], index: int) -> dict[str, list[float]]:
@@ -287,7 +334,7 @@ class _NoiseSource:
         keys = [(seed, config.network.noise) for config, seed in zip(configs, seeds, strict=True)]
         noisy = [key for key in dict.fromkeys(keys) if key[1] != "none"]
         self.enabled = bool(noisy)
-        self.streams = {key: generator_for(key[0], f"noise_{key[1]}") for key in noisy}
+        self.streams = {key: numpy_generator_for(key[0], f"noise_{key[1]}") for key in noisy}
         self.stream_order = list(self.streams)
         position = {key: index for index, key in enumerate(self.stream_order)}
         # Models without noise point at stream 0 with σ = 0.
@@ -303,12 +350,11 @@ class _NoiseSource:
         position = epoch % NOISE_CHUNK_EPOCHS
         if position == 0:
             count = min(NOISE_CHUNK_EPOCHS, self.epochs - epoch)
-            draws = [
-                draw_noise(kind, 1.0, (count, *self.shape), self.streams[(seed, kind)])
-                for seed, kind in self.stream_order
-            ]
-            self.chunk = torch.stack(draws, dim=1).to(self.device)  # [epoch, stream, hidden, sample]
-        return self.chunk[position].index_select(0, self.model_stream).mul_(self.sigma)
+            chunk = torch.empty(len(self.stream_order), count, *self.shape)  # [stream, epoch, hidden, sample]
+            for index, (seed, kind) in enumerate(self.stream_order):
+                fill_unit_noise(kind, chunk[index], self.streams[(seed, kind)])
+            self.chunk = chunk.to(self.device)
+        return self.chunk[:, position].index_select(0, self.model_stream).mul_(self.sigma)
 
 
 def _stack_features(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -320,7 +366,7 @@ def _stack_features(tensors: Sequence[torch.Tensor], device: torch.device) -> to
 def _train_networks(configs, seeds, datasets, state: _PassState, progress, device):
     """Full-batch Adam on every model at once, with the hand-written backward of `mlp_backward`."""
     first = configs[0]
-    activation = first.network.act
+    activation = runs_of([config.network.act for config in configs])
     dims = layer_dims(first.data.features, first.network.hidden_dim, first.network.hidden_layers)
     initial = [
         network_initial_parameters(config.network.init, dims, generator_for(seed, "init"))
@@ -412,7 +458,9 @@ def _train_saes(configs, seeds, datasets, weights, biases, state: _PassState, pr
     architecture = sae_architectures.architecture(sae_config.architecture)
     with torch.no_grad():
         train_inputs = _stack_features([dataset.train_inputs for dataset in datasets], device)
-        _, trace = mlp_forward_features(train_inputs, weights, biases, first.network.act)
+        _, trace = mlp_forward_features(
+            train_inputs, weights, biases, runs_of([config.network.act for config in configs])
+        )
         hidden = trace.inputs[-1].transpose(1, 2)  # [model, sample, hidden]: the SAE code is sample-major
         mean, std = sae_architectures.standardization(hidden)
         standardized = ((hidden - mean.unsqueeze(-2)) / std.unsqueeze(-2)).contiguous()
