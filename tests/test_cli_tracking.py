@@ -70,7 +70,9 @@ def test_sweep_run_tree(strategic_store):
     baseline = next(run for run in ablations if run.info.run_name == "random·bipolar·l1·relu")
     params, tags, metrics = baseline.data.params, baseline.data.tags, baseline.data.metrics
     assert (
-        params["network.init"] == "random" and params["network.epochs"] == "20" and params["seeds"] == "0,1"
+        params["network.init"] == "random"
+        and params["network.epochs"] == "20"
+        and params["seed_list"] == "0,1"
     )
     assert tags["init"] == "random" and tags["act"] == "relu" and tags["preset"] == "strategic"
     assert tags["code_version"].startswith("src-") and len(tags["config_hash"]) == 16

@@ -76,9 +76,16 @@ def _params(config: AblationConfig, seeds: Sequence[int]) -> list[Param]:
         name: json.dumps(value) if isinstance(value, list) else str(value)
         for name, value in flatten(config).items()
     }
-    values["seeds"] = seeds_label(seeds)
+    values["seed_list"] = seeds_label(seeds)
     values["seed_count"] = str(len(seeds))
     return [Param(name, value) for name, value in values.items()]
+
+
+def without_logged(store: Store, run_id: str, params: list[Param]) -> list[Param]:
+    """Params not yet on `run_id` (a run `mlflow run` created already carries its entry point's params;
+    logging one again with another value is an error in MLflow)."""
+    existing = store.client.get_run(run_id).data.params
+    return [param for param in params if param.key not in existing]
 
 
 def _identity_tags(config: AblationConfig, seeds: Sequence[int]) -> dict[str, str]:
@@ -147,11 +154,14 @@ def start_ablation_run(
         MLFLOW_RUN_NAME: config.name,
         **_identity_tags(config, seeds),
     }
+    params = _params(config, seeds)
+    if run_id is not None:
+        params = without_logged(store, run_id, params)
     if run_id is None:
         run_id = store.client.create_run(
             experiment_id, run_name=config.name, tags={"kind": "ablation"}
         ).info.run_id
-    log_in_batches(store, run_id, params=_params(config, seeds), tags=[RunTag(k, v) for k, v in tags.items()])
+    log_in_batches(store, run_id, params=params, tags=[RunTag(k, v) for k, v in tags.items()])
     return run_id
 
 
@@ -325,11 +335,15 @@ def run_tracked_sweep(
             log_in_batches(
                 store,
                 sweep_run_id,
-                params=[
-                    Param("preset", preset or "custom"),
-                    Param("seeds", seeds_label(seeds)),
-                    Param("configs", str(len(configs))),
-                ],
+                params=without_logged(
+                    store,
+                    sweep_run_id,
+                    [
+                        Param("preset", preset or "custom"),
+                        Param("seed_list", seeds_label(seeds)),
+                        Param("configs", str(len(configs))),
+                    ],
+                ),
                 tags=[
                     RunTag("kind", "sweep"),
                     RunTag("sweep_id", sweep_id),
