@@ -167,6 +167,8 @@ def test_results_have_every_metric_and_curves():
     table = result.metrics_table()
     assert list(table["seed"]) == [0, 1, 2] and (table["status"] == "finished").all()
     assert table[list(METRIC_NAMES)].notna().all().all()
+    figure = result.overlap_figure()
+    assert len(figure.axes) >= 3  # three heatmaps (+ the shared colourbar)
     curves = result.seeds[0].curves
     assert curves["network"]["epoch"] == [10, 20, 24]
     assert curves["sae"]["epoch"] == [10, 12]

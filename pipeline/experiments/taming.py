@@ -39,6 +39,17 @@ class AblationResult:
     def failed(self) -> list[SeedResult]:
         return [seed for seed in self.seeds if not seed.finished]
 
+    def overlap_figure(self):
+        """Grid of every finished seed's |cos| overlap heatmap (a matplotlib Figure)."""
+        from pipeline.plots.taming import overlap_grid
+
+        finished = self.finished
+        return overlap_grid(
+            [seed.sae.decoder_directions.detach() for seed in finished],
+            [f"seed {seed.seed}" for seed in finished],
+            suptitle=self.config.name,
+        )
+
     def metrics_table(self) -> pd.DataFrame:
         """One row per seed: seed, status, failure reason, every metric (NaN for failed seeds)."""
         rows = []
