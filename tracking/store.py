@@ -168,14 +168,13 @@ def git_commit() -> str:
 
 
 def log_in_batches(store: Store, run_id: str, metrics=(), params=(), tags=()) -> None:
-    """log_batch in chunks that respect MLflow's per-call limits."""
+    """log_batch calls that respect MLflow's per-call limits, as few as possible (usually one)."""
     metrics, params, tags = list(metrics), list(params), list(tags)
-    for start in range(0, max(len(params), len(tags), 1), BATCH_PARAMS):
+    while metrics or params or tags:
         store.client.log_batch(
-            run_id, params=params[start : start + BATCH_PARAMS], tags=tags[start : start + BATCH_PARAMS]
+            run_id, metrics=metrics[:BATCH_METRICS], params=params[:BATCH_PARAMS], tags=tags[:BATCH_PARAMS]
         )
-    for start in range(0, len(metrics), BATCH_METRICS):
-        store.client.log_batch(run_id, metrics=metrics[start : start + BATCH_METRICS])
+        metrics, params, tags = metrics[BATCH_METRICS:], params[BATCH_PARAMS:], tags[BATCH_PARAMS:]
 
 
 def fail_run(store: Store, run_id: str, reason: str) -> None:

@@ -18,13 +18,17 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from mlflow.entities import Metric, Param, RunStatus, RunTag
@@ -34,7 +38,7 @@ from pipeline import stats
 from pipeline.config import AblationConfig
 from pipeline.configuration import flatten
 from pipeline.evaluation import METRIC_NAMES, checkpoint
-from pipeline.plots.taming import overlap_grid, overlap_heatmap
+from pipeline.plots.taming import overlap_grid, overlap_png
 from pipeline.train import pass_key
 from tracking.store import Store, code_version, fail_run, git_commit, log_in_batches
 
@@ -159,12 +163,68 @@ def start_ablation_run(
     return run_id
 
 
+class OverlapRenderer:
+    """Draws per-seed overlap PNGs in one helper process.
+
+    matplotlib's drawing was most of the logging time; in a second process it overlaps with the main
+    process's database writes (and, started before training, its start-up overlaps with training). Any
+    problem with the helper process falls back to drawing in this process.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.pool: ProcessPoolExecutor | None = None
+        if enabled:
+            try:
+                self.pool = ProcessPoolExecutor(
+                    max_workers=1, mp_context=multiprocessing.get_context("spawn")
+                )
+                self.pool.submit(overlap_png, np.eye(2), None)  # start the process and its imports now
+            except (OSError, RuntimeError, ValueError):
+                self.pool = None
+
+    def render(self, decoder: torch.Tensor, title: str) -> Future:
+        matrix = decoder.detach().cpu().numpy()
+        if self.pool is not None:
+            try:
+                return self.pool.submit(overlap_png, matrix, title)
+            except (BrokenProcessPool, RuntimeError):
+                self.pool = None
+        done: Future = Future()
+        done.set_result(overlap_png(matrix, title))
+        return done
+
+    @staticmethod
+    def result(future: Future, decoder: torch.Tensor, title: str) -> bytes:
+        try:
+            return future.result()
+        except (BrokenProcessPool, OSError):
+            return overlap_png(decoder.detach().cpu().numpy(), title)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
+
+
+def seed_run_name(seed_result) -> str:
+    return f"{seed_result.config.name} seed {seed_result.seed}"
+
+
 def log_seed(
-    store: Store, experiment_id: str, parent_run_id: str, seed_result, sweep_id: str, artifacts: bool = True
+    store: Store,
+    experiment_id: str,
+    parent_run_id: str,
+    seed_result,
+    sweep_id: str,
+    artifacts: bool = True,
+    overlap: Future | None = None,
 ) -> str:
-    """One nested seed run: metrics, curves, overlap heatmap, checkpoint. FINISHED or FAILED with reason."""
+    """One nested seed run: metrics, curves, overlap heatmap, checkpoint. FINISHED or FAILED with reason.
+
+    `overlap` is the PNG being drawn by an OverlapRenderer (drawn here when None).
+    """
     config: AblationConfig = seed_result.config
-    name = f"{config.name} seed {seed_result.seed}"
+    name = seed_run_name(seed_result)
     tags = {
         MLFLOW_PARENT_RUN_ID: parent_run_id,
         MLFLOW_RUN_NAME: name,
@@ -204,8 +264,12 @@ def log_seed(
             return run_id
         log_in_batches(store, run_id, metrics=metrics, params=params)
         if artifacts:
-            figure = overlap_heatmap(seed_result.sae.decoder_directions.detach(), title=name)
-            _save_figure(store, run_id, figure, "overlap.png")
+            decoder = seed_result.sae.decoder_directions
+            if overlap is None:
+                png = overlap_png(decoder.detach().cpu().numpy(), name)
+            else:
+                png = OverlapRenderer.result(overlap, decoder, name)
+            _log_file(store, run_id, "overlap.png", lambda path: path.write_bytes(png))
             saved = checkpoint(config, seed_result.seed, seed_result.network, seed_result.sae)
             _log_file(store, run_id, "seed.pt", lambda path: torch.save(saved, path), "checkpoint")
         store.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
@@ -366,35 +430,27 @@ def run_tracked_sweep(
         if on_plan is not None:
             on_plan([configs[index] for index in pending])
         groups = _pass_groups(configs, pending, share_passes)
-        for group in groups:
-            run_ids = {}
-            try:
-                for index in group:
-                    adopt = adopted_run_id if adopt_as == "ablation" else None
-                    run_ids[index] = start_ablation_run(
-                        store,
-                        experiment_id,
-                        configs[index],
-                        seeds,
-                        sweep_id=sweep_id,
-                        preset=preset,
-                        run_id=adopt,
-                    )
-                results = trainer(
-                    [configs[index] for index in group], seeds, share_passes=True, progress=progress
-                )
-                for index, result in zip(group, results, strict=True):
-                    for seed_result in result.seeds:
-                        log_seed(store, experiment_id, run_ids[index], seed_result, sweep_id, artifacts)
-                    outcomes[index] = finish_ablation_run(store, run_ids[index], result, artifacts)
-                    if force:
-                        _retire_older_runs(store, experiment_id, configs[index], seeds, run_ids[index])
-            except BaseException as error:
-                reason = f"{type(error).__name__}: {error}"
-                for index, run_id in run_ids.items():
-                    if outcomes[index] is None:
-                        fail_run(store, run_id, reason)
-                raise
+        renderer = OverlapRenderer(enabled=artifacts and bool(groups))
+        try:
+            _train_and_record(
+                store,
+                experiment_id,
+                configs,
+                seeds,
+                groups,
+                outcomes,
+                trainer,
+                renderer,
+                sweep_id=sweep_id,
+                preset=preset,
+                force=force,
+                adopted_run_id=adopted_run_id,
+                adopt_as=adopt_as,
+                artifacts=artifacts,
+                progress=progress,
+            )
+        finally:
+            renderer.close()
         if sweep_run_id is not None:
             _finish_sweep_run(store, sweep_run_id, outcomes)  # type: ignore[arg-type]
     except BaseException as error:
@@ -402,6 +458,72 @@ def run_tracked_sweep(
             fail_run(store, sweep_run_id, f"{type(error).__name__}: {error}")
         raise
     return sweep_id, outcomes  # type: ignore[return-value]
+
+
+def _train_and_record(
+    store,
+    experiment_id,
+    configs,
+    seeds,
+    groups,
+    outcomes,
+    trainer,
+    renderer: OverlapRenderer,
+    *,
+    sweep_id,
+    preset,
+    force,
+    adopted_run_id,
+    adopt_as,
+    artifacts,
+    progress,
+) -> None:
+    """Each pass group: open its ablation runs, train, record seeds and summaries (outcomes filled in)."""
+    for group in groups:
+        run_ids = {}
+        try:
+            for index in group:
+                adopt = adopted_run_id if adopt_as == "ablation" else None
+                run_ids[index] = start_ablation_run(
+                    store,
+                    experiment_id,
+                    configs[index],
+                    seeds,
+                    sweep_id=sweep_id,
+                    preset=preset,
+                    run_id=adopt,
+                )
+            results = trainer(
+                [configs[index] for index in group], seeds, share_passes=True, progress=progress
+            )
+            overlaps = {
+                id(seed_result): renderer.render(
+                    seed_result.sae.decoder_directions, seed_run_name(seed_result)
+                )
+                for result in results
+                for seed_result in result.finished
+                if artifacts
+            }
+            for index, result in zip(group, results, strict=True):
+                for seed_result in result.seeds:
+                    log_seed(
+                        store,
+                        experiment_id,
+                        run_ids[index],
+                        seed_result,
+                        sweep_id,
+                        artifacts,
+                        overlaps.get(id(seed_result)),
+                    )
+                outcomes[index] = finish_ablation_run(store, run_ids[index], result, artifacts)
+                if force:
+                    _retire_older_runs(store, experiment_id, configs[index], seeds, run_ids[index])
+        except BaseException as error:
+            reason = f"{type(error).__name__}: {error}"
+            for index, run_id in run_ids.items():
+                if outcomes[index] is None:
+                    fail_run(store, run_id, reason)
+            raise
 
 
 def _pass_groups(

@@ -6,6 +6,7 @@ state or the backend; every function returns the Figure and the caller decides w
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 
@@ -31,13 +32,21 @@ def _overlap_colormap() -> Colormap:
     return matplotlib.colormaps[_OVERLAP_COLORMAP].with_extremes(bad="lightgrey")
 
 
-def _draw_overlap(ax: Axes, decoder: torch.Tensor, title: str | None) -> AxesImage:
-    """|cos| matrix of the decoder directions on `ax`, diagonal masked; returns the image for a colourbar."""
+def _draw_overlap(ax: Axes, decoder: torch.Tensor, title: str | None, labels: bool = True) -> AxesImage:
+    """|cos| matrix of the decoder directions on `ax`, diagonal masked; returns the image for a colourbar.
+
+    `labels=False` drops axis labels and ticks, which are most of matplotlib's drawing time and only
+    clutter a grid of small panels.
+    """
     absolute = cosine_matrix(decoder).abs().numpy()
     np.fill_diagonal(absolute, np.nan)
     image = ax.imshow(absolute, cmap=_overlap_colormap(), vmin=0.0, vmax=1.0, interpolation="nearest")
     overlap = f"MACS {macs(decoder):.3f}"
     ax.set_title(f"{title}\n{overlap}" if title else overlap, fontsize="medium")
+    if not labels:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return image
     ax.set_xlabel("latent")
     ax.set_ylabel("latent")
     for axis in (ax.xaxis, ax.yaxis):
@@ -53,13 +62,27 @@ def overlap_heatmap(decoder: torch.Tensor, title: str | None = None, ax: Axes | 
     Returns the Figure that holds the heatmap.
     """
     if ax is None:
-        figure = Figure(figsize=(4.6, 4.0), layout="constrained")
-        ax = figure.add_subplot()
-    else:
-        figure = ax.get_figure()
+        # Fixed axes positions instead of a layout engine: constrained layout draws the figure twice, and
+        # this figure is rendered once per seed run (it was most of the logging time).
+        figure = Figure(figsize=(4.6, 4.0))
+        ax = figure.add_axes((0.1, 0.1, 0.7, 0.78))
+        colourbar_axes = figure.add_axes((0.84, 0.1, 0.035, 0.78))
+        image = _draw_overlap(ax, decoder, title)
+        figure.colorbar(image, cax=colourbar_axes, label="|cos|")
+        return figure
+    figure = ax.get_figure()
     image = _draw_overlap(ax, decoder, title)
     figure.colorbar(image, ax=ax, label="|cos|")
     return figure
+
+
+def overlap_png(decoder: torch.Tensor | np.ndarray, title: str | None = None, dpi: int = 80) -> bytes:
+    """PNG bytes of `overlap_heatmap(decoder, title)`; a plain function of plain data, so it can run in a
+    helper process (see tracking.taming.OverlapRenderer)."""
+    figure = overlap_heatmap(torch.as_tensor(decoder), title=title)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
 
 
 def overlap_grid(
@@ -76,18 +99,29 @@ def overlap_grid(
         raise ValueError(f"{len(titles)} titles for {len(decoders)} decoders")
     columns = math.ceil(math.sqrt(len(decoders)))
     rows = math.ceil(len(decoders) / columns)
-    figure = Figure(
-        figsize=(3.2 * columns + 1.0, 3.2 * rows + (0.4 if suptitle else 0.0)), layout="constrained"
+    # A fixed grid (no layout engine, no ticks): one grid is drawn per ablation run, and constrained
+    # layout with per-panel ticks took over a second per figure.
+    panel, top = 2.4, 0.85 if suptitle else 0.5
+    width, height = panel * columns + 0.9, panel * rows + top
+    figure = Figure(figsize=(width, height))
+    grid = figure.add_gridspec(
+        rows,
+        columns,
+        left=0.02,
+        right=1 - 0.9 / width,
+        bottom=0.02,
+        top=1 - top / height,
+        wspace=0.08,
+        hspace=0.3,
     )
-    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    axes = [figure.add_subplot(grid[index // columns, index % columns]) for index in range(len(decoders))]
     image = None
-    for ax, decoder, title in zip(axes, decoders, titles, strict=False):
-        image = _draw_overlap(ax, decoder, title)
-    for unused in axes[len(decoders) :]:
-        unused.remove()
-    figure.colorbar(image, ax=list(axes[: len(decoders)]), label="|cos|", shrink=0.8)
+    for ax, decoder, title in zip(axes, decoders, titles, strict=True):
+        image = _draw_overlap(ax, decoder, title, labels=False)
+    colourbar_axes = figure.add_axes((1 - 0.7 / width, 0.1, 0.18 / width, 0.8 * (1 - top / height)))
+    figure.colorbar(image, cax=colourbar_axes, label="|cos|")
     if suptitle:
-        figure.suptitle(suptitle)
+        figure.suptitle(suptitle, y=1 - 0.1 / height, va="top")
     return figure
 
 
