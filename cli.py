@@ -14,6 +14,7 @@ import click
 
 from pipeline.config import AblationConfig, DataConfig, NetworkConfig, SAEConfig, preset_configs
 from pipeline.configuration import ConfigError
+from pipeline.experiments.incidental import collisions_points, dynamics, noise_points
 
 HEADLINE_COLUMNS = (
     "macs",
@@ -237,7 +238,13 @@ def _adopted_run(store):
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if not run_id:
         return None
-    run = store.client.get_run(run_id)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = store.client.get_run(run_id)
+    except MlflowException:
+        # A stale MLFLOW_RUN_ID from another store or shell: not ours to adopt.
+        return None
     return None if run.data.tags.get("kind") else run
 
 
@@ -581,6 +588,657 @@ def report(
             description=built.headline(),
             query=query,
             options=options,
+            adopted_run_id=adopted.info.run_id if adopted is not None else None,
+        )
+        click.echo(f"Logged as analysis run {run_id} in experiment {experiment_id}.")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Incidental polysemanticity (SCIENCE.md §2)
+
+
+class _ListOf(click.ParamType):
+    """Comma-separated values of `item` ("64,128,256"); integer lists also take START:STOP:STEP (inclusive).
+
+    Use with multiple=True, so that both `--m 64 --m 128` and `--m 64,128` work (MLproject passes one string).
+    Each value is checked by `item`, so an error names the option ("Invalid value for '--m': ...").
+    """
+
+    def __init__(self, item: click.ParamType, ranges: bool = False) -> None:
+        self.item = item
+        self.ranges = ranges
+        self.name = f"{item.name}[,...]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        values = []
+        for text in str(value).split(","):
+            text = text.strip()
+            if not text:
+                self.fail(f"empty item in {value!r}", param, ctx)
+            if self.ranges and text.count(":") == 2:
+                try:
+                    start, stop, step = (int(part) for part in text.split(":"))
+                except ValueError:
+                    self.fail(f"{text!r} is not an integer range START:STOP:STEP", param, ctx)
+                if step < 1 or stop < start:
+                    self.fail(f"{text!r} needs STEP >= 1 and STOP >= START", param, ctx)
+                values.extend(
+                    self.item.convert(str(item), param, ctx) for item in range(start, stop + 1, step)
+                )
+            else:
+                values.append(self.item.convert(text, param, ctx))
+        return tuple(values)
+
+
+def _flat(groups) -> list:
+    """The values of a multiple=True `_ListOf` option, in order, duplicates dropped."""
+    return list(dict.fromkeys(value for group in groups for value in group))
+
+
+def _function_default(function, name: str):
+    import inspect
+
+    return inspect.signature(function).parameters[name].default
+
+
+def _study_store_options(function):
+    options = [
+        click.option(
+            "--experiment",
+            default=None,
+            help="MLflow experiment name [default: the one `mlflow run` hands over, else 'incidental'].",
+        ),
+        click.option(
+            "--tracking-uri",
+            default=None,
+            help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db].",
+        ),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _training_options(*, instances: int, steps: int, optimizer: str, lr: float):
+    """Settings shared by `incidental collisions` and `incidental noise`; defaults differ per experiment."""
+
+    def decorate(function):
+        options = [
+            click.option(
+                "--instances",
+                type=click.IntRange(min=1),
+                default=instances,
+                show_default=True,
+                help="Independent models per point (trained together in one batched pass).",
+            ),
+            click.option(
+                "--steps",
+                type=click.IntRange(min=1),
+                default=steps,
+                show_default=True,
+                help="Training steps.",
+            ),
+            click.option(
+                "--optimizer",
+                type=click.Choice(["adamw", "sgd"]),
+                default=optimizer,
+                show_default=True,
+                help="Optimizer (full batch: the n basis vectors).",
+            ),
+            click.option(
+                "--lr",
+                type=click.FloatRange(min=0, min_open=True),
+                default=lr,
+                show_default=True,
+                help="Learning rate.",
+            ),
+            click.option(
+                "--weight-decay",
+                type=click.FloatRange(min=0),
+                default=None,
+                help="AdamW's decoupled weight decay [default: 0.01 (torch's, active in the published run) "
+                "with adamw, 0 with sgd].",
+            ),
+            click.option(
+                "--seed",
+                type=click.IntRange(min=0),
+                default=0,
+                show_default=True,
+                help="Base seed; instance k draws its init and noise from (seed, k).",
+            ),
+            click.option(
+                "--curve-every",
+                type=click.IntRange(min=1),
+                default=100,
+                show_default=True,
+                help="Steps between recorded curve points.",
+            ),
+            click.option(
+                "--device",
+                type=click.Choice(["auto", "cpu", "cuda", "mps"]),
+                default="cpu",
+                show_default=True,
+                help="Where to train; 'auto' picks CUDA, then MPS, then CPU.",
+            ),
+        ]
+        for option in reversed(options):
+            function = option(function)
+        return _study_store_options(function)
+
+    return decorate
+
+
+def _training_settings(options: dict) -> dict:
+    """IncidentalConfig fields from the shared training options."""
+    weight_decay = options["weight_decay"]
+    if weight_decay is None:
+        weight_decay = 0.01 if options["optimizer"] == "adamw" else 0.0
+    return {
+        "instances": options["instances"],
+        "steps": options["steps"],
+        "optimizer": options["optimizer"],
+        "lr": options["lr"],
+        "weight_decay": weight_decay,
+        "seed": options["seed"],
+        "curve_every": options["curve_every"],
+        "device": options["device"],
+    }
+
+
+def _checked_configs(build):
+    """Build the configs and check the device; any invalid setting is a usage error (exit 2)."""
+    from pipeline.incidental import resolve_device
+
+    try:
+        configs = build()
+    except ConfigError as error:
+        _fail_usage(f"invalid setting: {error}")
+    try:
+        resolve_device(configs[0].device)
+    except ValueError as error:
+        _fail_usage(f"--device: {error}")
+    return configs
+
+
+def _step_bar(total: int, description: str):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total, desc=description, unit="step", unit_scale=True, dynamic_ncols=True, mininterval=0.5
+    )
+
+
+def _study_experiment(store, experiment: str | None, adopted, *, create: bool = True) -> str:
+    from tracking.incidental import study_experiment_id
+    from tracking.store import TrackingError
+
+    if adopted is not None and experiment is None:
+        return adopted.info.experiment_id
+    try:
+        return study_experiment_id(store, experiment, create=create)
+    except TrackingError as error:
+        _fail_usage(str(error))
+
+
+def _track_trained_points(command: str, configs, options: dict, sweep_params: dict):
+    """Open the store, train every config with a progress bar over all steps, record each point."""
+    from pipeline.experiments.incidental import run_point
+    from tracking.incidental import track_points
+
+    store = _store(options["tracking_uri"])
+    adopted = _adopted_run(store)
+    experiment_id = _study_experiment(store, options["experiment"], adopted)
+    bar = _step_bar(sum(config.steps for config in configs), f"{command}: {len(configs)} point(s)")
+
+    def trainer(config):
+        reported = 0
+
+        def progress(done: int) -> None:
+            nonlocal reported
+            bar.update(done - reported)
+            reported = done
+
+        return run_point(config, progress=progress)
+
+    try:
+        tracked = track_points(
+            store,
+            experiment_id,
+            command,
+            configs,
+            trainer=trainer,
+            sweep_params=sweep_params,
+            adopted_run_id=adopted.info.run_id if adopted is not None else None,
+        )
+    finally:
+        bar.close()
+    click.echo(
+        f"\nSweep {tracked.sweep_id} ({command}) in experiment {experiment_id} at {store.uri}; "
+        f"sweep run {tracked.sweep_run_id}.\n"
+    )
+    return tracked
+
+
+EXAMPLES_COLLISIONS = """
+\b
+Examples:
+  python cli.py incidental collisions                       # n = 64, m = 64…512, λ = 1e-3 (a few minutes on CPU)
+  python cli.py incidental collisions --m 64,128 --l1 1e-3 --l1 1e-2 --instances 8
+  python cli.py incidental collisions --n 256 --m 256:4096:256 --l1 1e-3,1e-2,1e-1 --device auto   # published
+"""
+
+EXAMPLES_NOISE = """
+\b
+Examples:
+  python cli.py incidental noise                            # 4 noise types × σ ∈ {0.07, 0.1, 0.15}, 20k steps
+  python cli.py incidental noise --noise bipolar,gaussian --sigma 0.1 --steps 5000
+  python cli.py incidental noise --steps 100000 --noise-sharing per_step   # the published run and sharing
+"""
+
+EXAMPLES_DYNAMICS = """
+\b
+Examples:
+  python cli.py incidental dynamics                         # m = 10^4, λ ∈ {1e-3, 1e-4}, about a second
+  python cli.py incidental dynamics --m 100000 --l1 1e-5 --t-max-times-l1 2.5   # the published simulation
+"""
+
+EXAMPLES_INCIDENTAL_REPORT = """
+\b
+Examples:
+  python cli.py incidental report                           # newest finished sweep of each command
+  python cli.py incidental report --sweep-id 1a2b3c4d5e6f --out reports/incidental
+  python cli.py incidental report --baseline bipolar --paired --resamples 2000 --no-log
+"""
+
+
+@cli.group()
+def incidental():
+    """Incidental polysemanticity (SCIENCE.md §2): a tied ReLU-output autoencoder on basis vectors.
+
+    \b
+      collisions  polysemantic neurons vs m against the n²/(4m) law (L1 as the winner-take-all force)
+      noise       fourth norm under hidden-layer noise of negative, zero and positive excess kurtosis
+      dynamics    the one-encoding sparsification ODE against ‖w‖₁ ≈ 1/(1/√m + λt)
+      report      tables, t-tests, the fitted slope and figures from the tracking store
+    Each point is an MLflow run (tags study=incidental, kind=point) nested under one sweep run per command
+    invocation (kind=sweep, with its sweep_id), in experiment 'incidental' unless --experiment says otherwise.
+    """
+
+
+@incidental.command("collisions", epilog=EXAMPLES_COLLISIONS)
+@click.option(
+    "--n",
+    type=click.IntRange(min=1),
+    default=_function_default(collisions_points, "n"),
+    show_default=True,
+    help="Features.",
+)
+@click.option(
+    "--m",
+    "ms",
+    type=_ListOf(click.IntRange(min=1), ranges=True),
+    multiple=True,
+    default=list(_function_default(collisions_points, "ms")),
+    show_default=True,
+    help="Hidden neurons, one point each (repeat, comma-separate, or START:STOP:STEP).",
+)
+@click.option(
+    "--l1",
+    "l1_values",
+    type=_ListOf(click.FloatRange(min=0)),
+    multiple=True,
+    default=list(_function_default(collisions_points, "l1_values")),
+    show_default=True,
+    help="L1 strengths λ (repeat or comma-separate); every m is trained at every λ.",
+)
+@_training_options(
+    instances=_function_default(collisions_points, "instances"),
+    steps=_function_default(collisions_points, "steps"),
+    optimizer="adamw",
+    lr=1e-3,
+)
+def incidental_collisions(n, ms, l1_values, **options):
+    """Count polysemantic neurons against m and compare with the n²/(4m) prediction.
+
+    One point run per (λ, m): params = the full config, metrics polysemantic_neurons (mean over instances),
+    polysemantic_neurons_std, predicted_polysemantic_neurons, fourth_norm, initial_collisions,
+    winner_was_initial_argmax, …, per_instance.csv, curves as step series (curve.loss, curve.fourth_norm,
+    curve.polysemantic_neurons). The sweep run holds collisions.csv, the log–log plot with the prediction
+    line (error bars: 95 % CI of the mean across instances) and the fitted slope (theory −1).
+    """
+    from pipeline.experiments.incidental import collisions_table, slope_table
+    from pipeline.tables import markdown_table
+
+    ms, l1_values = _flat(ms), _flat(l1_values)
+    settings = _training_settings(options)
+    configs = _checked_configs(
+        lambda: collisions_points(
+            n=n,
+            ms=ms,
+            l1_values=l1_values,
+            **settings,
+        )
+    )
+    sweep_params = {
+        "n": n,
+        "m": ",".join(map(str, ms)),
+        "l1": ",".join(f"{value:g}" for value in l1_values),
+        **settings,
+    }
+    tracked = _track_trained_points("collisions", configs, options, sweep_params)
+    table = collisions_table(tracked.results)
+    shown = table.assign(
+        ci=[
+            f"[{low:.3g}, {high:.3g}]" if high == high else "–"
+            for low, high in zip(
+                table["polysemantic_neurons_ci_low"], table["polysemantic_neurons_ci_high"], strict=True
+            )
+        ],
+        ratio=table["polysemantic_neurons"] / table["predicted_polysemantic_neurons"],
+    ).rename(
+        columns={
+            "l1": "λ",
+            "polysemantic_neurons": "polysemantic (mean)",
+            "ci": "95 % CI",
+            "predicted_polysemantic_neurons": "n²/(4m)",
+            "ratio": "observed / predicted",
+        }
+    )
+    click.echo(
+        markdown_table(
+            shown,
+            ["n", "λ", "m", "instances", "polysemantic (mean)", "95 % CI", "n²/(4m)", "observed / predicted"],
+        )
+    )
+    for row in slope_table(table).itertuples():
+        click.echo(
+            f"\nn = {row.n}, λ = {row.l1:g}: log–log slope {row.slope:.3f} "
+            f"(95 % CI {row.slope_ci_low:.3f} to {row.slope_ci_high:.3f}, {row.points} points; theory −1)"
+        )
+
+
+@incidental.command("noise", epilog=EXAMPLES_NOISE)
+@click.option(
+    "--n",
+    type=click.IntRange(min=1),
+    default=_function_default(noise_points, "n"),
+    show_default=True,
+    help="Features.",
+)
+@click.option(
+    "--m",
+    type=click.IntRange(min=1),
+    default=_function_default(noise_points, "m"),
+    show_default=True,
+    help="Hidden neurons.",
+)
+@click.option(
+    "--noise",
+    "noise_types",
+    type=_ListOf(click.Choice(["bipolar", "gaussian", "laplace", "student_t"])),
+    multiple=True,
+    default=list(_function_default(noise_points, "noise_types")),
+    show_default=True,
+    help="Noise types on the hidden layer (repeat or comma-separate); excess kurtosis −2, 0, +3, 6/(ν−4).",
+)
+@click.option(
+    "--sigma",
+    "sigmas",
+    type=_ListOf(click.FloatRange(min=0, min_open=True)),
+    multiple=True,
+    default=list(_function_default(noise_points, "sigmas")),
+    show_default=True,
+    help="Noise standard deviations σ (repeat or comma-separate); every type is run at every σ.",
+)
+@click.option(
+    "--nu",
+    type=click.FloatRange(min=2, min_open=True),
+    default=5.0,
+    show_default=True,
+    help="Student-t degrees of freedom (κ = 6/(ν−4) for ν > 4).",
+)
+@click.option(
+    "--noise-sharing",
+    type=click.Choice(["per_sample", "per_step"]),
+    default="per_sample",
+    show_default=True,
+    help="A fresh ξ per sample (the model as written) or one per step shared by the batch (the published code).",
+)
+@click.option(
+    "--l1",
+    type=click.FloatRange(min=0),
+    default=_function_default(noise_points, "l1"),
+    show_default=True,
+    help="L1 strength λ (0: noise is the only winner-take-all force).",
+)
+@_training_options(
+    instances=_function_default(noise_points, "instances"),
+    steps=_function_default(noise_points, "steps"),
+    optimizer=_function_default(noise_points, "optimizer"),
+    lr=_function_default(noise_points, "lr"),
+)
+def incidental_noise(n, m, noise_types, sigmas, nu, noise_sharing, l1, **options):
+    """Track the fourth norm Σ_j W_ij⁴ over training for each noise type and σ.
+
+    One point run per (noise type, σ), logged like a collisions point (curve.fourth_norm is the published
+    curve). The sweep run holds noise.csv and the published figure with the positive-kurtosis (Laplace,
+    Student-t) curves added; the final polysemantic counts per noise type are printed.
+    """
+    from pipeline.tables import markdown_table
+
+    settings = _training_settings(options)
+    configs = _checked_configs(
+        lambda: noise_points(
+            n=n,
+            m=m,
+            sigmas=_flat(sigmas),
+            noise_types=_flat(noise_types),
+            l1=l1,
+            nu=nu,
+            noise_sharing=noise_sharing,
+            **settings,
+        )
+    )
+    sweep_params = {
+        "n": n,
+        "m": m,
+        "noise": ",".join(_flat(noise_types)),
+        "sigma": ",".join(f"{value:g}" for value in _flat(sigmas)),
+        "nu": nu,
+        "noise_sharing": noise_sharing,
+        "l1": l1,
+        **settings,
+    }
+    tracked = _track_trained_points("noise", configs, options, sweep_params)
+    rows = [
+        {
+            "noise": point.config.noise,
+            "σ": point.config.sigma,
+            "fourth norm": point.metrics["fourth_norm"],
+            "at init": point.per_instance["fourth_norm_initial"].mean(),
+            "polysemantic (mean)": point.metrics["polysemantic_neurons"],
+            "winner was initial argmax": point.metrics["winner_was_initial_argmax"],
+        }
+        for point in tracked.results
+    ]
+    import pandas as pd
+
+    click.echo(markdown_table(pd.DataFrame(rows)))
+    click.echo(f"\n3/(m+2) = {3 / (m + 2):.4f} (isotropic unit encoding); 1 = one-hot.")
+
+
+@incidental.command("dynamics", epilog=EXAMPLES_DYNAMICS)
+@click.option(
+    "--m",
+    type=click.IntRange(min=1),
+    default=_function_default(dynamics, "m"),
+    show_default=True,
+    help="Length of the encoding w.",
+)
+@click.option(
+    "--l1",
+    "l1_values",
+    type=_ListOf(click.FloatRange(min=0, min_open=True)),
+    multiple=True,
+    default=list(_function_default(dynamics, "l1_values")),
+    show_default=True,
+    help="L1 strengths λ of the ODE (repeat or comma-separate).",
+)
+@click.option(
+    "--t-max-times-l1",
+    type=click.FloatRange(min=1),
+    default=_function_default(dynamics, "t_max_times_l1"),
+    show_default=True,
+    help="Simulate up to t = this / λ (≥ 1 so the comparison window t·λ ∈ [0.05, 1] is covered).",
+)
+@click.option(
+    "--dt",
+    type=click.FloatRange(min=0, min_open=True),
+    default=_function_default(dynamics, "dt"),
+    show_default=True,
+    help="Euler step.",
+)
+@click.option(
+    "--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the initial w."
+)
+@_study_store_options
+def incidental_dynamics(m, l1_values, t_max_times_l1, dt, seed, experiment, tracking_uri):
+    """Integrate dw/dt = (1 − ‖w‖²)·w − λ·sign(w) and compare with ‖w‖₁ ≈ 1/(1/√m + λt), m′ ≈ ‖w‖₁².
+
+    One point run per λ: metrics completion_time_times_l1 (documented 1.6–2), nonzeros_ratio_median/min/max
+    (documented 2–2.7), l1_norm_ratio_median; trajectories as step series (step = t/dt) and simulation.csv.
+    The sweep run holds dynamics.csv and the log–log plot.
+    """
+    import math
+
+    import pandas as pd
+
+    from pipeline.tables import markdown_table
+    from tracking.incidental import track_dynamics
+
+    l1_values = _flat(l1_values)
+    store = _store(tracking_uri)
+    adopted = _adopted_run(store)
+    experiment_id = _study_experiment(store, experiment, adopted)
+    bar = _step_bar(sum(math.ceil(t_max_times_l1 / l1 / dt) for l1 in l1_values), "dynamics")
+
+    def simulate(l1: float):
+        point = dynamics(m=m, l1_values=[l1], t_max_times_l1=t_max_times_l1, dt=dt, seed=seed)[0]
+        bar.update(math.ceil(t_max_times_l1 / l1 / dt))
+        return point
+
+    try:
+        tracked = track_dynamics(
+            store,
+            experiment_id,
+            l1_values,
+            simulate=simulate,
+            sweep_params={"m": m, "l1": ",".join(f"{v:g}" for v in l1_values), "dt": dt, "seed": seed},
+            adopted_run_id=adopted.info.run_id if adopted is not None else None,
+        )
+    finally:
+        bar.close()
+    click.echo(
+        f"\nSweep {tracked.sweep_id} (dynamics) in experiment {experiment_id} at {store.uri}; "
+        f"sweep run {tracked.sweep_run_id}.\n"
+    )
+    columns = ["m", "l1", "completion_time_times_l1", "nonzeros_ratio_median", "nonzeros_ratio_min"]
+    columns += ["nonzeros_ratio_max", "l1_norm_ratio_median"]
+    click.echo(markdown_table(pd.DataFrame([p.params | p.metrics for p in tracked.results]), columns))
+    click.echo("\nDocumented (SCIENCE.md §2.4): completion at t·λ ≈ 1.6–2, m′/prediction ≈ 2–2.7.")
+
+
+@incidental.command("report", epilog=EXAMPLES_INCIDENTAL_REPORT)
+@_study_store_options
+@click.option(
+    "--sweep-id",
+    "sweep_ids",
+    multiple=True,
+    help="Sweep(s) to read (repeatable) [default: the newest finished sweep of each command].",
+)
+@click.option(
+    "--baseline",
+    type=click.Choice(["bipolar", "gaussian", "laplace", "student_t"]),
+    default="gaussian",
+    show_default=True,
+    help="Noise type every other is compared with at the same σ (Gaussian: no privileged basis).",
+)
+@click.option(
+    "--paired",
+    is_flag=True,
+    help="Paired t-tests on instances (instance k of every noise type starts from the same weights).",
+)
+@click.option(
+    "--resamples",
+    type=click.IntRange(min=100),
+    default=9999,
+    show_default=True,
+    help="Bootstrap resamples for the CI of each difference.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Folder for report.md, the CSVs and PNGs [default: reports/incidental-<time>].",
+)
+@click.option("--no-log", is_flag=True, help="Write the report files only; do not log an analysis run.")
+def incidental_report(experiment, tracking_uri, sweep_ids, baseline, paired, resamples, out_dir, no_log):
+    """Observed vs predicted counts with CIs, the fitted log–log slope, noise t-tests and figures.
+
+    Reads the FINISHED point runs of the chosen sweeps and recomputes everything from their per-instance
+    tables: mean count and 95 % CI per m beside n²/(4m), the OLS slope of log count on log m with its CI
+    (theory −1), each noise type against the baseline at the same σ (Welch or paired t, bootstrap CI, Holm
+    and BH), the ODE against its prediction. Writes report.md, CSVs and PNGs to --out and logs them as an
+    analysis run (kind=analysis, study=incidental).
+    """
+    import time
+    from pathlib import Path
+
+    from pipeline.experiments.incidental import build_report
+    from tracking.incidental import load_study, log_study_report, slope_metrics
+    from tracking.store import TrackingError, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        _fail_usage(f"--tracking-uri {uri}: no store there yet; run an incidental experiment first")
+    store = _store(tracking_uri)
+    adopted = _adopted_run(store)
+    experiment_id = _study_experiment(store, experiment, adopted, create=False)
+    try:
+        records = load_study(store, experiment_id, sweep_ids)
+    except TrackingError as error:
+        _fail_usage(str(error))
+    built = build_report(
+        collisions_instances=records.collisions_instances,
+        noise_instances=records.noise_instances,
+        noise_curves=records.noise_curves,
+        dynamics_table=records.dynamics_table,
+        simulations=records.simulations,
+        baseline=baseline,
+        paired=paired,
+        n_resamples=resamples,
+        notes=records.notes,
+    )
+    folder = Path(out_dir or f"reports/incidental-{time.strftime('%Y%m%d-%H%M%S')}")
+    files = built.write(folder)
+    click.echo(built.markdown())
+    click.echo(f"\nReport files in {folder}/.")
+    if not no_log:
+        run_id = log_study_report(
+            store,
+            experiment_id,
+            files,
+            description=built.headline(),
+            params={
+                "sweeps": records.query(),
+                "baseline": baseline,
+                "paired": paired,
+                "resamples": resamples,
+            },
+            metrics=slope_metrics(built.slopes) if built.slopes is not None else {},
             adopted_run_id=adopted.info.run_id if adopted is not None else None,
         )
         click.echo(f"Logged as analysis run {run_id} in experiment {experiment_id}.")
