@@ -336,6 +336,7 @@ def build_report(
     paired: bool = False,
     n_resamples: int = 9999,
     figures: bool = True,
+    extra_notes: Sequence[str] = (),
 ) -> Report:
     """Build a report from the tidy seed table (every status; only FINISHED seeds enter statistics).
 
@@ -362,6 +363,7 @@ def build_report(
         f"bootstrap 95 % CI of the difference in means ({n_resamples} resamples); Holm and Benjamini–Hochberg "
         "adjusted p across every comparison in the table.",
     ]
+    notes.extend(extra_notes)
     thin = counts[counts["finished"] < 2]["configuration"].tolist()
     if thin:
         notes.append(f"Fewer than 2 finished seeds (listed with n, no test): {', '.join(thin)}.")

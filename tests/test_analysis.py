@@ -16,6 +16,7 @@ from statsmodels.stats.anova import anova_lm
 import cli
 from pipeline.analysis import BASELINE_NAME, build_report
 from pipeline.config import FACTOR_LEVELS, STRATEGIC_CONFIGURATIONS
+from tracking.analysis import drop_duplicate_seeds
 
 
 def synthetic_seeds(cells, seeds=4, effect_of_reg=0.0, failed=()) -> pd.DataFrame:
@@ -52,6 +53,27 @@ def test_thin_missing_and_failed_data_are_reported_honestly():
     assert "Missing from the strategic 8" in text and "·".join(STRATEGIC_CONFIGURATIONS[7]) in text
     assert "2 failed seed runs counted" in text
     assert report.factorial is None
+
+
+def test_duplicate_seed_runs_are_counted_once():
+    frame = pd.DataFrame(
+        {
+            "config_hash": ["a", "a", "a", "b", "a"],
+            "seed": [0, 0, 1, 0, 0],
+            "status": ["FINISHED", "FINISHED", "FINISHED", "FINISHED", "FAILED"],
+            "start_time": [1, 2, 3, 4, 5],
+            "macs": [0.3, 0.3, 0.2, 0.1, float("nan")],
+        }
+    )
+    kept = drop_duplicate_seeds(frame)
+    assert kept.attrs["duplicates_dropped"] == 1
+    finished = kept[kept["status"] == "FINISHED"]
+    assert sorted(zip(finished["config_hash"], finished["seed"], finished["start_time"], strict=True)) == [
+        ("a", 0, 2),
+        ("a", 1, 3),
+        ("b", 0, 4),
+    ]
+    assert (kept["status"] == "FAILED").sum() == 1
 
 
 def test_unknown_baseline_or_metric_is_a_clear_error():

@@ -73,7 +73,23 @@ def select_seeds(
             f"configuration(s) {', '.join(mixed)} have runs with different settings (config hashes); "
             "narrow the selection with --sweep-id or --filter"
         )
-    return frame.reset_index(drop=True), query
+    return drop_duplicate_seeds(frame), query
+
+
+def drop_duplicate_seeds(frame: pd.DataFrame) -> pd.DataFrame:
+    """Keep one FINISHED run per (config hash, seed): the most recent.
+
+    Two sweeps of the same preset started at the same time against one server can both train a
+    configuration before either has finished it (each checks for a FINISHED run first and finds none), so
+    one identity can end with two FINISHED seed runs. Training is deterministic, so the duplicates carry
+    the same values; counting both would inflate n. `frame.attrs["duplicates_dropped"]` says how many went.
+    """
+    finished = frame["status"] == "FINISHED"
+    ranked = frame[finished].sort_values("start_time", ascending=False)
+    keep = ranked.drop_duplicates(subset=["config_hash", "seed"], keep="first")
+    result = pd.concat([keep, frame[~finished]]).sort_index().reset_index(drop=True)
+    result.attrs["duplicates_dropped"] = int(finished.sum() - len(keep))
+    return result
 
 
 def log_report(

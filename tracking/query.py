@@ -25,6 +25,7 @@ SEED_COLUMNS = (
     "code_version",
     "sweep_id",
     "failure_reason",
+    "start_time",
 )
 
 
@@ -69,6 +70,7 @@ def seed_frame(
             "code_version": tags.get("code_version"),
             "sweep_id": tags.get("sweep_id"),
             "failure_reason": tags.get("failure_reason"),
+            "start_time": run.info.start_time,
         }
         row.update({name: value for name, value in run.data.metrics.items() if not name.startswith("curve.")})
         rows.append(row)
