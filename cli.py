@@ -754,7 +754,9 @@ def _checked_configs(build):
     try:
         configs = build()
     except ConfigError as error:
-        _fail_usage(f"invalid setting: {error}")
+        # ConfigError messages start with the config field, which is the option's name with dashes.
+        field, _, rest = str(error).partition(" ")
+        _fail_usage(f"--{field.replace('_', '-')} {rest}")
     try:
         resolve_device(configs[0].device)
     except ValueError as error:

@@ -272,14 +272,21 @@ class _NoiseStream:
 
 
 def resolve_device(name: str) -> torch.device:
-    """The torch device for a config's `device`: "auto" → cuda if available, then mps, else cpu."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """The torch device for a config's `device`: "auto" → cuda if available, then mps, else cpu.
+
+    Raises ValueError when "cuda" or "mps" is named but torch does not see it, so a caller can refuse the
+    request before any work starts instead of failing at the first step.
+    """
+    mps_available = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if mps_available else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device; use auto or cpu")
+    if name == "mps" and not mps_available:
+        raise ValueError("device 'mps' was asked for but torch sees no MPS device; use auto or cpu")
+    return torch.device(name)
 
 
 def reconstruction(weights: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,16 +21,19 @@ import pandas as pd
 import scipy.stats
 import torch
 
+from pipeline import stats
 from pipeline.configuration import flatten
 from pipeline.incidental import (
     SPARSIFICATION_MIDDLE_WINDOW,
     IncidentalConfig,
+    noise_excess_kurtosis,
     predicted_l1_norm,
     predicted_nonzeros,
     predicted_polysemantic_neurons,
     simulate_sparsification,
     train_incidental,
 )
+from pipeline.tables import format_number, markdown_table
 
 # The scalar metrics of one trained point, in this order.
 POINT_METRICS = (
@@ -293,4 +297,345 @@ def summarize_points(points: Sequence[PointResult], keys: Mapping[str, str] | No
     columns = keys or {name: name for name in ("n", "m", "l1", "noise", "sigma", "noise_sharing")}
     return pd.DataFrame(
         [{label: point.params[name] for label, name in columns.items()} | point.metrics for point in points]
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Report: tables and figures from stored per-instance values (no tracking store here; `tracking/incidental.py`
+# fetches the frames and logs the files written by `IncidentalReport.write`).
+
+# Documented behaviour of the sparsification ODE (SCIENCE.md §2.4), shown beside the measured values.
+_DYNAMICS_EXPECTATIONS = {
+    "completion_time_times_l1": "1.6–2 (prediction: 1)",
+    "nonzeros_ratio_median": "2–2.7 (prediction: 1)",
+    "l1_norm_ratio_median": "prediction: 1",
+}
+
+
+def collisions_summary(per_instance: pd.DataFrame) -> pd.DataFrame:
+    """Observed against predicted polysemantic neurons, one row per (n, l1, m).
+
+    per_instance: one row per trained instance with columns n, m, l1 and polysemantic_neurons.
+    Returns n, l1, m, instances, polysemantic_neurons (mean), polysemantic_neurons_std, ci_low, ci_high (95 %
+    Student-t interval of the mean, `pipeline.stats.describe`), predicted_polysemantic_neurons (n²/(4m)) and
+    observed_over_predicted. The column names match what `pipeline.plots.incidental.collisions_plot` reads.
+    """
+    rows = []
+    for (n, l1, m), group in per_instance.groupby(["n", "l1", "m"], sort=True):
+        description = stats.describe(group["polysemantic_neurons"].to_numpy(dtype=float))
+        predicted = predicted_polysemantic_neurons(int(n), int(m))
+        rows.append(
+            {
+                "n": int(n),
+                "l1": float(l1),
+                "m": int(m),
+                "instances": int(description["n"]),
+                "polysemantic_neurons": description["mean"],
+                "polysemantic_neurons_std": description["std"],
+                "ci_low": description["ci_low"],
+                "ci_high": description["ci_high"],
+                "predicted_polysemantic_neurons": predicted,
+                "observed_over_predicted": description["mean"] / predicted,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def slope_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """The fitted log–log slope of mean count on m for each (n, l1) of a `collisions_summary` (theory −1).
+
+    Columns n, l1, points (m values with a positive mean, the ones the fit can use), slope, intercept,
+    slope_ci_low, slope_ci_high (`loglog_slope`).
+    """
+    rows = []
+    for (n, l1), group in summary.groupby(["n", "l1"], sort=True):
+        slope, intercept, low, high = loglog_slope(group["m"], group["polysemantic_neurons"])
+        rows.append(
+            {
+                "n": int(n),
+                "l1": float(l1),
+                "points": int((group["polysemantic_neurons"] > 0).sum()),
+                "slope": slope,
+                "intercept": intercept,
+                "slope_ci_low": low,
+                "slope_ci_high": high,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def noise_summary(per_instance: pd.DataFrame) -> pd.DataFrame:
+    """Final fourth norm and polysemantic count per (noise, sigma), mean and 95 % CI over instances.
+
+    per_instance: one row per instance with columns noise, sigma, nu, m, fourth_norm, fourth_norm_initial and
+    polysemantic_neurons. excess_kurtosis is κ of the noise family; isotropic_fourth_norm is 3/(m+2), where a
+    unit-length encoding without a privileged basis sits (SCIENCE.md §2.3).
+    """
+    rows = []
+    for (noise, sigma), group in per_instance.groupby(["noise", "sigma"], sort=False):
+        fourth = stats.describe(group["fourth_norm"].to_numpy(dtype=float))
+        counts = stats.describe(group["polysemantic_neurons"].to_numpy(dtype=float))
+        m = int(group["m"].iloc[0])
+        rows.append(
+            {
+                "noise": noise,
+                "sigma": float(sigma),
+                "excess_kurtosis": noise_excess_kurtosis(noise, float(group["nu"].iloc[0])),
+                "instances": int(fourth["n"]),
+                "fourth_norm": fourth["mean"],
+                "fourth_norm_ci_low": fourth["ci_low"],
+                "fourth_norm_ci_high": fourth["ci_high"],
+                "fourth_norm_initial": float(group["fourth_norm_initial"].mean()),
+                "isotropic_fourth_norm": 3 / (m + 2),
+                "polysemantic_neurons": counts["mean"],
+                "polysemantic_neurons_ci_low": counts["ci_low"],
+                "polysemantic_neurons_ci_high": counts["ci_high"],
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def noise_comparison(
+    per_instance: pd.DataFrame,
+    *,
+    baseline: str = "gaussian",
+    metrics: Sequence[str] = ("fourth_norm", "polysemantic_neurons"),
+    paired: bool = False,
+    n_resamples: int = 9999,
+) -> pd.DataFrame:
+    """Every noise type against `baseline` at the same σ, per metric (`pipeline.stats.compare_to_baseline`).
+
+    Welch's t-test by default. paired=True pairs instance k of both noise types: they start from the same
+    initial weights (the init stream does not depend on the noise), so the instance pairs the data.
+    The multiple-testing family is the whole returned table (every σ, noise type and metric): p_holm and p_bh
+    are recomputed over it. σ values without a `baseline` point are left out. Columns: sigma, then
+    `pipeline.stats.COMPARISON_COLUMNS` (config_a = the noise type, config_b = the baseline).
+    """
+    tables = []
+    for sigma, group in per_instance.groupby("sigma", sort=True):
+        if baseline not in set(group["noise"]) or group["noise"].nunique() < 2:
+            continue
+        table = stats.compare_to_baseline(
+            group,
+            config_column="noise",
+            metrics=list(metrics),
+            baseline=baseline,
+            paired=paired,
+            seed_column="instance",
+            n_resamples=n_resamples,
+        )
+        tables.append(table.assign(sigma=float(sigma)))
+    if not tables:
+        return pd.DataFrame(columns=["sigma", *stats.COMPARISON_COLUMNS])
+    combined = pd.concat(tables, ignore_index=True)
+    combined["p_holm"] = stats.adjust_pvalues(combined["p"].to_numpy(dtype=float), "holm")
+    combined["p_bh"] = stats.adjust_pvalues(combined["p"].to_numpy(dtype=float), "fdr_bh")
+    return combined[["sigma", *stats.COMPARISON_COLUMNS]]
+
+
+def _interval(low: float, high: float) -> str:
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return "–"
+    return f"[{format_number(low)}, {format_number(high)}]"
+
+
+@dataclass
+class IncidentalReport:
+    """Tables, figures and notes of the incidental study; `write` puts them on disk. Absent parts are None."""
+
+    collisions: pd.DataFrame | None
+    slopes: pd.DataFrame | None
+    noise: pd.DataFrame | None
+    comparisons: pd.DataFrame | None
+    dynamics: pd.DataFrame | None
+    per_instance: pd.DataFrame
+    figures: dict[str, Any]
+    notes: list[str]
+    baseline: str
+
+    def headline(self) -> str:
+        """The notes and the fitted slopes: short enough for a run description."""
+        lines = [f"- {note}" for note in self.notes]
+        if self.slopes is not None:
+            lines += [
+                f"- n = {row.n}, λ = {row.l1:g}: log–log slope {format_number(row.slope)} "
+                f"(95 % CI {_interval(row.slope_ci_low, row.slope_ci_high)}; theory −1)"
+                for row in self.slopes.itertuples()
+            ]
+        return "\n".join(lines)
+
+    def markdown(self) -> str:
+        sections = ["# Incidental polysemanticity report", ""]
+        sections += [f"- {note}" for note in self.notes] + [""]
+        if self.collisions is not None:
+            shown = pd.DataFrame(
+                {
+                    "n": self.collisions["n"],
+                    "λ": self.collisions["l1"],
+                    "m": self.collisions["m"],
+                    "instances": self.collisions["instances"],
+                    "polysemantic (mean)": self.collisions["polysemantic_neurons"],
+                    "95 % CI": [
+                        _interval(low, high)
+                        for low, high in zip(
+                            self.collisions["ci_low"], self.collisions["ci_high"], strict=True
+                        )
+                    ],
+                    "predicted n²/(4m)": self.collisions["predicted_polysemantic_neurons"],
+                    "observed / predicted": self.collisions["observed_over_predicted"],
+                }
+            )
+            sections += [
+                "## Polysemantic neurons against n²/(4m) (SCIENCE.md §2.2)",
+                "",
+                markdown_table(shown),
+            ]
+            sections += ["", "## Log–log slope of the mean count on m (theory −1)", ""]
+            slopes = self.slopes.assign(
+                ci=[
+                    _interval(low, high)
+                    for low, high in zip(
+                        self.slopes["slope_ci_low"], self.slopes["slope_ci_high"], strict=True
+                    )
+                ]
+            )
+            sections += [
+                markdown_table(
+                    slopes.rename(columns={"l1": "λ", "ci": "95 % CI"}),
+                    ["n", "λ", "points", "slope", "95 % CI", "intercept"],
+                ),
+                "",
+            ]
+        if self.noise is not None:
+            shown = pd.DataFrame(
+                {
+                    "noise": self.noise["noise"],
+                    "σ": self.noise["sigma"],
+                    "κ": self.noise["excess_kurtosis"],
+                    "instances": self.noise["instances"],
+                    "fourth norm": self.noise["fourth_norm"],
+                    "95 % CI": [
+                        _interval(low, high)
+                        for low, high in zip(
+                            self.noise["fourth_norm_ci_low"], self.noise["fourth_norm_ci_high"], strict=True
+                        )
+                    ],
+                    "at init": self.noise["fourth_norm_initial"],
+                    "3/(m+2)": self.noise["isotropic_fourth_norm"],
+                    "polysemantic (mean)": self.noise["polysemantic_neurons"],
+                }
+            )
+            sections += [
+                "## Final fourth norm Σ_j W_ij⁴ by noise type (SCIENCE.md §2.3)",
+                "",
+                markdown_table(shown),
+            ]
+            sections += ["", f"## Each noise type against {self.baseline} at the same σ", ""]
+            if self.comparisons is not None and len(self.comparisons):
+                columns = ["metric", "sigma", "config_a", "n_a", "n_b", "mean_a", "mean_b", "diff"]
+                columns += ["ci_low", "ci_high", "t", "df", "p", "p_holm", "hedges_g"]
+                readable = self.comparisons[columns].rename(columns={"config_a": "noise", "sigma": "σ"})
+                sections += [markdown_table(readable), ""]
+            else:
+                sections += [f"(no σ has both {self.baseline} and another noise type)", ""]
+        if self.dynamics is not None:
+            columns = ["m", "l1", "t_max", "completion_time_times_l1", "nonzeros_ratio_median"]
+            columns += ["nonzeros_ratio_min", "nonzeros_ratio_max", "l1_norm_ratio_median"]
+            shown = self.dynamics[[column for column in columns if column in self.dynamics]]
+            sections += ["## Speed of sparsification: ODE against ‖w‖₁ ≈ 1/(1/√m + λt) (SCIENCE.md §2.4)", ""]
+            sections += [markdown_table(shown.rename(columns={"l1": "λ"})), ""]
+            sections += [f"- {name}: documented {text}" for name, text in _DYNAMICS_EXPECTATIONS.items()]
+            sections += [""]
+        return "\n".join(sections)
+
+    def write(self, folder: Path) -> list[Path]:
+        """report.md, one CSV per table, per_instance.csv and one PNG per figure; returns the paths."""
+        folder.mkdir(parents=True, exist_ok=True)
+        written = []
+        tables = {
+            "collisions": self.collisions,
+            "collisions_slope": self.slopes,
+            "noise": self.noise,
+            "noise_comparisons": self.comparisons,
+            "dynamics": self.dynamics,
+            "per_instance": self.per_instance,
+        }
+        for name, frame in tables.items():
+            if frame is None:
+                continue
+            path = folder / f"{name}.csv"
+            frame.to_csv(path, index=False)
+            written.append(path)
+        for name, figure in self.figures.items():
+            path = folder / f"{name}.png"
+            figure.savefig(path, format="png", dpi=100, bbox_inches="tight")
+            written.append(path)
+        path = folder / "report.md"
+        images = "\n".join(f"![{name}]({name}.png)" for name in self.figures)
+        path.write_text(self.markdown() + "\n" + images + "\n")
+        written.append(path)
+        return written
+
+
+def build_report(
+    *,
+    collisions_instances: pd.DataFrame | None = None,
+    noise_instances: pd.DataFrame | None = None,
+    noise_curves: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
+    dynamics_table: pd.DataFrame | None = None,
+    simulations: Sequence[Mapping[str, Any]] | None = None,
+    baseline: str = "gaussian",
+    paired: bool = False,
+    n_resamples: int = 9999,
+    notes: Sequence[str] = (),
+) -> IncidentalReport:
+    """Assemble the report from stored values; each part is optional.
+
+    collisions_instances, noise_instances: per-instance rows (see `collisions_summary`, `noise_summary`);
+    noise_curves: {label: {"step": [...], "fourth_norm": [...]}} for the fourth-norm figure;
+    dynamics_table: one row per simulated λ (params and metrics of `dynamics`); simulations: their
+    trajectories (`simulate_sparsification` outputs with the predictions) for the figure.
+    Raises ValueError when every part is missing.
+    """
+    # pipeline.plots.incidental imports this module (confidence_halfwidth), so import it when needed.
+    from pipeline.plots.incidental import collisions_plot, fourth_norm_plot, sparsification_plot
+
+    if collisions_instances is None and noise_instances is None and dynamics_table is None:
+        raise ValueError("nothing to report: no collisions, noise or dynamics runs were given")
+    figures: dict[str, Any] = {}
+    collisions = slopes = noise = comparisons = None
+    frames = []
+    if collisions_instances is not None:
+        collisions = collisions_summary(collisions_instances)
+        slopes = slope_table(collisions)
+        figures["collisions"] = collisions_plot(collisions)
+        frames.append(collisions_instances)
+    if noise_instances is not None:
+        noise = noise_summary(noise_instances)
+        comparisons = noise_comparison(
+            noise_instances, baseline=baseline, paired=paired, n_resamples=n_resamples
+        )
+        if noise_curves:
+            ms = noise_instances["m"].unique()
+            figures["fourth_norm"] = fourth_norm_plot(noise_curves, int(ms[0]) if len(ms) == 1 else None)
+        frames.append(noise_instances)
+    if simulations:
+        figures["sparsification"] = sparsification_plot(simulations)
+    test = "paired t-test on instances (shared init)" if paired else "Welch's t-test"
+    all_notes = [*notes]
+    if comparisons is not None:
+        all_notes.append(
+            f"noise comparisons: {test}, bootstrap 95 % CI of the difference ({n_resamples} resamples), "
+            "Holm and BH over every row of the comparison table"
+        )
+    return IncidentalReport(
+        collisions=collisions,
+        slopes=slopes,
+        noise=noise,
+        comparisons=comparisons,
+        dynamics=dynamics_table,
+        per_instance=pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(),
+        figures=figures,
+        notes=all_notes,
+        baseline=baseline,
     )
