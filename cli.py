@@ -559,12 +559,22 @@ def report(
         _fail_usage(str(error))
     baseline = baseline or BASELINE_NAME
     try:
+        dropped = frame.attrs.get("duplicates_dropped", 0)
+        duplicate_notes = (
+            [
+                f"{dropped} duplicate FINISHED seed runs (same config hash and seed, e.g. from two sweeps started "
+                "at once) were counted once."
+            ]
+            if dropped
+            else []
+        )
         built = build_report(
             frame,
             metrics=list(metrics) or list(DEFAULT_METRICS),
             baseline=baseline,
             paired=paired,
             n_resamples=resamples,
+            extra_notes=duplicate_notes,
         )
     except ValueError as error:
         _fail_usage(f"--baseline/--metric: {error}")

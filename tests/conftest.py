@@ -12,6 +12,16 @@ from pipeline.config import AblationConfig, DataConfig, NetworkConfig, SAEConfig
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _work_in_a_temporary_folder(tmp_path, monkeypatch):
+    """Every test runs in its own folder, so nothing (mlflow.db, mlruns/, reports/) lands in the checkout."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+
+
 def tiny_config(**network_fields) -> AblationConfig:
     """A published-shaped config with few samples and epochs."""
     return AblationConfig(

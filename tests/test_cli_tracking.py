@@ -38,10 +38,13 @@ def runs_of_kind(client: MlflowClient, kind: str, status: str | None = None) -> 
 @pytest.fixture(scope="module")
 def strategic_store(tmp_path_factory):
     """One tiny strategic sweep shared by the read-only checks below."""
-    uri = f"sqlite:///{tmp_path_factory.mktemp('sweep') / 'mlflow.db'}"
-    result = CliRunner().invoke(
-        cli.cli, ["sweep", "--preset", "strategic", *TINY, "--tracking-uri", uri, "--experiment", "e2e"]
-    )
+    folder = tmp_path_factory.mktemp("sweep")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)  # module-scoped: runs before the per-test temporary folder
+        result = CliRunner().invoke(
+            cli.cli, ["sweep", "--preset", "strategic", *TINY, "--tracking-uri", uri, "--experiment", "e2e"]
+        )
     assert result.exit_code == 0, result.output
     return uri, result.output
 

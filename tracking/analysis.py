@@ -15,7 +15,10 @@ from tracking.store import Store, TrackingError, code_version, fail_run, git_com
 def latest_sweep_id(store: Store, experiment_id: str) -> str:
     """The sweep id of the most recent sweep run (any status) in the experiment."""
     runs = store.client.search_runs(
-        [experiment_id], "tags.kind = 'sweep'", max_results=1, order_by=["attributes.start_time DESC"]
+        [experiment_id],
+        "tags.kind = 'sweep' and tags.study = 'taming'",
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
     )
     if not runs:
         raise TrackingError(
@@ -26,7 +29,11 @@ def latest_sweep_id(store: Store, experiment_id: str) -> str:
 
 def sweep_ablation_run_ids(store: Store, experiment_id: str, sweep_id: str) -> list[str]:
     """Ablation runs a sweep used, its own and the FINISHED ones it reused, from its summary.csv."""
-    runs = search_all(store, [experiment_id], f"tags.kind = 'sweep' and tags.sweep_id = '{sweep_id}'")
+    runs = search_all(
+        store,
+        [experiment_id],
+        f"tags.kind = 'sweep' and tags.study = 'taming' and tags.sweep_id = '{sweep_id}'",
+    )
     if not runs:
         raise TrackingError(f"--sweep-id {sweep_id!r} matches no sweep run in this experiment")
     run = runs[0]

@@ -144,6 +144,7 @@ def start_ablation_run(
     """Create (or adopt, when `mlflow run` handed one over) the ablation run, RUNNING, with params and tags."""
     tags = {
         "kind": "ablation",
+        "study": "taming",
         "sweep_id": sweep_id,
         "preset": preset or "none",
         "git_commit": git_commit(),
@@ -229,6 +230,7 @@ def log_seed(
         MLFLOW_PARENT_RUN_ID: parent_run_id,
         MLFLOW_RUN_NAME: name,
         "kind": "seed",
+        "study": "taming",
         "seed": str(seed_result.seed),
         "sweep_id": sweep_id,
         "config_name": config.name,
@@ -404,6 +406,7 @@ def run_tracked_sweep(
                 ),
                 tags=[
                     RunTag("kind", "sweep"),
+                    RunTag("study", "taming"),
                     RunTag("sweep_id", sweep_id),
                     RunTag(MLFLOW_RUN_NAME, name),
                     RunTag("code_version", code_version()),
