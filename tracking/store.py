@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -27,6 +28,13 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # MLflow accepts at most 100 params/tags and 1000 metrics per log_batch call.
 BATCH_PARAMS, BATCH_METRICS = 100, 1000
 SUPPORTED_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql")
+# The /health check tries this often, backing off from 0.25 s, on a refused or reset connection or a
+# 502/503/504 (a server or its proxy restarting): about 0.75 s more before a down server is reported.
+HEALTH_ATTEMPTS = 3
+RETRIED_STATUSES = (502, 503, 504)
+CREDENTIALS_HINT = (
+    "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment"
+)
 
 
 class TrackingError(ValueError):
@@ -41,8 +49,9 @@ def resolve_tracking_uri(option: str | None) -> str:
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     """Raise TrackingError if `uri` is malformed or unreachable; writes nothing.
 
-    sqlite: the database's folder must exist. file: a path (the folder may be created). http(s): the
-    server must answer its /health endpoint within `timeout` seconds.
+    sqlite: the database's folder must exist. file: a path (the folder may be created). http(s): no
+    credentials in the URI, and the server must answer its /health endpoint within `timeout` seconds
+    (a refused connection or a 502/503/504 is retried briefly with backoff).
     """
     parsed = urllib.parse.urlparse(uri)
     scheme = parsed.scheme.split("+")[0]
@@ -64,14 +73,70 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     elif scheme in ("http", "https"):
         if not parsed.netloc:
             raise TrackingError(f"--tracking-uri must name a host, e.g. http://127.0.0.1:5000; got {uri!r}")
+        if parsed.username is not None or parsed.password is not None:
+            # Not echoed: the URI holds a secret, which would also end up in shell history, process
+            # lists and the run links MLflow prints.
+            raise TrackingError(
+                f"--tracking-uri must not carry credentials (user:password@); {CREDENTIALS_HINT}"
+            )
         health = urllib.parse.urljoin(uri.rstrip("/") + "/", "health")
         try:
-            with urllib.request.urlopen(health, timeout=timeout) as response:  # noqa: S310 (user-given URI)
-                response.read()
+            _get_with_retries(health, timeout)
         except (urllib.error.URLError, OSError, ValueError) as error:
             raise TrackingError(
                 f"--tracking-uri {uri} is unreachable ({error}); is the MLflow server running?"
             ) from error
+
+
+def _get_with_retries(url: str, timeout: float) -> None:
+    """GET `url`, retrying transient failures (HEALTH_ATTEMPTS tries in all) within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    delay = 0.25
+    for attempt in range(1, HEALTH_ATTEMPTS + 1):
+        try:
+            with urllib.request.urlopen(  # noqa: S310 (user-given URI)
+                url, timeout=max(deadline - time.monotonic(), 0.1)
+            ) as response:
+                response.read()
+            return
+        except urllib.error.HTTPError as error:
+            failure, transient = error, error.code in RETRIED_STATUSES
+        except urllib.error.URLError as error:
+            # Refused, reset or aborted connections are retried; DNS, TLS and timeouts are not.
+            failure, transient = error, isinstance(error.reason, ConnectionError)
+        except ConnectionError as error:
+            failure, transient = error, True
+        if not transient or attempt == HEALTH_ATTEMPTS or time.monotonic() + delay >= deadline:
+            raise failure
+        time.sleep(delay)
+        delay *= 2
+
+
+def check_access(client: MlflowClient, uri: str) -> None:
+    """Raise TrackingError if an MLflow server refuses this client (missing or wrong credentials).
+
+    MLflow's client sends MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)
+    from the environment; one read-only request shows whether the server accepts them, before any write.
+    Messages carry the HTTP status only, never a credential or a response body.
+    """
+    try:
+        client.search_experiments(max_results=1)
+    except mlflow.exceptions.MlflowException as error:
+        status = error.get_http_status_code()
+        if status == 401:
+            raise TrackingError(
+                f"--tracking-uri {uri} refused the request: credentials missing or wrong (HTTP 401); "
+                f"{CREDENTIALS_HINT}, never on the command line"
+            ) from None
+        if status == 403:
+            raise TrackingError(
+                f"--tracking-uri {uri}: the user in MLFLOW_TRACKING_USERNAME may not read experiments "
+                "there (HTTP 403); ask the server's administrator for permission"
+            ) from None
+        raise TrackingError(
+            f"--tracking-uri {uri} answers /health but its MLflow API request failed (HTTP {status}); "
+            "is it an MLflow tracking server?"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -125,7 +190,10 @@ def open_store(option: str | None) -> Store:
     """Resolve and check the tracking URI, then bind a client to it (no write yet)."""
     uri = resolve_tracking_uri(option)
     check_tracking_uri(uri)
-    return Store(uri=uri, client=MlflowClient(tracking_uri=uri))
+    client = MlflowClient(tracking_uri=uri)
+    if urllib.parse.urlparse(uri).scheme in ("http", "https"):
+        check_access(client, uri)
+    return Store(uri=uri, client=client)
 
 
 @lru_cache(maxsize=1)
