@@ -280,3 +280,27 @@ def test_checkpoint_loads_with_weights_only(strategic_store, tmp_path):
     saved = torch.load(path, weights_only=True)
     assert set(saved) == {"format", "config", "seed", "network", "sae"}
     assert set(saved["sae"]) >= {"mean", "std", "weights.decoder"}
+
+
+def test_sqlite_artifacts_live_beside_the_database(tmp_path, monkeypatch):
+    database_folder, working_folder = tmp_path / "store", tmp_path / "elsewhere"
+    database_folder.mkdir()
+    working_folder.mkdir()
+    monkeypatch.chdir(working_folder)
+    uri = f"sqlite:///{database_folder / 'mlflow.db'}"
+    result = invoke(
+        "ablate",
+        "--seeds",
+        "1",
+        "--epochs",
+        "5",
+        "--sae-epochs",
+        "5",
+        "--samples",
+        "64",
+        "--tracking-uri",
+        uri,
+    )
+    assert result.exit_code == 0, result.output
+    assert list(working_folder.iterdir()) == []
+    assert list((database_folder / "mlruns" / "taming").glob("*/artifacts/checkpoint/seed.pt"))

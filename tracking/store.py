@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import time
 import urllib.error
@@ -169,13 +170,22 @@ class Store:
         if not create:
             raise TrackingError(f"--experiment {name!r} does not exist in {self.uri}")
         try:
-            return self.client.create_experiment(name)
+            return self.client.create_experiment(name, artifact_location=self._artifact_location(name))
         except mlflow.exceptions.MlflowException:
             # Another process created it between our lookup and create: use theirs.
             experiment = self.client.get_experiment_by_name(name)
             if experiment is None:
                 raise
             return experiment.experiment_id
+
+    def _artifact_location(self, name: str) -> str | None:
+        """Beside the database for a SQLite store (MLflow's default is ./mlruns of whatever folder the
+        command ran in, which scatters artifacts); the server's choice for every other store."""
+        if not self.uri.startswith("sqlite:///"):
+            return None
+        folder = Path(self.uri.removeprefix("sqlite:///")).resolve().parent / "mlruns"
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "experiment"
+        return f"{folder.as_uri()}/{slug}"
 
     def existing_experiment_id(self, name: str | None) -> str:
         return self.experiment_id(name, create=False)
