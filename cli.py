@@ -16,6 +16,10 @@ from pipeline.config import AblationConfig, DataConfig, NetworkConfig, SAEConfig
 from pipeline.configuration import ConfigError
 from pipeline.experiments.incidental import collisions_points, dynamics, noise_points
 
+# Processes for `sweep --workers`. Local: see bench/scale.py for the measurement behind it.
+DEFAULT_LOCAL_WORKERS = 1
+DEFAULT_DASK_WORKERS = max(1, min(os.cpu_count() or 1, 4))
+
 HEADLINE_COLUMNS = (
     "macs",
     "interference",
@@ -40,6 +44,9 @@ Examples:
   python cli.py sweep --preset strategic --seeds 10          # the 8 published configurations
   python cli.py sweep --preset factorial --seeds 10          # all 16 cells of the 2^4 design
   python cli.py sweep --preset factorial --seeds 3 --epochs 200 --sae-epochs 100   # a quick look
+  python cli.py sweep --workers 2                            # each pass split by seed over 2 processes
+  python cli.py sweep --executor dask --tracking-uri http://127.0.0.1:5000          # a local Dask cluster
+  python cli.py sweep --executor dask --scheduler tcp://10.0.0.5:8786 --tracking-uri http://10.0.0.5:5000
 Re-running a sweep reuses every configuration that already has a FINISHED run with the same config,
 seeds and code version; --force trains them again.
 """
@@ -256,8 +263,8 @@ def _progress_bar(total: int, description: str):
     )
 
 
-def _run_sweep(configs, options, preset, adopt_as):
-    from pipeline.experiments.taming import run_ablations, total_work
+def _run_sweep(configs, options, preset, adopt_as, executor="local", scheduler=None, workers=None):
+    from pipeline.experiments.taming import PassPool, run_ablations, total_work
     from pipeline.tables import markdown_table, mean_plus_minus
     from pipeline.train import resolve_device
     from tracking.taming import run_tracked_sweep, summary_frame
@@ -266,6 +273,27 @@ def _run_sweep(configs, options, preset, adopt_as):
         resolve_device(options["device"])
     except ValueError as error:
         _fail_usage(f"--device: {error}")
+    if scheduler is not None and executor != "dask":
+        _fail_usage("--scheduler names a Dask scheduler; use it with --executor dask")
+    if scheduler is not None and workers is not None:
+        _fail_usage(
+            "--workers sizes the local executor or the LocalCluster started without --scheduler; drop one"
+        )
+    if executor == "dask":
+        try:
+            import distributed  # noqa: F401
+        except ImportError:
+            _fail_usage('--executor dask needs Dask distributed: pip install "dask[distributed]>=2024.1"')
+    workers = workers or (DEFAULT_DASK_WORKERS if executor == "dask" else DEFAULT_LOCAL_WORKERS)
+    if executor == "dask":
+        from tracking.store import resolve_tracking_uri
+
+        uri = resolve_tracking_uri(options["tracking_uri"])
+        if not uri.startswith(("http://", "https://")):
+            _fail_usage(
+                f"--executor dask: workers log straight to the tracking server, so --tracking-uri must be "
+                f"an MLflow server every worker reaches (http:// or https://); got {uri}"
+            )
     store = _store(options["tracking_uri"])
     adopted = _adopted_run(store)
     if adopted is not None and options["experiment"] is None:
@@ -281,42 +309,61 @@ def _run_sweep(configs, options, preset, adopt_as):
     share = options["batching"] == "shared"
     bar = None
     reused: list[str] = []
+    pool = None
 
     def plan(pending) -> None:
         nonlocal bar
         if pending:
             bar = _progress_bar(
-                total_work(pending, seeds, share), f"{len(pending)} config(s) × {len(seeds)} seeds"
+                total_work(pending, seeds, share, workers if executor == "local" else 1),
+                f"{len(pending)} config(s) × {len(seeds)} seeds",
             )
 
     def trainer(group, seed_list, share_passes, progress):
         return run_ablations(
-            group, seed_list, share_passes=share_passes, progress=progress, device=options["device"]
+            group,
+            seed_list,
+            share_passes=share_passes,
+            progress=progress,
+            device=options["device"],
+            pool=pool,
         )
 
     def progress(count: int) -> None:
         bar.update(count)
 
+    def on_reuse(config, run_id) -> None:
+        reused.append(f"{config.name} (run {run_id})")
+
     try:
-        sweep_id, outcomes = run_tracked_sweep(
-            store,
-            experiment_id,
-            configs,
-            seeds,
-            trainer=trainer,
-            preset=preset,
-            force=options["force"],
-            adopted_run_id=adopted.info.run_id if adopted is not None else None,
-            adopt_as=adopt_as,
-            share_passes=share,
-            artifacts=not options["no_artifacts"],
-            progress=progress,
-            on_reuse=lambda config, run_id: reused.append(f"{config.name} (run {run_id})"),
-            on_plan=plan,
-        )
+        if executor == "dask":
+            sweep_id, outcomes = _run_dask_sweep(
+                store, experiment_id, configs, seeds, options, preset, adopted, scheduler, workers, on_reuse
+            )
+        else:
+            if workers > 1:
+                pool = PassPool(workers)
+            sweep_id, outcomes = run_tracked_sweep(
+                store,
+                experiment_id,
+                configs,
+                seeds,
+                trainer=trainer,
+                preset=preset,
+                force=options["force"],
+                adopted_run_id=adopted.info.run_id if adopted is not None else None,
+                adopt_as=adopt_as,
+                share_passes=share,
+                artifacts=not options["no_artifacts"],
+                progress=progress,
+                on_reuse=on_reuse,
+                on_plan=plan,
+            )
     finally:
         if bar is not None:
             bar.close()
+        if pool is not None:
+            pool.close()
     if reused:
         click.echo(
             f"Reused {len(reused)} FINISHED configuration(s) with the same identity (use --force to retrain):"
@@ -336,7 +383,64 @@ def _run_sweep(configs, options, preset, adopt_as):
     if failed:
         for outcome in failed:
             click.echo(f"FAILED {outcome.config.name}: {outcome.failure}", err=True)
+        if executor == "dask":
+            click.echo(
+                "Re-run the same command to resume: FINISHED configurations are reused, the rest trained.",
+                err=True,
+            )
         sys.exit(1)
+
+
+def _run_dask_sweep(
+    store, experiment_id, configs, seeds, options, preset, adopted, scheduler, workers, on_reuse
+):
+    """The sweep as one Dask task per configuration; a progress bar over configurations."""
+    from mlflow.exceptions import MlflowException
+
+    from tracking.distributed import run_dask_sweep
+    from tracking.store import TrackingError
+
+    bar = None
+
+    def plan(pending) -> None:
+        nonlocal bar
+        if pending:
+            from tqdm import tqdm
+
+            bar = tqdm(
+                total=len(pending),
+                desc=f"{len(pending)} config(s) × {len(seeds)} seeds on Dask",
+                unit="config",
+                dynamic_ncols=True,
+            )
+
+    try:
+        return run_dask_sweep(
+            store,
+            experiment_id,
+            configs,
+            seeds,
+            scheduler=scheduler,
+            workers=workers,
+            preset=preset,
+            force=options["force"],
+            artifacts=not options["no_artifacts"],
+            device=options["device"],
+            adopted_run_id=adopted.info.run_id if adopted is not None else None,
+            on_reuse=on_reuse,
+            on_plan=plan,
+            on_done=lambda outcome: bar.update(1),
+        )
+    except TrackingError as error:
+        _fail_usage(str(error))
+    except MlflowException as error:
+        raise click.ClickException(
+            f"the tracking server {store.uri} stopped answering ({error.message.splitlines()[0]}). "
+            "Runs FINISHED so far are kept: re-run the same command to resume."
+        ) from error
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -399,14 +503,44 @@ def ablate(init, noise, reg, act, **options):
     help="strategic = the 8 published configurations; factorial = all 16 (2^4).",
 )
 @model_options
-def sweep(preset, **options):
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "dask"]),
+    default="local",
+    show_default=True,
+    help="local: this machine (--workers processes); dask: one Dask task per configuration, each worker "
+    "logging straight to the tracking server (which must then be an http(s) MLflow server).",
+)
+@click.option(
+    "--scheduler",
+    default=None,
+    metavar="ADDRESS",
+    help="Dask scheduler to use, e.g. tcp://10.0.0.5:8786 [default: start a LocalCluster of --workers processes].",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help=f"Processes of one torch thread each: the local executor splits every batched pass by seed over "
+    f"them; the Dask LocalCluster gets that many workers [default: {DEFAULT_LOCAL_WORKERS} local, "
+    f"{DEFAULT_DASK_WORKERS} dask].",
+)
+def sweep(preset, executor, scheduler, workers, **options):
     """Train every configuration of a preset, N seeds each, one MLflow run per configuration.
 
     Finished configurations are reused on a re-run (same config, seeds and code version), so a sweep
     that died halfway picks up where it stopped. A summary table is printed at the end.
     """
     base = build_base_config(options)
-    _run_sweep(preset_configs(preset, base), options, preset=preset, adopt_as="sweep")
+    _run_sweep(
+        preset_configs(preset, base),
+        options,
+        preset=preset,
+        adopt_as="sweep",
+        executor=executor,
+        scheduler=scheduler,
+        workers=workers,
+    )
 
 
 @cli.command()

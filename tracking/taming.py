@@ -321,6 +321,64 @@ def finish_ablation_run(store: Store, run_id: str, result, artifacts: bool = Tru
     return outcome
 
 
+def record_ablation(
+    store: Store,
+    experiment_id: str,
+    run_id: str,
+    result,
+    seeds: Sequence[int],
+    *,
+    sweep_id: str,
+    artifacts: bool = True,
+    overlaps: dict[int, Future] | None = None,
+    force: bool = False,
+) -> AblationOutcome:
+    """Log every seed of a trained AblationResult under its open ablation run, then finish that run.
+
+    `overlaps` maps id(seed_result) to a PNG an OverlapRenderer is drawing (drawn here when missing).
+    With `force`, older FINISHED runs of the same identity are retired afterwards.
+    """
+    overlaps = overlaps or {}
+    for seed_result in result.seeds:
+        log_seed(
+            store, experiment_id, run_id, seed_result, sweep_id, artifacts, overlaps.get(id(seed_result))
+        )
+    outcome = finish_ablation_run(store, run_id, result, artifacts)
+    if force:
+        _retire_older_runs(store, experiment_id, result.config, seeds, run_id)
+    return outcome
+
+
+SUPERSEDED_REASON = "superseded by a retry"
+
+
+def supersede_running_runs(
+    store: Store, experiment_id: str, config: AblationConfig, seeds: Sequence[int], sweep_id: str
+) -> list[str]:
+    """Mark RUNNING ablation runs of this identity and sweep FAILED (SUPERSEDED_REASON), with their
+    RUNNING seed runs; returns the ablation run ids.
+
+    A retried task calls this before it opens its own run: the attempt that died (its worker killed)
+    left its run RUNNING, and nothing else will ever finish it. Runs of other sweeps are left alone,
+    since they may be alive.
+    """
+    query = (
+        identity_filter(config, seeds)
+        + f" and tags.sweep_id = '{sweep_id}' and attributes.status = 'RUNNING'"
+    )
+    superseded = []
+    for run in store.client.search_runs([experiment_id], query, max_results=100):
+        children = store.client.search_runs(
+            [experiment_id],
+            f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run.info.run_id}' and attributes.status = 'RUNNING'",
+        )
+        for child in children:
+            fail_run(store, child.info.run_id, SUPERSEDED_REASON)
+        fail_run(store, run.info.run_id, SUPERSEDED_REASON)
+        superseded.append(run.info.run_id)
+    return superseded
+
+
 def _retire_older_runs(store: Store, experiment_id: str, config, seeds, keep_run_id: str) -> None:
     """After a --force re-run, delete older FINISHED runs of the same identity (and their seed runs)."""
     for run in finished_runs_for(store, experiment_id, config, seeds):
@@ -335,7 +393,7 @@ def _retire_older_runs(store: Store, experiment_id: str, config, seeds, keep_run
         store.client.delete_run(run.info.run_id)
 
 
-def _reused_outcome(run, config: AblationConfig) -> AblationOutcome:
+def reused_outcome(run, config: AblationConfig) -> AblationOutcome:
     metrics = run.data.metrics
     summary = {
         metric: {
@@ -351,6 +409,54 @@ def _reused_outcome(run, config: AblationConfig) -> AblationOutcome:
         int(metrics.get("seeds_failed", 0)),
         summary,
     )
+
+
+def new_sweep_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def start_sweep_run(
+    store: Store,
+    experiment_id: str,
+    sweep_id: str,
+    config_count: int,
+    seeds: Sequence[int],
+    preset: str | None,
+    adopted_run_id: str | None = None,
+) -> str:
+    """Create (or adopt) the sweep run, RUNNING, with its params and tags; returns its run id."""
+    run_id = adopted_run_id or (
+        store.client.create_run(
+            experiment_id, run_name=f"sweep {preset or 'custom'}", tags={"kind": "sweep"}
+        ).info.run_id
+    )
+    name = f"sweep {preset or 'custom'} ({config_count} configs × {len(seeds)} seeds)"
+    try:
+        log_in_batches(
+            store,
+            run_id,
+            params=without_logged(
+                store,
+                run_id,
+                [
+                    Param("preset", preset or "custom"),
+                    Param("seed_list", seeds_label(seeds)),
+                    Param("configs", str(config_count)),
+                ],
+            ),
+            tags=[
+                RunTag("kind", "sweep"),
+                RunTag("study", "taming"),
+                RunTag("sweep_id", sweep_id),
+                RunTag(MLFLOW_RUN_NAME, name),
+                RunTag("code_version", code_version()),
+                RunTag("git_commit", git_commit()),
+            ],
+        )
+    except BaseException as error:
+        fail_run(store, run_id, f"{type(error).__name__}: {error}")
+        raise
+    return run_id
 
 
 def run_tracked_sweep(
@@ -378,46 +484,18 @@ def run_tracked_sweep(
     `share_passes`, else one config per pass, and each group is recorded as soon as it has trained.
     """
     seeds = list(seeds)
-    sweep_id = uuid.uuid4().hex[:12]
-    sweep_run_id = None
-    if adopt_as == "sweep":
-        sweep_run_id = adopted_run_id or (
-            store.client.create_run(
-                experiment_id, run_name=f"sweep {preset or 'custom'}", tags={"kind": "sweep"}
-            ).info.run_id
-            if len(configs) > 1
-            else None
-        )
     outcomes: list[AblationOutcome | None] = [None] * len(configs)
+    sweep_id, sweep_run_id = new_sweep_id(), None
     try:
-        if sweep_run_id is not None:
-            name = f"sweep {preset or 'custom'} ({len(configs)} configs × {len(seeds)} seeds)"
-            log_in_batches(
-                store,
-                sweep_run_id,
-                params=without_logged(
-                    store,
-                    sweep_run_id,
-                    [
-                        Param("preset", preset or "custom"),
-                        Param("seed_list", seeds_label(seeds)),
-                        Param("configs", str(len(configs))),
-                    ],
-                ),
-                tags=[
-                    RunTag("kind", "sweep"),
-                    RunTag("study", "taming"),
-                    RunTag("sweep_id", sweep_id),
-                    RunTag(MLFLOW_RUN_NAME, name),
-                    RunTag("code_version", code_version()),
-                    RunTag("git_commit", git_commit()),
-                ],
+        if adopt_as == "sweep" and (adopted_run_id is not None or len(configs) > 1):
+            sweep_run_id = start_sweep_run(
+                store, experiment_id, sweep_id, len(configs), seeds, preset, adopted_run_id
             )
         pending: list[int] = []
         for index, config in enumerate(configs):
             existing = [] if force else finished_runs_for(store, experiment_id, config, seeds)
             if existing:
-                outcomes[index] = _reused_outcome(existing[0], config)
+                outcomes[index] = reused_outcome(existing[0], config)
                 if on_reuse is not None:
                     on_reuse(config, existing[0].info.run_id)
                 if adopt_as == "ablation" and adopted_run_id is not None:
@@ -455,7 +533,7 @@ def run_tracked_sweep(
         finally:
             renderer.close()
         if sweep_run_id is not None:
-            _finish_sweep_run(store, sweep_run_id, outcomes)  # type: ignore[arg-type]
+            finish_sweep_run(store, sweep_run_id, outcomes)  # type: ignore[arg-type]
     except BaseException as error:
         if sweep_run_id is not None:
             fail_run(store, sweep_run_id, f"{type(error).__name__}: {error}")
@@ -508,19 +586,17 @@ def _train_and_record(
                 if artifacts
             }
             for index, result in zip(group, results, strict=True):
-                for seed_result in result.seeds:
-                    log_seed(
-                        store,
-                        experiment_id,
-                        run_ids[index],
-                        seed_result,
-                        sweep_id,
-                        artifacts,
-                        overlaps.get(id(seed_result)),
-                    )
-                outcomes[index] = finish_ablation_run(store, run_ids[index], result, artifacts)
-                if force:
-                    _retire_older_runs(store, experiment_id, configs[index], seeds, run_ids[index])
+                outcomes[index] = record_ablation(
+                    store,
+                    experiment_id,
+                    run_ids[index],
+                    result,
+                    seeds,
+                    sweep_id=sweep_id,
+                    artifacts=artifacts,
+                    overlaps=overlaps,
+                    force=force,
+                )
         except BaseException as error:
             reason = f"{type(error).__name__}: {error}"
             for index, run_id in run_ids.items():
@@ -558,7 +634,8 @@ def summary_frame(outcomes: Sequence[AblationOutcome], metrics: Sequence[str]) -
     return pd.DataFrame(rows)
 
 
-def _finish_sweep_run(store: Store, run_id: str, outcomes: Sequence[AblationOutcome]) -> None:
+def finish_sweep_run(store: Store, run_id: str, outcomes: Sequence[AblationOutcome]) -> None:
+    """summary.csv (one row per configuration with its ablation run id), counts; FINISHED unless any failed."""
     frame = summary_frame(outcomes, METRIC_NAMES)
     frame.insert(1, "run_id", [outcome.run_id for outcome in outcomes])
     store.client.log_text(run_id, frame.to_csv(index=False), "summary.csv")
