@@ -475,18 +475,26 @@ def _train_saes(configs, seeds, datasets, weights, biases, state: _PassState, pr
     )
     curves: dict[str, list] = {"epoch": [], "sae_loss": [], "sae_l0": [], "sae_dead_fraction": []}
     alive = state.alive
+    hand_written = getattr(architecture, "losses_and_gradients", None)
+    standardized_features = standardized.transpose(1, 2).contiguous() if hand_written else None
     for epoch in range(sae_config.epochs):
-        latents = architecture.encode(parameters, standardized, sae_config)
-        reconstruction = architecture.decode(parameters, latents)
-        losses = (reconstruction - standardized).square().mean(dim=(1, 2)) + architecture.sparsity_penalty(
-            parameters, latents, sae_config
-        )
+        if hand_written is not None:
+            losses, gradients = hand_written(parameters, standardized_features, sae_config)
+        else:
+            latents = architecture.encode(parameters, standardized, sae_config)
+            reconstruction = architecture.decode(parameters, latents)
+            losses = (reconstruction - standardized).square().mean(
+                dim=(1, 2)
+            ) + architecture.sparsity_penalty(parameters, latents, sae_config)
         newly_failed = state.check(losses, "sae", epoch)
         if newly_failed:
             alive = state.alive
-        optimizer.zero_grad()
-        (losses if state.all_alive else torch.where(alive, losses, 0.0)).sum().backward()
-        optimizer.step(None if state.all_alive else alive)
+        if hand_written is not None:
+            optimizer.step(None if state.all_alive else alive, [gradients[name] for name in parameters])
+        else:
+            optimizer.zero_grad()
+            (losses if state.all_alive else torch.where(alive, losses, 0.0)).sum().backward()
+            optimizer.step(None if state.all_alive else alive)
         if newly_failed:
             _freeze_failed(list(parameters.values()), alive)
         if (epoch + 1) % first.curve_every == 0 or epoch + 1 == sae_config.epochs:

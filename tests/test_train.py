@@ -103,6 +103,28 @@ def test_hand_written_backward_matches_autograd(activation):
         assert torch.allclose(mine, leaf.grad, atol=1e-5)
 
 
+def test_hand_written_sae_gradients_match_autograd():
+    from pipeline.config import SAEConfig
+    from pipeline.sae import architecture
+
+    leaky = architecture("leaky_relu")
+    config = SAEConfig(l1_coefficient=0.05)
+    generator = torch.Generator().manual_seed(1)
+    models = [leaky.initial_parameters(6, 9, config, generator) for _ in range(3)]
+    parameters = {name: torch.stack([model[name] for model in models]) for name in models[0]}
+    inputs = torch.randn(3, 13, 6, generator=generator)  # [model, sample, hidden]
+    leaves = {name: value.clone().requires_grad_() for name, value in parameters.items()}
+    latents = leaky.encode(leaves, inputs, config)
+    reference = ((leaky.decode(leaves, latents) - inputs) ** 2).mean(dim=(1, 2)) + leaky.sparsity_penalty(
+        leaves, latents, config
+    )
+    reference.sum().backward()
+    losses, gradients = leaky.losses_and_gradients(parameters, inputs.transpose(1, 2).contiguous(), config)
+    assert torch.allclose(losses, reference.detach(), atol=1e-6)
+    for name, leaf in leaves.items():
+        assert torch.allclose(gradients[name], leaf.grad, atol=1e-6), name
+
+
 def test_configs_sharing_a_seed_and_noise_kind_share_noise():
     # With σ = 0 for one config the only difference between two configs is σ, so noise must scale exactly.
     low, high = tiny_config(sigma=0.05), tiny_config(sigma=0.1)
