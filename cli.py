@@ -1393,6 +1393,8 @@ def incidental_report(experiment, tracking_uri, sweep_ids, baseline, paired, res
 def main() -> None:
     # MLflow's own download bars would interleave with ours.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # Over HTTP MLflow prints a "View run … at" line per closed run: dozens per sweep, hiding the summary.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     cli(prog_name="python cli.py")
 
 
