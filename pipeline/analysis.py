@@ -193,23 +193,9 @@ class Report:
 
 
 def _readable_comparisons(comparisons: pd.DataFrame) -> pd.DataFrame:
-    columns = [
-        "metric",
-        "config_a",
-        "n_a",
-        "n_b",
-        "mean_a",
-        "mean_b",
-        "diff",
-        "ci_low",
-        "ci_high",
-        "t",
-        "df",
-        "p",
-        "p_holm",
-        "p_bh",
-        "hedges_g",
-    ]
+    # The baseline is named once in the heading and Hedges' g stands for the effect size, so both
+    # config_b and Cohen's d are left out of the printed table (they stay in comparisons.csv).
+    columns = [column for column in stats.COMPARISON_COLUMNS if column not in ("config_b", "cohen_d")]
     return comparisons[columns].rename(columns={"config_a": "configuration"})
 
 
