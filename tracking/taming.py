@@ -28,7 +28,6 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from mlflow.entities import Metric, Param, RunStatus, RunTag
@@ -168,23 +167,24 @@ class OverlapRenderer:
     """Draws per-seed overlap PNGs in one helper process.
 
     matplotlib's drawing was most of the logging time; in a second process it overlaps with the main
-    process's database writes (and, started before training, its start-up overlaps with training). Any
-    problem with the helper process falls back to drawing in this process.
+    process's database writes. The process starts at the first drawing, after training: started before,
+    its imports measurably slowed training. Any problem with it falls back to drawing in this process.
     """
 
     def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
         self.pool: ProcessPoolExecutor | None = None
-        if enabled:
-            try:
-                self.pool = ProcessPoolExecutor(
-                    max_workers=1, mp_context=multiprocessing.get_context("spawn")
-                )
-                self.pool.submit(overlap_png, np.eye(2), None)  # start the process and its imports now
-            except (OSError, RuntimeError, ValueError):
-                self.pool = None
+
+    def _start(self) -> None:
+        try:
+            self.pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        except (OSError, RuntimeError, ValueError):
+            self.enabled = False
 
     def render(self, decoder: torch.Tensor, title: str) -> Future:
         matrix = decoder.detach().cpu().numpy()
+        if self.enabled and self.pool is None:
+            self._start()
         if self.pool is not None:
             try:
                 return self.pool.submit(overlap_png, matrix, title)
@@ -266,14 +266,14 @@ def log_seed(
             return run_id
         log_in_batches(store, run_id, metrics=metrics, params=params)
         if artifacts:
+            saved = checkpoint(config, seed_result.seed, seed_result.network, seed_result.sae)
+            _log_file(store, run_id, "seed.pt", lambda path: torch.save(saved, path), "checkpoint")
             decoder = seed_result.sae.decoder_directions
             if overlap is None:
                 png = overlap_png(decoder.detach().cpu().numpy(), name)
             else:
                 png = OverlapRenderer.result(overlap, decoder, name)
             _log_file(store, run_id, "overlap.png", lambda path: path.write_bytes(png))
-            saved = checkpoint(config, seed_result.seed, seed_result.network, seed_result.sae)
-            _log_file(store, run_id, "seed.pt", lambda path: torch.save(saved, path), "checkpoint")
         store.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
     except BaseException as error:
         fail_run(store, run_id, f"logging failed: {type(error).__name__}: {error}")
