@@ -33,14 +33,27 @@ def _peak_rss_mb() -> float:
 
 
 @click.command()
-@click.option("--preset", type=click.Choice(["strategic", "factorial"]), default="strategic", show_default=True)
+@click.option(
+    "--preset", type=click.Choice(["strategic", "factorial"]), default="strategic", show_default=True
+)
 @click.option("--seeds", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--quick", is_flag=True, help="200 network and 100 SAE epochs instead of 2000 and 1000.")
-@click.option("--batching", type=click.Choice(["shared", "per-config", "both"]), default="both", show_default=True,
-              help="Vectorized passes: all configs in one pass, one pass per config, or time both.")
-@click.option("--serial-sample", type=click.IntRange(min=0), default=None,
-              help="Time only this many serial seeds and extrapolate (0 skips the serial loop).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch.set_num_threads (default: torch's).")
+@click.option(
+    "--batching",
+    type=click.Choice(["shared", "per-config", "both"]),
+    default="both",
+    show_default=True,
+    help="Vectorized passes: all configs in one pass, one pass per config, or time both.",
+)
+@click.option(
+    "--serial-sample",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Time only this many serial seeds and extrapolate (0 skips the serial loop).",
+)
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=None, help="torch.set_num_threads (default: torch's)."
+)
 def main(preset, seeds, quick, batching, serial_sample, threads):
     if threads:
         torch.set_num_threads(threads)

@@ -29,7 +29,9 @@ from tracking.taming import run_tracked_sweep  # noqa: E402
 
 
 @click.command()
-@click.option("--preset", type=click.Choice(["strategic", "factorial"]), default="strategic", show_default=True)
+@click.option(
+    "--preset", type=click.Choice(["strategic", "factorial"]), default="strategic", show_default=True
+)
 @click.option("--seeds", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--quick", is_flag=True, help="200 network and 100 SAE epochs.")
 def main(preset, seeds, quick):
