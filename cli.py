@@ -15,20 +15,14 @@ import click
 from pipeline.config import AblationConfig, DataConfig, NetworkConfig, SAEConfig, preset_configs
 from pipeline.configuration import ConfigError
 from pipeline.experiments.incidental import collisions_points, dynamics, noise_points
+from pipeline.metrics import HEADLINE_METRICS
 
 # Processes for `sweep --workers`. Local: see bench/scale.py for the measurement behind it.
 DEFAULT_LOCAL_WORKERS = 1
 DEFAULT_DASK_WORKERS = max(1, min(os.cpu_count() or 1, 4))
 
-HEADLINE_COLUMNS = (
-    "macs",
-    "interference",
-    "neuron_polysemantic",
-    "latent_polysemantic",
-    "feature_mcc",
-    "sae_fvu",
-    "val_mse",
-)
+# The sweep summary shows the headline metrics and the task loss beside them.
+HEADLINE_COLUMNS = (*HEADLINE_METRICS, "val_mse")
 
 EXAMPLES_ABLATE = """
 \b

@@ -18,18 +18,12 @@ from matplotlib.figure import Figure
 
 from pipeline import stats
 from pipeline.config import BASELINE, FACTOR_LEVELS, FACTORIAL_CONFIGURATIONS, STRATEGIC_CONFIGURATIONS
+from pipeline.metrics import HEADLINE_METRICS
 from pipeline.plots.report import interaction_grid, main_effects_plot, seed_strip_plot
 from pipeline.tables import format_number, markdown_table, mean_plus_minus
 
 BASELINE_NAME = "·".join(BASELINE)
-DEFAULT_METRICS = (
-    "macs",
-    "interference",
-    "neuron_polysemantic",
-    "latent_polysemantic",
-    "feature_mcc",
-    "sae_fvu",
-)
+DEFAULT_METRICS = HEADLINE_METRICS
 SIGNIFICANCE = 0.05
 
 # Seed 002's table (10 seeds each): MACS, Interference, Train MSE, Val MSE, L0 by configuration.
