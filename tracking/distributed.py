@@ -38,6 +38,7 @@ from tracking.taming import (
     finish_sweep_run,
     finished_runs_for,
     new_sweep_id,
+    partition_reused,
     record_ablation,
     reused_outcome,
     start_ablation_run,
@@ -172,15 +173,7 @@ def run_dask_sweep(
     seeds = list(seeds)
     sweep_id = new_sweep_id()
     outcomes: list[AblationOutcome | None] = [None] * len(configs)
-    pending = []
-    for index, config in enumerate(configs):
-        existing = [] if force else finished_runs_for(store, experiment_id, config, seeds)
-        if existing:
-            outcomes[index] = reused_outcome(existing[0], config)
-            if on_reuse is not None:
-                on_reuse(config, existing[0].info.run_id)
-        else:
-            pending.append(index)
+    pending = partition_reused(store, experiment_id, configs, seeds, outcomes, force, on_reuse)
     # Connect (and check the workers) before the first write, so a bad --scheduler leaves nothing behind.
     client, cluster = _connect(scheduler, workers) if pending else (None, None)
     try:

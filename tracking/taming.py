@@ -459,6 +459,29 @@ def start_sweep_run(
     return run_id
 
 
+def partition_reused(
+    store: Store,
+    experiment_id: str,
+    configs: Sequence[AblationConfig],
+    seeds: Sequence[int],
+    outcomes: list,
+    force: bool,
+    on_reuse: Callable[[AblationConfig, str], None] | None = None,
+) -> list[int]:
+    """Fill `outcomes` for configurations with a FINISHED run of the same identity (none when `force`);
+    return the indices still to train."""
+    pending: list[int] = []
+    for index, config in enumerate(configs):
+        existing = [] if force else finished_runs_for(store, experiment_id, config, seeds)
+        if not existing:
+            pending.append(index)
+            continue
+        outcomes[index] = reused_outcome(existing[0], config)
+        if on_reuse is not None:
+            on_reuse(config, existing[0].info.run_id)
+    return pending
+
+
 def run_tracked_sweep(
     store: Store,
     experiment_id: str,
@@ -491,23 +514,15 @@ def run_tracked_sweep(
             sweep_run_id = start_sweep_run(
                 store, experiment_id, sweep_id, len(configs), seeds, preset, adopted_run_id
             )
-        pending: list[int] = []
-        for index, config in enumerate(configs):
-            existing = [] if force else finished_runs_for(store, experiment_id, config, seeds)
-            if existing:
-                outcomes[index] = reused_outcome(existing[0], config)
-                if on_reuse is not None:
-                    on_reuse(config, existing[0].info.run_id)
-                if adopt_as == "ablation" and adopted_run_id is not None:
-                    # `mlflow run` opened a run for work that is already done: say so and close it.
-                    log_in_batches(
-                        store,
-                        adopted_run_id,
-                        tags=[RunTag("kind", "reuse"), RunTag("reused_run_id", existing[0].info.run_id)],
-                    )
-                    store.client.set_terminated(adopted_run_id, RunStatus.to_string(RunStatus.FINISHED))
-            else:
-                pending.append(index)
+        pending = partition_reused(store, experiment_id, configs, seeds, outcomes, force, on_reuse)
+        if adopt_as == "ablation" and adopted_run_id is not None and not pending:
+            # `mlflow run` opened a run for work that is already done: say so and close it.
+            log_in_batches(
+                store,
+                adopted_run_id,
+                tags=[RunTag("kind", "reuse"), RunTag("reused_run_id", outcomes[0].run_id)],
+            )
+            store.client.set_terminated(adopted_run_id, RunStatus.to_string(RunStatus.FINISHED))
         if on_plan is not None:
             on_plan([configs[index] for index in pending])
         groups = _pass_groups(configs, pending, share_passes)
