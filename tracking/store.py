@@ -220,26 +220,18 @@ def code_version() -> str:
     return "src-" + digest.hexdigest()[:12]
 
 
+def _git(*arguments: str) -> str:
+    return subprocess.run(
+        ["git", *arguments], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True, timeout=5
+    ).stdout.strip()
+
+
 @lru_cache(maxsize=1)
 def git_commit() -> str:
     """The checkout's commit, with '-dirty' when it has uncommitted changes; 'unknown' outside git."""
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=PROJECT_ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=5,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=PROJECT_ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=5,
-        ).stdout.strip()
+        commit = _git("rev-parse", "HEAD")
+        dirty = _git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return commit + ("-dirty" if dirty else "")
