@@ -12,7 +12,6 @@ details). Training and evaluation (all metrics) are timed; no tracking store is 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import resource
 import sys
@@ -24,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.config import AblationConfig, preset_configs  # noqa: E402
+from pipeline.config import QUICK_EPOCHS, QUICK_SAE_EPOCHS, AblationConfig, preset_configs  # noqa: E402
 from pipeline.experiments.taming import run_ablations  # noqa: E402
 
 
@@ -59,11 +58,7 @@ def main(preset, seeds, quick, batching, serial_sample, threads):
         torch.set_num_threads(threads)
     base = AblationConfig()
     if quick:
-        base = dataclasses.replace(
-            base,
-            network=dataclasses.replace(base.network, epochs=200),
-            sae=dataclasses.replace(base.sae, epochs=100),
-        )
+        base = base.with_epochs(QUICK_EPOCHS, QUICK_SAE_EPOCHS)
     configs = preset_configs(preset, base)
     seed_list = list(range(seeds))
     figures = {"configs": len(configs), "seeds": seeds, "threads": torch.get_num_threads()}

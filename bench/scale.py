@@ -16,7 +16,6 @@ CLI's start-up, which is the same for every mode. The last line printed is one J
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -35,18 +34,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.config import AblationConfig, preset_configs  # noqa: E402
+from pipeline.config import QUICK_EPOCHS, QUICK_SAE_EPOCHS, AblationConfig, preset_configs  # noqa: E402
 from pipeline.experiments.taming import PassPool, run_ablations  # noqa: E402
 
 
 def _base(quick: bool) -> AblationConfig:
     base = AblationConfig()
     if quick:
-        base = dataclasses.replace(
-            base,
-            network=dataclasses.replace(base.network, epochs=200),
-            sae=dataclasses.replace(base.sae, epochs=100),
-        )
+        base = base.with_epochs(QUICK_EPOCHS, QUICK_SAE_EPOCHS)
     return base
 
 

@@ -11,7 +11,6 @@ overhead_fraction, runs_logged.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import tempfile
@@ -22,7 +21,7 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.config import AblationConfig, preset_configs  # noqa: E402
+from pipeline.config import QUICK_EPOCHS, QUICK_SAE_EPOCHS, AblationConfig, preset_configs  # noqa: E402
 from pipeline.experiments.taming import run_ablations  # noqa: E402
 from tracking.store import open_store  # noqa: E402
 from tracking.taming import run_tracked_sweep  # noqa: E402
@@ -37,11 +36,7 @@ from tracking.taming import run_tracked_sweep  # noqa: E402
 def main(preset, seeds, quick):
     base = AblationConfig()
     if quick:
-        base = dataclasses.replace(
-            base,
-            network=dataclasses.replace(base.network, epochs=200),
-            sae=dataclasses.replace(base.sae, epochs=100),
-        )
+        base = base.with_epochs(QUICK_EPOCHS, QUICK_SAE_EPOCHS)
     configs = preset_configs(preset, base)
     seed_list = list(range(seeds))
 

@@ -55,6 +55,8 @@ FACTORIAL_CONFIGURATIONS: tuple[tuple[str, str, str, str], ...] = tuple(
 )
 PRESETS = {"strategic": STRATEGIC_CONFIGURATIONS, "factorial": FACTORIAL_CONFIGURATIONS}
 BASELINE = ("random", "bipolar", "l1", "relu")
+# The benchmarks' --quick: a tenth of the published epochs, enough to exercise every code path.
+QUICK_EPOCHS, QUICK_SAE_EPOCHS = 200, 100
 
 
 @dataclass(frozen=True)
@@ -219,6 +221,14 @@ class AblationConfig:
     def with_factors(self, init: str, noise: str, reg: str, act: str) -> AblationConfig:
         return dataclasses.replace(
             self, network=dataclasses.replace(self.network, init=init, noise=noise, reg=reg, act=act)
+        )
+
+    def with_epochs(self, network_epochs: int, sae_epochs: int) -> AblationConfig:
+        """The same configuration trained for other epoch counts (e.g. a quick look at 200 + 100)."""
+        return dataclasses.replace(
+            self,
+            network=dataclasses.replace(self.network, epochs=network_epochs),
+            sae=dataclasses.replace(self.sae, epochs=sae_epochs),
         )
 
     def describe(self) -> str:

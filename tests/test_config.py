@@ -100,3 +100,11 @@ def test_presets():
 def test_description_names_what_differs_from_baseline():
     text = AblationConfig().with_factors("random", "bipolar", "l2", "gelu").describe()
     assert "reg = l2" in text and "act = gelu" in text and "init" not in text.split("Differs")[1]
+
+
+def test_with_epochs_changes_only_the_epoch_counts():
+    config = AblationConfig().with_factors("orthogonal", "bipolar", "l2", "gelu")
+    quick = config.with_epochs(200, 100)
+    assert (quick.network.epochs, quick.sae.epochs) == (200, 100)
+    assert dataclasses.replace(quick.network, epochs=2000) == config.network
+    assert dataclasses.replace(quick.sae, epochs=1000) == config.sae and quick.data == config.data
