@@ -59,6 +59,62 @@ def _store(tracking_uri: str | None):
         _fail_usage(str(error))
 
 
+def tracking_uri_option():
+    return click.option(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db].",
+    )
+
+
+def experiment_option(study_default: str):
+    return click.option(
+        "--experiment",
+        default=None,
+        help=f"MLflow experiment name [default: the one `mlflow run` hands over, else '{study_default}'].",
+    )
+
+
+def device_option():
+    return click.option(
+        "--device",
+        type=click.Choice(["auto", "cpu", "cuda", "mps"]),
+        default="cpu",
+        show_default=True,
+        help="Where to train; 'auto' picks CUDA, then MPS, then CPU.",
+    )
+
+
+def report_output_options(files: str, default_folder: str):
+    """--resamples, --out and --no-log, shared by the two report commands."""
+
+    def decorate(function):
+        options = [
+            click.option(
+                "--resamples",
+                type=click.IntRange(min=100),
+                default=9999,
+                show_default=True,
+                help="Bootstrap resamples for the CI of each difference.",
+            ),
+            click.option(
+                "--out",
+                "out_dir",
+                type=click.Path(file_okay=False),
+                default=None,
+                help=f"Folder for {files} [default: {default_folder}].",
+            ),
+            click.option(
+                "--no-log", is_flag=True, help="Write the report files only; do not log an analysis run."
+            ),
+        ]
+        for option in reversed(options):
+            function = option(function)
+        return function
+
+    return decorate
+
+
 def model_options(function):
     """The numeric settings shared by `ablate` and `sweep` (defaults: the published protocol)."""
     defaults_network, defaults_sae, defaults_data = NetworkConfig(), SAEConfig(), DataConfig()
@@ -168,13 +224,7 @@ def model_options(function):
             show_default=True,
             help="Data set size (80 % train, 20 % validation).",
         ),
-        click.option(
-            "--device",
-            type=click.Choice(["auto", "cpu", "cuda", "mps"]),
-            default="cpu",
-            show_default=True,
-            help="Where to train; 'auto' picks CUDA, then MPS, then CPU.",
-        ),
+        device_option(),
         click.option(
             "--batching",
             type=click.Choice(["shared", "per-config"]),
@@ -182,16 +232,8 @@ def model_options(function):
             show_default=True,
             help="Train configurations that share shapes in one batched pass, or one pass per configuration.",
         ),
-        click.option(
-            "--experiment",
-            default=None,
-            help="MLflow experiment name [default: the one `mlflow run` hands over, else 'taming'].",
-        ),
-        click.option(
-            "--tracking-uri",
-            default=None,
-            help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db].",
-        ),
+        experiment_option("taming"),
+        tracking_uri_option(),
         click.option(
             "--force",
             is_flag=True,
@@ -539,11 +581,7 @@ def sweep(preset, executor, scheduler, workers, **options):
 
 @cli.command()
 @click.argument("run_id")
-@click.option(
-    "--tracking-uri",
-    default=None,
-    help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db].",
-)
+@tracking_uri_option()
 def inspect(run_id, tracking_uri):
     """Check a logged run against its stored artifacts.
 
@@ -605,16 +643,8 @@ Examples:
 
 
 @cli.command(epilog=EXAMPLES_REPORT)
-@click.option(
-    "--experiment",
-    default=None,
-    help="MLflow experiment name [default: the one `mlflow run` hands over, else 'taming'].",
-)
-@click.option(
-    "--tracking-uri",
-    default=None,
-    help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db].",
-)
+@experiment_option("taming")
+@tracking_uri_option()
 @click.option(
     "--sweep-id",
     default=None,
@@ -642,21 +672,7 @@ Examples:
     is_flag=True,
     help="Paired t-tests on shared seeds (seed k of every configuration sees the same data).",
 )
-@click.option(
-    "--resamples",
-    type=click.IntRange(min=100),
-    default=9999,
-    show_default=True,
-    help="Bootstrap resamples for the CI of each difference.",
-)
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Folder for the CSVs, report.md, report.html and PNGs [default: reports/report-<time>].",
-)
-@click.option("--no-log", is_flag=True, help="Write the report files only; do not log an analysis run.")
+@report_output_options("the CSVs, report.md, report.html and PNGs", "reports/report-<time>")
 def report(
     experiment, tracking_uri, sweep_id, filter_string, baseline, metrics, paired, resamples, out_dir, no_log
 ):
@@ -782,21 +798,7 @@ def _function_default(function, name: str):
 
 
 def _study_store_options(function):
-    options = [
-        click.option(
-            "--experiment",
-            default=None,
-            help="MLflow experiment name [default: the one `mlflow run` hands over, else 'incidental'].",
-        ),
-        click.option(
-            "--tracking-uri",
-            default=None,
-            help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db].",
-        ),
-    ]
-    for option in reversed(options):
-        function = option(function)
-    return function
+    return experiment_option("incidental")(tracking_uri_option()(function))
 
 
 def _training_options(*, instances: int, steps: int, optimizer: str, lr: float):
@@ -853,13 +855,7 @@ def _training_options(*, instances: int, steps: int, optimizer: str, lr: float):
                 show_default=True,
                 help="Steps between recorded curve points.",
             ),
-            click.option(
-                "--device",
-                type=click.Choice(["auto", "cpu", "cuda", "mps"]),
-                default="cpu",
-                show_default=True,
-                help="Where to train; 'auto' picks CUDA, then MPS, then CPU.",
-            ),
+            device_option(),
         ]
         for option in reversed(options):
             function = option(function)
@@ -1310,21 +1306,7 @@ def incidental_dynamics(m, l1_values, t_max_times_l1, dt, seed, experiment, trac
     is_flag=True,
     help="Paired t-tests on instances (instance k of every noise type starts from the same weights).",
 )
-@click.option(
-    "--resamples",
-    type=click.IntRange(min=100),
-    default=9999,
-    show_default=True,
-    help="Bootstrap resamples for the CI of each difference.",
-)
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Folder for report.md, the CSVs and PNGs [default: reports/incidental-<time>].",
-)
-@click.option("--no-log", is_flag=True, help="Write the report files only; do not log an analysis run.")
+@report_output_options("report.md, the CSVs and PNGs", "reports/incidental-<time>")
 def incidental_report(experiment, tracking_uri, sweep_ids, baseline, paired, resamples, out_dir, no_log):
     """Observed vs predicted counts with CIs, the fitted log–log slope, noise t-tests and figures.
 
