@@ -18,14 +18,10 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -36,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.config import QUICK_EPOCHS, QUICK_SAE_EPOCHS, AblationConfig, preset_configs  # noqa: E402
 from pipeline.experiments.taming import PassPool, run_ablations  # noqa: E402
+from tests.servers import running_server  # noqa: E402 (the test suite's loopback server helper)
 
 
 def _base(quick: bool) -> AblationConfig:
@@ -81,75 +78,16 @@ def time_engine(preset: str, seeds: int, quick: bool, workers: int) -> dict:
     return figures
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@contextmanager
-def mlflow_server(folder: Path, timeout: float = 120.0):
-    """`mlflow server` on 127.0.0.1 with its data in `folder`; its process group is stopped on exit."""
-    port = _free_port()
-    uri = f"http://127.0.0.1:{port}"
-    environment = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
-    environment["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-    with (folder / "server.log").open("wb") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mlflow",
-                "server",
-                "--backend-store-uri",
-                f"sqlite:///{folder / 'mlflow.db'}",
-                "--serve-artifacts",
-                "--artifacts-destination",
-                str(folder / "artifacts"),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--workers",
-                "1",
-            ],
-            cwd=folder,
-            env=environment,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=1) as response:  # noqa: S310 (loopback)
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not start; see {folder / 'server.log'}")
-            time.sleep(0.25)
-        yield uri
-    finally:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=15)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
-
-
 def time_sweeps(preset: str, seeds: int, quick: bool, workers: int, artifacts: bool) -> dict:
-    sizes = ["--epochs", "200", "--sae-epochs", "100"] if quick else []
+    sizes = ["--epochs", str(QUICK_EPOCHS), "--sae-epochs", str(QUICK_SAE_EPOCHS)] if quick else []
     modes = {
         "local_1proc": ["--executor", "local", "--workers", "1"],
         f"local_{workers}proc": ["--executor", "local", "--workers", str(workers)],
         "dask_2workers": ["--executor", "dask", "--workers", "2"],
     }
     figures: dict = {}
-    with tempfile.TemporaryDirectory() as folder, mlflow_server(Path(folder)) as uri:
+    with tempfile.TemporaryDirectory() as folder, running_server(Path(folder)) as server:
+        uri = server.uri
         # Warm-up: the server's first requests (database set-up, imports) would land on the first mode.
         warm_up = ["--seeds", "1", "--epochs", "2", "--sae-epochs", "2", "--no-artifacts"]
         subprocess.run(
