@@ -391,7 +391,13 @@ def test_plots_return_figures():
     points = [run_point(IncidentalConfig(n=6, m=m, instances=2, steps=30, curve_every=10)) for m in (6, 12)]
     table = collisions_table(points)
     table.loc[:, "polysemantic_neurons"] = [2.0, 1.0]  # make both points drawable on the log axis
-    assert isinstance(collisions_plot(table), Figure)
-    assert isinstance(fourth_norm_plot(curves_by_label(points), m=12), Figure)
+    figure = collisions_plot(table)
+    axes = figure.axes[0]
+    assert axes.get_xscale() == "log" and axes.get_yscale() == "log"
+    prediction = next(line for line in axes.get_lines() if "prediction" in line.get_label())
+    assert np.allclose(prediction.get_ydata(), 6 * 6 / (4 * np.asarray(prediction.get_xdata(), dtype=float)))
+    curves = curves_by_label(points)
+    drawn = {line.get_label() for line in fourth_norm_plot(curves, m=12).axes[0].get_lines()}
+    assert set(curves) <= drawn
     simulations = [point.simulation for point in dynamics(m=500, l1_values=(1e-2,), t_max_times_l1=2.0)]
     assert isinstance(sparsification_plot(simulations), Figure)
