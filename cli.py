@@ -14,15 +14,13 @@ import click
 
 from pipeline.config import AblationConfig, DataConfig, NetworkConfig, SAEConfig, preset_configs
 from pipeline.configuration import ConfigError
-from pipeline.experiments.incidental import collisions_points, dynamics, noise_points
-from pipeline.metrics import HEADLINE_METRICS
+from pipeline.experiments.incidental_defaults import COLLISIONS, DYNAMICS, NOISE
 
-# Processes for `sweep --workers`. Local: see bench/scale.py for the measurement behind it.
-DEFAULT_LOCAL_WORKERS = 1
+# Processes for `sweep --workers` with Dask (the local default is chosen per sweep by `auto_workers`).
 DEFAULT_DASK_WORKERS = max(1, min(os.cpu_count() or 1, 4))
 
 # The sweep summary shows the headline metrics and the task loss beside them.
-HEADLINE_COLUMNS = (*HEADLINE_METRICS, "val_mse")
+TASK_LOSS_COLUMN = "val_mse"
 
 EXAMPLES_ABLATE = """
 \b
@@ -300,15 +298,17 @@ def _progress_bar(total: int, description: str):
 
 
 def _run_sweep(configs, options, preset, adopt_as, executor="local", scheduler=None, workers=None):
-    from pipeline.experiments.taming import PassPool, run_ablations, total_work
-    from pipeline.tables import markdown_table, mean_plus_minus
-    from pipeline.train import resolve_device
-    from tracking.taming import run_tracked_sweep, summary_frame
+    # Nothing here imports torch or MLflow before the workers are started (below): their start-up then
+    # overlaps with those imports. Only an accelerator needs torch to be checked first.
+    from pipeline.experiments.pool import PassPool, auto_workers
 
-    try:
-        resolve_device(options["device"])
-    except ValueError as error:
-        _fail_usage(f"--device: {error}")
+    if options["device"] != "cpu":
+        from pipeline.train import resolve_device
+
+        try:
+            resolve_device(options["device"])
+        except ValueError as error:
+            _fail_usage(f"--device: {error}")
     if scheduler is not None and executor != "dask":
         _fail_usage("--scheduler names a Dask scheduler; use it with --executor dask")
     if scheduler is not None and workers is not None:
@@ -320,7 +320,11 @@ def _run_sweep(configs, options, preset, adopt_as, executor="local", scheduler=N
             import distributed  # noqa: F401
         except ImportError:
             _fail_usage('--executor dask needs Dask distributed: pip install "dask[distributed]>=2024.1"')
-    workers = workers or (DEFAULT_DASK_WORKERS if executor == "dask" else DEFAULT_LOCAL_WORKERS)
+    seeds = list(range(options["first_seed"], options["first_seed"] + options["seeds"]))
+    if executor == "dask":
+        workers = workers or DEFAULT_DASK_WORKERS
+    else:
+        workers = workers or auto_workers(configs, seeds, options["device"])
     if executor == "dask":
         from tracking.store import resolve_tracking_uri
 
@@ -330,6 +334,29 @@ def _run_sweep(configs, options, preset, adopt_as, executor="local", scheduler=N
                 f"--executor dask: workers log straight to the tracking server, so --tracking-uri must be "
                 f"an MLflow server every worker reaches (http:// or https://); got {uri}"
             )
+    pool = None
+    if executor == "local" and workers > 1:
+        # Started before the store is opened: the workers import torch while this process sets up MLflow.
+        pool = PassPool(workers).start()
+        from tracking.uri import is_new_sqlite_store, resolve_tracking_uri
+
+        if is_new_sqlite_store(resolve_tracking_uri(options["tracking_uri"])):
+            # A new store holds nothing to reuse, so everything will train: start it now, while MLflow
+            # creates the database (about 2 s on a 2-core machine).
+            pool.prefetch(configs, seeds, options["batching"] == "shared", options["device"])
+    try:
+        _sweep_into_store(configs, seeds, options, preset, adopt_as, executor, scheduler, workers, pool)
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+def _sweep_into_store(configs, seeds, options, preset, adopt_as, executor, scheduler, workers, pool):
+    from pipeline.experiments.pool import plan_passes, total_work
+    from pipeline.experiments.taming import run_ablations
+    from pipeline.tables import markdown_table, mean_plus_minus
+    from tracking.taming import run_tracked_sweep, summary_frame
+
     store = _store(options["tracking_uri"])
     adopted = _adopted_run(store)
     if adopted is not None and options["experiment"] is None:
@@ -341,29 +368,36 @@ def _run_sweep(configs, options, preset, adopt_as, executor="local", scheduler=N
             experiment_id = store.experiment_id(options["experiment"])
         except TrackingError as error:
             _fail_usage(str(error))
-    seeds = list(range(options["first_seed"], options["first_seed"] + options["seeds"]))
     share = options["batching"] == "shared"
     bar = None
     reused: list[str] = []
-    pool = None
+
+    passes = {"planned": 0, "trained": 0}
 
     def plan(pending) -> None:
         nonlocal bar
+        # run_tracked_sweep calls the trainer once per group of configurations sharing a pass.
+        passes["planned"] = len(plan_passes(pending, seeds, share)) if pending else 0
         if pending:
             bar = _progress_bar(
                 total_work(pending, seeds, share, workers if executor == "local" else 1),
                 f"{len(pending)} config(s) × {len(seeds)} seeds",
             )
 
-    def trainer(group, seed_list, share_passes, progress):
-        return run_ablations(
+    def trainer(group, seed_list, share_passes, progress, on_seed):
+        results = run_ablations(
             group,
             seed_list,
             share_passes=share_passes,
             progress=progress,
             device=options["device"],
             pool=pool,
+            on_seed=on_seed,
         )
+        passes["trained"] += 1
+        if pool is not None and passes["trained"] == passes["planned"]:
+            pool.release()  # the workers exit while this process records the last seeds
+        return results
 
     def progress(count: int) -> None:
         bar.update(count)
@@ -377,8 +411,6 @@ def _run_sweep(configs, options, preset, adopt_as, executor="local", scheduler=N
                 store, experiment_id, configs, seeds, options, preset, adopted, scheduler, workers, on_reuse
             )
         else:
-            if workers > 1:
-                pool = PassPool(workers)
             sweep_id, outcomes = run_tracked_sweep(
                 store,
                 experiment_id,
@@ -398,16 +430,17 @@ def _run_sweep(configs, options, preset, adopt_as, executor="local", scheduler=N
     finally:
         if bar is not None:
             bar.close()
-        if pool is not None:
-            pool.close()
     if reused:
         click.echo(
             f"Reused {len(reused)} FINISHED configuration(s) with the same identity (use --force to retrain):"
         )
         for line in reused:
             click.echo(f"  {line}")
-    frame = summary_frame(outcomes, HEADLINE_COLUMNS)
-    for metric in HEADLINE_COLUMNS:
+    from pipeline.metrics import HEADLINE_METRICS
+
+    columns = (*HEADLINE_METRICS, TASK_LOSS_COLUMN)
+    frame = summary_frame(outcomes, columns)
+    for metric in columns:
         frame[metric] = [
             mean_plus_minus(m, s) for m, s in zip(frame[metric], frame.pop(f"{metric}_std"), strict=True)
         ]
@@ -558,8 +591,9 @@ def ablate(init, noise, reg, act, **options):
     type=click.IntRange(min=1),
     default=None,
     help=f"Processes of one torch thread each: the local executor splits every batched pass by seed over "
-    f"them; the Dask LocalCluster gets that many workers [default: {DEFAULT_LOCAL_WORKERS} local, "
-    f"{DEFAULT_DASK_WORKERS} dask].",
+    f"them; the Dask LocalCluster gets that many workers [default: local, one per core when the sweep is "
+    f"big enough to repay starting them (the published strategic sweep is), else 1; dask, "
+    f"{DEFAULT_DASK_WORKERS}].",
 )
 def sweep(preset, executor, scheduler, workers, **options):
     """Train every configuration of a preset, N seeds each, one MLflow run per configuration.
@@ -791,12 +825,6 @@ def _flat(groups) -> list:
     return list(dict.fromkeys(value for group in groups for value in group))
 
 
-def _function_default(function, name: str):
-    import inspect
-
-    return inspect.signature(function).parameters[name].default
-
-
 def _study_store_options(function):
     return experiment_option("incidental")(tracking_uri_option()(function))
 
@@ -1007,7 +1035,7 @@ def incidental():
 @click.option(
     "--n",
     type=click.IntRange(min=1),
-    default=_function_default(collisions_points, "n"),
+    default=COLLISIONS["n"],
     show_default=True,
     help="Features.",
 )
@@ -1016,7 +1044,7 @@ def incidental():
     "ms",
     type=_ListOf(click.IntRange(min=1), ranges=True),
     multiple=True,
-    default=list(_function_default(collisions_points, "ms")),
+    default=list(COLLISIONS["ms"]),
     show_default=True,
     help="Hidden neurons, one point each (repeat, comma-separate, or START:STOP:STEP).",
 )
@@ -1025,13 +1053,13 @@ def incidental():
     "l1_values",
     type=_ListOf(click.FloatRange(min=0)),
     multiple=True,
-    default=list(_function_default(collisions_points, "l1_values")),
+    default=list(COLLISIONS["l1_values"]),
     show_default=True,
     help="L1 strengths λ (repeat or comma-separate); every m is trained at every λ.",
 )
 @_training_options(
-    instances=_function_default(collisions_points, "instances"),
-    steps=_function_default(collisions_points, "steps"),
+    instances=COLLISIONS["instances"],
+    steps=COLLISIONS["steps"],
     optimizer="adamw",
     lr=1e-3,
 )
@@ -1044,7 +1072,7 @@ def incidental_collisions(n, ms, l1_values, **options):
     curve.polysemantic_neurons). The sweep run holds collisions.csv, the log–log plot with the prediction
     line (error bars: 95 % CI of the mean across instances) and the fitted slope (theory −1).
     """
-    from pipeline.experiments.incidental import collisions_table, slope_table
+    from pipeline.experiments.incidental import collisions_points, collisions_table, slope_table
     from pipeline.tables import markdown_table
 
     ms, l1_values = _flat(ms), _flat(l1_values)
@@ -1099,14 +1127,14 @@ def incidental_collisions(n, ms, l1_values, **options):
 @click.option(
     "--n",
     type=click.IntRange(min=1),
-    default=_function_default(noise_points, "n"),
+    default=NOISE["n"],
     show_default=True,
     help="Features.",
 )
 @click.option(
     "--m",
     type=click.IntRange(min=1),
-    default=_function_default(noise_points, "m"),
+    default=NOISE["m"],
     show_default=True,
     help="Hidden neurons.",
 )
@@ -1115,7 +1143,7 @@ def incidental_collisions(n, ms, l1_values, **options):
     "noise_types",
     type=_ListOf(click.Choice(["bipolar", "gaussian", "laplace", "student_t"])),
     multiple=True,
-    default=list(_function_default(noise_points, "noise_types")),
+    default=list(NOISE["noise_types"]),
     show_default=True,
     help="Noise types on the hidden layer (repeat or comma-separate); excess kurtosis −2, 0, +3, 6/(ν−4).",
 )
@@ -1124,7 +1152,7 @@ def incidental_collisions(n, ms, l1_values, **options):
     "sigmas",
     type=_ListOf(click.FloatRange(min=0, min_open=True)),
     multiple=True,
-    default=list(_function_default(noise_points, "sigmas")),
+    default=list(NOISE["sigmas"]),
     show_default=True,
     help="Noise standard deviations σ (repeat or comma-separate); every type is run at every σ.",
 )
@@ -1145,15 +1173,15 @@ def incidental_collisions(n, ms, l1_values, **options):
 @click.option(
     "--l1",
     type=click.FloatRange(min=0),
-    default=_function_default(noise_points, "l1"),
+    default=NOISE["l1"],
     show_default=True,
     help="L1 strength λ (0: noise is the only winner-take-all force).",
 )
 @_training_options(
-    instances=_function_default(noise_points, "instances"),
-    steps=_function_default(noise_points, "steps"),
-    optimizer=_function_default(noise_points, "optimizer"),
-    lr=_function_default(noise_points, "lr"),
+    instances=NOISE["instances"],
+    steps=NOISE["steps"],
+    optimizer=NOISE["optimizer"],
+    lr=NOISE["lr"],
 )
 def incidental_noise(n, m, noise_types, sigmas, nu, noise_sharing, l1, **options):
     """Track the fourth norm Σ_j W_ij⁴ over training for each noise type and σ.
@@ -1162,6 +1190,7 @@ def incidental_noise(n, m, noise_types, sigmas, nu, noise_sharing, l1, **options
     curve). The sweep run holds noise.csv and the published figure with the positive-kurtosis (Laplace,
     Student-t) curves added; the final polysemantic counts per noise type are printed.
     """
+    from pipeline.experiments.incidental import noise_points
     from pipeline.tables import markdown_table
 
     settings = _training_settings(options)
@@ -1209,7 +1238,7 @@ def incidental_noise(n, m, noise_types, sigmas, nu, noise_sharing, l1, **options
 @click.option(
     "--m",
     type=click.IntRange(min=1),
-    default=_function_default(dynamics, "m"),
+    default=DYNAMICS["m"],
     show_default=True,
     help="Length of the encoding w.",
 )
@@ -1218,21 +1247,21 @@ def incidental_noise(n, m, noise_types, sigmas, nu, noise_sharing, l1, **options
     "l1_values",
     type=_ListOf(click.FloatRange(min=0, min_open=True)),
     multiple=True,
-    default=list(_function_default(dynamics, "l1_values")),
+    default=list(DYNAMICS["l1_values"]),
     show_default=True,
     help="L1 strengths λ of the ODE (repeat or comma-separate).",
 )
 @click.option(
     "--t-max-times-l1",
     type=click.FloatRange(min=1),
-    default=_function_default(dynamics, "t_max_times_l1"),
+    default=DYNAMICS["t_max_times_l1"],
     show_default=True,
     help="Simulate up to t = this / λ (≥ 1 so the comparison window t·λ ∈ [0.05, 1] is covered).",
 )
 @click.option(
     "--dt",
     type=click.FloatRange(min=0, min_open=True),
-    default=_function_default(dynamics, "dt"),
+    default=DYNAMICS["dt"],
     show_default=True,
     help="Euler step.",
 )
@@ -1251,6 +1280,7 @@ def incidental_dynamics(m, l1_values, t_max_times_l1, dt, seed, experiment, trac
 
     import pandas as pd
 
+    from pipeline.experiments.incidental import dynamics
     from pipeline.tables import markdown_table
     from tracking.incidental import track_dynamics
 

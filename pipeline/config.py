@@ -258,3 +258,22 @@ def preset_configs(preset: str, base: AblationConfig | None = None) -> list[Abla
     check_choice("preset", preset, PRESETS)
     base = base or AblationConfig()
     return [base.with_factors(*levels) for levels in PRESETS[preset]]
+
+
+def pass_key(config: AblationConfig) -> tuple:
+    """Configurations with equal keys can share one batched pass (they may differ in the four factors,
+    σ, λ, the L2 form and the learning rate)."""
+    network = config.network
+    return (
+        config.data,
+        network.hidden_dim,
+        network.hidden_layers,
+        network.epochs,
+        config.sae,
+        config.curve_every,
+    )
+
+
+def total_epochs(config: AblationConfig) -> int:
+    """Progress units one model of this config takes in a pass (network epochs + SAE epochs)."""
+    return config.network.epochs + config.sae.epochs

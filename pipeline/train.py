@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 from pipeline import sae as sae_architectures
-from pipeline.config import AblationConfig
+from pipeline.config import AblationConfig, pass_key, total_epochs  # noqa: F401 (re-exported)
 from pipeline.data import Dataset, generator_for, make_dataset, numpy_generator_for
 from pipeline.models import MLP, layer_dims, mlp_backward, mlp_forward_features, runs_of
 from pipeline.models import initial_parameters as network_initial_parameters
+from pipeline.runtime import retain_freed_memory
 
 # Noise is drawn this many epochs at a time per model. Fixed (not tied to the batch) so that a model's
 # noise stream is the same whether it trains alone or beside others.
@@ -107,19 +108,31 @@ def _student_t3_unit(count: int, generator: np.random.Generator) -> np.ndarray:
     Bailey's polar method (Math. Comp. 62, 1994): for (U, V) uniform on the unit disc and W = U² + V²,
     T = U·√(ν(W^(−2/ν) − 1)/W) is exactly t_ν. About 2.5 uniforms per draw, measured 1.7× faster than
     Z/√(χ²₃/3) from four normals. Candidates come in blocks and accepted ones are kept in order, so the
-    result depends only on `generator`.
+    result depends only on `generator`. The transform runs in place over every candidate and only the
+    accepted results are gathered: one gather instead of two, 1.5× faster than transforming after it.
     """
     nu = 3.0
     kept: list[np.ndarray] = []
     needed = count
     while needed > 0:
         candidates = int(needed * 1.3) + 64  # acceptance π/4 ≈ 0.785
-        pairs = generator.random((2, candidates), dtype=np.float32) * 2 - 1
-        radius = pairs[0] * pairs[0] + pairs[1] * pairs[1]
-        accepted = (radius < 1) & (radius > 0)
-        u, w = pairs[0][accepted][:needed], radius[accepted][:needed]
-        kept.append(u * np.sqrt(nu * (w ** (-2 / nu) - 1) / w))
-        needed -= u.size
+        pairs = generator.random((2, candidates), dtype=np.float32)
+        pairs *= 2
+        pairs -= 1
+        u, v = pairs
+        radius = u * u
+        radius += v * v
+        accepted = np.flatnonzero((radius < 1) & (radius > 0))[:needed]
+        # Rejected candidates (W = 0 or W ≥ 1) give inf or nan here and are never gathered.
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            transformed = radius ** (-2 / nu)
+            transformed -= 1
+            transformed *= nu
+            transformed /= radius
+            np.sqrt(transformed, out=transformed)
+            transformed *= u
+        kept.append(transformed[accepted])
+        needed -= accepted.size
     values = kept[0] if len(kept) == 1 else np.concatenate(kept)
     return values / np.float32(math.sqrt(nu))
 
@@ -173,20 +186,6 @@ class SeedResult:
     @property
     def finished(self) -> bool:
         return self.failure is None
-
-
-def pass_key(config: AblationConfig) -> tuple:
-    """Configurations with equal keys can share one batched pass (they may differ in the four factors,
-    σ, λ, the L2 form and the learning rate)."""
-    network = config.network
-    return (
-        config.data,
-        network.hidden_dim,
-        network.hidden_layers,
-        network.epochs,
-        config.sae,
-        config.curve_every,
-    )
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -268,6 +267,7 @@ def train_pass(
         raise ValueError("train_pass needs one seed per config and at least one model")
     if len({pass_key(config) for config in configs}) != 1:
         raise ValueError("configs in one pass must share data, widths, depth, epochs and SAE settings")
+    retain_freed_memory()
     started = time.perf_counter()
     # Models sorted by activation, so each activation covers one contiguous slice of the batch.
     order = sorted(range(len(configs)), key=lambda index: configs[index].network.act)
@@ -357,6 +357,31 @@ class _NoiseSource:
         return self.chunk[:, position].index_select(0, self.model_stream).mul_(self.sigma)
 
 
+def _flat_parameters(
+    initial: Sequence[tuple[list[torch.Tensor], list[torch.Tensor]]], device: torch.device
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Every model's weights and biases in one `[model, parameter]` tensor: all weights (layer by layer,
+    row-major) then all biases. Returns it with views `[model, d_out, d_in]` and `[model, d_out]` into it.
+
+    One tensor makes Adam a dozen kernels per step instead of a dozen per layer and parameter kind (torch's
+    CPU `_foreach_*` ops loop over their tensors); the views feed the GEMMs unchanged.
+    """
+    models = len(initial)
+    shapes = [weight.shape for weight in initial[0][0]]
+    sizes = [shape.numel() for shape in shapes] + [shape[0] for shape in shapes]
+    flat = torch.empty(models, sum(sizes), device=device)
+    views, start = [], 0
+    for size in sizes:
+        views.append(flat[:, start : start + size])
+        start += size
+    weights = [view.view(models, *shape) for view, shape in zip(views, shapes, strict=False)]
+    biases = views[len(shapes) :]
+    for layer in range(len(shapes)):
+        weights[layer].copy_(torch.stack([model[0][layer] for model in initial]))
+        biases[layer].copy_(torch.stack([model[1][layer] for model in initial]))
+    return flat, weights, biases
+
+
 def _stack_features(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
     """Per-model `[sample, feature]` tensors → feature-major `[model, feature, sample]`."""
     return torch.stack(list(tensors)).transpose(1, 2).contiguous().to(device)
@@ -372,9 +397,9 @@ def _train_networks(configs, seeds, datasets, state: _PassState, progress, devic
         network_initial_parameters(config.network.init, dims, generator_for(seed, "init"))
         for config, seed in zip(configs, seeds, strict=True)
     ]
-    layers = len(dims) - 1
-    weights = [torch.stack([model[0][layer] for model in initial]).to(device) for layer in range(layers)]
-    biases = [torch.stack([model[1][layer] for model in initial]).to(device) for layer in range(layers)]
+    flat, weights, biases = _flat_parameters(initial, device)
+    # Every weight comes before every bias in `flat`: the L1/L2 terms act on this prefix in one operation.
+    weight_count = sum(weight[0].numel() for weight in weights)
 
     def strength(reg: str, form: str | None = None) -> torch.Tensor:
         return _per_model_tensor(
@@ -385,7 +410,7 @@ def _train_networks(configs, seeds, datasets, state: _PassState, progress, devic
                 for config in configs
             ),
             device,
-        ).reshape(-1, 1, 1)
+        ).reshape(-1, 1)
 
     l1_strength, l2_penalty_strength, decay = (
         strength("l1"),
@@ -394,7 +419,7 @@ def _train_networks(configs, seeds, datasets, state: _PassState, progress, devic
     )
     use_l1, use_l2_penalty = bool(l1_strength.any()), bool(l2_penalty_strength.any())
     optimizer = BatchedAdam(
-        weights + biases,
+        [flat],
         lr=_per_model_tensor((config.network.lr for config in configs), device),
         coupled_decay=decay.flatten() if bool(decay.any()) else None,
     )
@@ -419,26 +444,25 @@ def _train_networks(configs, seeds, datasets, state: _PassState, progress, devic
         )
         residual = outputs - train_targets
         losses = residual.square().mean(dim=(1, 2))
+        flat_weights = flat[:, :weight_count]
         if use_l1:
-            losses = losses + l1_strength.flatten() * sum(weight.abs().sum(dim=(1, 2)) for weight in weights)
+            losses = losses + l1_strength.flatten() * flat_weights.abs().sum(dim=1)
         if use_l2_penalty:
-            losses = losses + l2_penalty_strength.flatten() * sum(
-                weight.square().sum(dim=(1, 2)) for weight in weights
-            )
+            losses = losses + l2_penalty_strength.flatten() * flat_weights.square().sum(dim=1)
         newly_failed = state.check(losses, "network", epoch)
         if newly_failed:
             alive = state.alive
         weight_gradients, bias_gradients = mlp_backward(
             residual.mul_(output_scale), weights, trace, activation
         )
-        for weight, gradient in zip(weights, weight_gradients, strict=True):
-            if use_l1:
-                gradient.add_(l1_strength * weight.sign())
-            if use_l2_penalty:
-                gradient.add_(2 * l2_penalty_strength * weight)
-        optimizer.step(None if state.all_alive else alive, weight_gradients + bias_gradients)
+        gradient = torch.cat([g.reshape(len(configs), -1) for g in weight_gradients + bias_gradients], dim=1)
+        if use_l1:
+            gradient[:, :weight_count].add_(l1_strength * flat_weights.sign())
+        if use_l2_penalty:
+            gradient[:, :weight_count].add_(2 * l2_penalty_strength * flat_weights)
+        optimizer.step(None if state.all_alive else alive, [gradient])
         if newly_failed:
-            _freeze_failed(weights + biases, alive)
+            _freeze_failed([flat], alive)
         if (epoch + 1) % first.curve_every == 0 or epoch + 1 == epochs:
             curves["epoch"].append(epoch + 1)
             curves["train_mse"].append(mse(train_inputs, train_targets).tolist())
@@ -447,7 +471,7 @@ def _train_networks(configs, seeds, datasets, state: _PassState, progress, devic
             progress(1)
     # A model can blow up on its very last step; check the trained parameters once more.
     if state.check(mse(train_inputs, train_targets), "network", epochs):
-        _freeze_failed(weights + biases, state.alive)
+        _freeze_failed([flat], state.alive)
     return curves, weights, biases
 
 
@@ -479,7 +503,9 @@ def _train_saes(configs, seeds, datasets, weights, biases, state: _PassState, pr
     standardized_features = standardized.transpose(1, 2).contiguous() if hand_written else None
     for epoch in range(sae_config.epochs):
         if hand_written is not None:
-            losses, gradients = hand_written(parameters, standardized_features, sae_config)
+            # No autograd graph: building one for these ops cost more than the ops themselves.
+            with torch.no_grad():
+                losses, gradients = hand_written(parameters, standardized_features, sae_config)
         else:
             latents = architecture.encode(parameters, standardized, sae_config)
             reconstruction = architecture.decode(parameters, latents)
@@ -508,8 +534,3 @@ def _train_saes(configs, seeds, datasets, weights, biases, state: _PassState, pr
             progress(1)
     detached = {name: value.detach() for name, value in parameters.items()}
     return curves, detached, (mean, std)
-
-
-def total_epochs(config: AblationConfig) -> int:
-    """Progress units one model of this config takes in a pass (network epochs + SAE epochs)."""
-    return config.network.epochs + config.sae.epochs

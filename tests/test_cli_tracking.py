@@ -216,7 +216,8 @@ def test_diverged_seed_is_a_failed_run_and_the_ablation_finishes(store_uri):
     store = open_store(store_uri)
     experiment_id = store.experiment_id("divergence")
 
-    def trainer_with_one_divergence(configs, seeds, share_passes, progress):
+    def trainer_with_one_divergence(configs, seeds, share_passes, progress, on_seed):
+        # Hands nothing over early (on_seed unused): every seed is then written after training.
         results = taming_experiments.run_ablations(
             configs, seeds, share_passes=share_passes, progress=progress
         )
@@ -304,3 +305,58 @@ def test_sqlite_artifacts_live_beside_the_database(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert list(working_folder.iterdir()) == []
     assert list((database_folder / "mlruns" / "taming").glob("*/artifacts/checkpoint/seed.pt"))
+
+
+def test_streamed_seed_runs_stay_running_until_their_ablation_finishes(store_uri):
+    """A seed written while others train is not FINISHED before its ablation: a crash in between leaves
+    it FAILED with the reason, and the resumed sweep ends with exactly one FINISHED run per seed."""
+    store = open_store(store_uri)
+    experiment_id = store.experiment_id("streamed")
+    client = store.client
+    seen_while_training = []
+
+    def trainer_that_dies_after_one_seed(configs, seeds, share_passes, progress, on_seed):
+        results = taming_experiments.run_ablations(configs, seeds, share_passes=share_passes)
+        on_seed(0, results[0].seeds[0])
+        seen_while_training.extend(run.info.status for run in runs_of_kind(client, "seed"))
+        raise RuntimeError("worker died")
+
+    with pytest.raises(RuntimeError, match="worker died"):
+        run_tracked_sweep(
+            store, experiment_id, [tiny_config()], [0, 1], trainer=trainer_that_dies_after_one_seed
+        )
+    assert seen_while_training == ["RUNNING"]
+    [seed_run] = runs_of_kind(client, "seed")
+    assert seed_run.info.status == "FAILED" and "worker died" in seed_run.data.tags["failure_reason"]
+    assert {artifact.path for artifact in client.list_artifacts(seed_run.info.run_id)} == {
+        "checkpoint",
+        "overlap.png",
+    }
+    assert runs_of_kind(client, "ablation")[0].info.status == "FAILED"
+
+    _, outcomes = run_tracked_sweep(
+        store, experiment_id, [tiny_config()], [0, 1], trainer=taming_experiments.run_ablations
+    )
+    assert outcomes[0].status == "finished"
+    finished = runs_of_kind(client, "seed", "FINISHED")
+    assert sorted(int(run.data.tags["seed"]) for run in finished) == [0, 1]
+
+
+def test_sweep_on_two_workers_into_a_new_store_matches_one_process(strategic_store, tmp_path):
+    """--workers 2 on a new store: training starts before the store exists (prefetch), seeds are written
+    as their chunks finish, and every metric equals the one-process sweep's."""
+    uri = f"sqlite:///{tmp_path / 'two.db'}"
+    result = invoke("sweep", "--preset", "strategic", *TINY, "--workers", "2", "--tracking-uri", uri)
+    assert result.exit_code == 0, result.output
+    one_uri, _ = strategic_store
+    two = seed_frame(open_store(uri), [open_store(uri).experiment_id(None)])
+    one_store = open_store(one_uri)
+    one = seed_frame(one_store, [one_store.experiment_id("e2e")])
+    assert len(two) == len(one) == 16 and (two["status"] == "FINISHED").all()
+    assert two["parent_run_id"].nunique() == 8
+    for (_, row_one), (_, row_two) in zip(one.iterrows(), two.iterrows(), strict=True):
+        assert (row_one["config"], row_one["seed"]) == (row_two["config"], row_two["seed"])
+        for name in METRIC_NAMES:
+            assert math.isclose(row_one[name], row_two[name], rel_tol=1e-6, abs_tol=1e-9) or (
+                math.isnan(row_one[name]) and math.isnan(row_two[name])
+            ), name

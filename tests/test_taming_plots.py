@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import io
+
+import matplotlib.image
+import numpy as np
+import pytest
 import torch
 from matplotlib.figure import Figure
 
 from pipeline.metrics import attribution_matrix, macs, polysemantic_units
-from pipeline.plots.taming import attribution_heatmap, overlap_grid, overlap_heatmap
+from pipeline.plots.taming import (
+    attribution_heatmap,
+    overlap_grid,
+    overlap_grid_png,
+    overlap_heatmap,
+    overlap_png,
+)
 
 GROUPS = [[0, 1, 2], [3, 4], [5, 6, 7]]
 
@@ -57,3 +68,42 @@ def test_attribution_heatmap_marks_polysemantic_units(tmp_path):
     assert len(figure.axes[0].lines) == len(GROUPS) - 1
     figure.savefig(tmp_path / "attribution.png")
     assert (tmp_path / "attribution.png").stat().st_size > 0
+
+
+def pixels(png: bytes) -> np.ndarray:
+    return matplotlib.image.imread(io.BytesIO(png))
+
+
+def full_draw(figure: Figure) -> np.ndarray:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=80)
+    return pixels(buffer.getvalue())
+
+
+@pytest.mark.parametrize("title", ["orthogonal·bipolar·l2·gelu seed 3", None])
+def test_painted_heatmap_is_the_full_matplotlib_drawing(title):
+    """The painter redraws only image, frame and title over a cached frame: the pixels must match a full
+    draw of the same figure (a few antialiased corner pixels of the frame may differ by a shade)."""
+    for seed in range(3):  # the same painter is reused; no earlier heatmap may show through
+        decoder = random_decoder(seed)
+        painted, drawn = pixels(overlap_png(decoder, title)), full_draw(overlap_heatmap(decoder, title))
+        assert painted.shape == drawn.shape
+        difference = np.abs(painted - drawn).max(axis=-1)
+        assert difference.max() < 0.05 and (difference > 0).sum() < 20
+
+
+def test_painted_grid_is_the_full_matplotlib_drawing():
+    for count, suptitle in [(10, "random·bipolar·l1·relu"), (3, None), (10, "orthogonal·bipolar·l2·gelu")]:
+        decoders = [random_decoder(seed + count) for seed in range(count)]
+        titles = [f"seed {seed}" for seed in range(count)]
+        painted = pixels(overlap_grid_png(decoders, titles, suptitle))
+        drawn = full_draw(overlap_grid(decoders, titles, suptitle))
+        assert painted.shape == drawn.shape
+        assert np.abs(painted - drawn).max() < 0.05
+
+
+def test_painter_refuses_decoders_it_was_not_built_for():
+    with pytest.raises(ValueError, match="share their number of latents"):
+        overlap_grid_png([random_decoder(0), torch.randn(8, 12)], ["a", "b"])
+    with pytest.raises(ValueError, match="at least one decoder"):
+        overlap_grid_png([], [])

@@ -23,7 +23,8 @@ import torch
 from mlflow import MlflowClient
 from mlflow.entities import RunStatus, ViewType
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+from tracking.uri import resolve_tracking_uri
+
 DEFAULT_EXPERIMENT = "taming"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # MLflow accepts at most 100 params/tags and 1000 metrics per log_batch call.
@@ -40,11 +41,6 @@ CREDENTIALS_HINT = (
 
 class TrackingError(ValueError):
     """The tracking store cannot be used as given; the message names the option."""
-
-
-def resolve_tracking_uri(option: str | None) -> str:
-    """`--tracking-uri`, else MLFLOW_TRACKING_URI, else MLflow 3's default `sqlite:///mlflow.db`."""
-    return option or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:

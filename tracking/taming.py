@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +34,7 @@ from pipeline import stats
 from pipeline.config import AblationConfig
 from pipeline.configuration import flatten
 from pipeline.evaluation import METRIC_NAMES, checkpoint
-from pipeline.plots.taming import overlap_grid, overlap_png
+from pipeline.plots.taming import overlap_grid_png, overlap_png, prepare_overlap_painters
 from pipeline.train import pass_key
 from tracking.store import Store, code_version, fail_run, git_commit, log_in_batches
 
@@ -116,11 +113,6 @@ def finished_runs_for(store: Store, experiment_id: str, config: AblationConfig, 
     )
 
 
-def _save_figure(store: Store, run_id: str, figure, artifact_file: str) -> None:
-    # 80 dpi keeps a 16×16 heatmap legible while rendering stays a small part of logging time.
-    store.client.log_figure(run_id, figure, artifact_file, save_kwargs={"dpi": 80})
-
-
 def _log_file(
     store: Store, run_id: str, name: str, write: Callable[[Path], None], artifact_path: str | None = None
 ) -> None:
@@ -163,50 +155,6 @@ def start_ablation_run(
     return run_id
 
 
-class OverlapRenderer:
-    """Draws per-seed overlap PNGs in one helper process.
-
-    matplotlib's drawing was most of the logging time; in a second process it overlaps with the main
-    process's database writes. The process starts at the first drawing, after training: started before,
-    its imports measurably slowed training. Any problem with it falls back to drawing in this process.
-    """
-
-    def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled
-        self.pool: ProcessPoolExecutor | None = None
-
-    def _start(self) -> None:
-        try:
-            self.pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-        except (OSError, RuntimeError, ValueError):
-            self.enabled = False
-
-    def render(self, decoder: torch.Tensor, title: str) -> Future:
-        matrix = decoder.detach().cpu().numpy()
-        if self.enabled and self.pool is None:
-            self._start()
-        if self.pool is not None:
-            try:
-                return self.pool.submit(overlap_png, matrix, title)
-            except (BrokenProcessPool, RuntimeError):
-                self.pool = None
-        done: Future = Future()
-        done.set_result(overlap_png(matrix, title))
-        return done
-
-    @staticmethod
-    def result(future: Future, decoder: torch.Tensor, title: str) -> bytes:
-        try:
-            return future.result()
-        except (BrokenProcessPool, OSError):
-            return overlap_png(decoder.detach().cpu().numpy(), title)
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
-            self.pool = None
-
-
 def seed_run_name(seed_result) -> str:
     return f"{seed_result.config.name} seed {seed_result.seed}"
 
@@ -218,11 +166,12 @@ def log_seed(
     seed_result,
     sweep_id: str,
     artifacts: bool = True,
-    overlap: Future | None = None,
+    terminate: bool = True,
 ) -> str:
     """One nested seed run: metrics, curves, overlap heatmap, checkpoint. FINISHED or FAILED with reason.
 
-    `overlap` is the PNG being drawn by an OverlapRenderer (drawn here when None).
+    With `terminate=False` a seed that trained is left RUNNING once everything is logged, for the caller
+    to finish together with its ablation (see SeedRuns); a diverged seed is FAILED either way.
     """
     config: AblationConfig = seed_result.config
     name = seed_run_name(seed_result)
@@ -267,18 +216,51 @@ def log_seed(
         log_in_batches(store, run_id, metrics=metrics, params=params)
         if artifacts:
             saved = checkpoint(config, seed_result.seed, seed_result.network, seed_result.sae)
-            _log_file(store, run_id, "seed.pt", lambda path: torch.save(saved, path), "checkpoint")
-            decoder = seed_result.sae.decoder_directions
-            if overlap is None:
-                png = overlap_png(decoder.detach().cpu().numpy(), name)
-            else:
-                png = OverlapRenderer.result(overlap, decoder, name)
-            _log_file(store, run_id, "overlap.png", lambda path: path.write_bytes(png))
-        store.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+            png = overlap_png(seed_result.sae.decoder_directions.detach().cpu(), name)
+            # Both files in one folder and one call: an artifact upload costs a few ms however small.
+            with tempfile.TemporaryDirectory() as folder:
+                checkpoint_path = Path(folder) / CHECKPOINT_PATH
+                checkpoint_path.parent.mkdir(parents=True)
+                torch.save(saved, checkpoint_path)
+                (Path(folder) / "overlap.png").write_bytes(png)
+                store.client.log_artifacts(run_id, folder)
+        if terminate:
+            store.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
     except BaseException as error:
         fail_run(store, run_id, f"logging failed: {type(error).__name__}: {error}")
         raise
     return run_id
+
+
+@dataclass
+class SeedRuns:
+    """The seed runs written so far under one ablation run.
+
+    Seed runs are written as soon as their seed has trained (while other seeds still train) but stay
+    RUNNING until their ablation finishes: a sweep killed halfway then leaves no FINISHED seed run under
+    an unfinished ablation, so a resumed sweep never ends with two FINISHED runs of one seed.
+    """
+
+    run_ids: dict[int, str] = field(default_factory=dict)  # seed → run id
+    open: list[str] = field(default_factory=list)  # logged and left RUNNING
+
+    def record(self, store: Store, experiment_id: str, parent_run_id: str, seed_result, sweep_id, artifacts):
+        run_id = log_seed(
+            store, experiment_id, parent_run_id, seed_result, sweep_id, artifacts, terminate=False
+        )
+        self.run_ids[seed_result.seed] = run_id
+        if seed_result.finished:
+            self.open.append(run_id)
+
+    def finish(self, store: Store) -> None:
+        while self.open:
+            store.client.set_terminated(self.open[0], RunStatus.to_string(RunStatus.FINISHED))
+            self.open.pop(0)
+
+    def fail(self, store: Store, reason: str) -> None:
+        for run_id in self.open:
+            fail_run(store, run_id, reason)
+        self.open.clear()
 
 
 def summarize_seeds(table: pd.DataFrame) -> dict[str, dict[str, float]]:
@@ -303,12 +285,12 @@ def finish_ablation_run(store: Store, run_id: str, result, artifacts: bool = Tru
     log_in_batches(store, run_id, metrics=metrics)
     store.client.log_text(run_id, table.to_csv(index=False), "seeds.csv")
     if artifacts and result.finished:
-        figure = overlap_grid(
-            [seed.sae.decoder_directions.detach() for seed in result.finished],
+        png = overlap_grid_png(
+            [seed.sae.decoder_directions.detach().cpu() for seed in result.finished],
             [f"seed {seed.seed}" for seed in result.finished],
             suptitle=result.config.name,
         )
-        _save_figure(store, run_id, figure, "overlap_grid.png")
+        _log_file(store, run_id, "overlap_grid.png", lambda path: path.write_bytes(png))
     outcome = AblationOutcome(result.config, run_id, "finished", finished, failed, summary)
     if finished == 0:
         outcome.status, outcome.failure = (
@@ -330,19 +312,24 @@ def record_ablation(
     *,
     sweep_id: str,
     artifacts: bool = True,
-    overlaps: dict[int, Future] | None = None,
     force: bool = False,
+    seed_runs: SeedRuns | None = None,
 ) -> AblationOutcome:
     """Log every seed of a trained AblationResult under its open ablation run, then finish that run.
 
-    `overlaps` maps id(seed_result) to a PNG an OverlapRenderer is drawing (drawn here when missing).
-    With `force`, older FINISHED runs of the same identity are retired afterwards.
+    `seed_runs` holds the seeds already written while others trained (they are not written again). With
+    `force`, older FINISHED runs of the same identity are retired afterwards. On an error the seed runs
+    left RUNNING are marked FAILED with it (the ablation run is the caller's to fail).
     """
-    overlaps = overlaps or {}
-    for seed_result in result.seeds:
-        log_seed(
-            store, experiment_id, run_id, seed_result, sweep_id, artifacts, overlaps.get(id(seed_result))
-        )
+    seed_runs = seed_runs if seed_runs is not None else SeedRuns()
+    try:
+        for seed_result in result.seeds:
+            if seed_result.seed not in seed_runs.run_ids:
+                seed_runs.record(store, experiment_id, run_id, seed_result, sweep_id, artifacts)
+        seed_runs.finish(store)
+    except BaseException as error:
+        seed_runs.fail(store, f"{type(error).__name__}: {error}")
+        raise
     outcome = finish_ablation_run(store, run_id, result, artifacts)
     if force:
         _retire_older_runs(store, experiment_id, result.config, seeds, run_id)
@@ -503,7 +490,9 @@ def run_tracked_sweep(
 
     `adopted_run_id` is the run `mlflow run` created: with adopt_as="sweep" it becomes the sweep run,
     with adopt_as="ablation" (one config) the ablation run. `trainer(configs, seeds, share_passes=...,
-    progress=...)` returns one AblationResult per config. Configs train in groups that share a pass when
+    progress=..., on_seed=...)` returns one AblationResult per config and calls `on_seed(config position,
+    seed result)` as each seed is ready (as `run_ablations` does), or never (seeds are then written at
+    the end). Configs train in groups that share a pass when
     `share_passes`, else one config per pass, and each group is recorded as soon as it has trained.
     """
     seeds = list(seeds)
@@ -525,28 +514,22 @@ def run_tracked_sweep(
             store.client.set_terminated(adopted_run_id, RunStatus.to_string(RunStatus.FINISHED))
         if on_plan is not None:
             on_plan([configs[index] for index in pending])
-        groups = _pass_groups(configs, pending, share_passes)
-        renderer = OverlapRenderer(enabled=artifacts and bool(groups))
-        try:
-            _train_and_record(
-                store,
-                experiment_id,
-                configs,
-                seeds,
-                groups,
-                outcomes,
-                trainer,
-                renderer,
-                sweep_id=sweep_id,
-                preset=preset,
-                force=force,
-                adopted_run_id=adopted_run_id,
-                adopt_as=adopt_as,
-                artifacts=artifacts,
-                progress=progress,
-            )
-        finally:
-            renderer.close()
+        _train_and_record(
+            store,
+            experiment_id,
+            configs,
+            seeds,
+            _pass_groups(configs, pending, share_passes),
+            outcomes,
+            trainer,
+            sweep_id=sweep_id,
+            preset=preset,
+            force=force,
+            adopted_run_id=adopted_run_id,
+            adopt_as=adopt_as,
+            artifacts=artifacts,
+            progress=progress,
+        )
         if sweep_run_id is not None:
             finish_sweep_run(store, sweep_run_id, outcomes)  # type: ignore[arg-type]
     except BaseException as error:
@@ -564,7 +547,6 @@ def _train_and_record(
     groups,
     outcomes,
     trainer,
-    renderer: OverlapRenderer,
     *,
     sweep_id,
     preset,
@@ -574,9 +556,19 @@ def _train_and_record(
     artifacts,
     progress,
 ) -> None:
-    """Each pass group: open its ablation runs, train, record seeds and summaries (outcomes filled in)."""
+    """Each pass group: open its ablation runs, train, record seeds and summaries (outcomes filled in).
+
+    Seeds are written as the trainer hands them over (`on_seed`), so with a pool of workers the first
+    chunks are recorded while the last ones train.
+    """
     for group in groups:
         run_ids = {}
+        seed_runs = {index: SeedRuns() for index in group}
+
+        def on_seed(position: int, seed_result, group=group, run_ids=run_ids, seed_runs=seed_runs) -> None:
+            index = group[position]
+            seed_runs[index].record(store, experiment_id, run_ids[index], seed_result, sweep_id, artifacts)
+
         try:
             for index in group:
                 adopt = adopted_run_id if adopt_as == "ablation" else None
@@ -589,17 +581,15 @@ def _train_and_record(
                     preset=preset,
                     run_id=adopt,
                 )
+            if artifacts:
+                prepare_overlap_painters(configs[group[0]].sae.d_sae, len(seeds))
             results = trainer(
-                [configs[index] for index in group], seeds, share_passes=True, progress=progress
+                [configs[index] for index in group],
+                seeds,
+                share_passes=True,
+                progress=progress,
+                on_seed=on_seed,
             )
-            overlaps = {
-                id(seed_result): renderer.render(
-                    seed_result.sae.decoder_directions, seed_run_name(seed_result)
-                )
-                for result in results
-                for seed_result in result.finished
-                if artifacts
-            }
             for index, result in zip(group, results, strict=True):
                 outcomes[index] = record_ablation(
                     store,
@@ -609,13 +599,14 @@ def _train_and_record(
                     seeds,
                     sweep_id=sweep_id,
                     artifacts=artifacts,
-                    overlaps=overlaps,
                     force=force,
+                    seed_runs=seed_runs[index],
                 )
         except BaseException as error:
             reason = f"{type(error).__name__}: {error}"
             for index, run_id in run_ids.items():
                 if outcomes[index] is None:
+                    seed_runs[index].fail(store, reason)
                     fail_run(store, run_id, reason)
             raise
 

@@ -23,6 +23,7 @@ import torch
 
 from pipeline import stats
 from pipeline.configuration import flatten
+from pipeline.experiments.incidental_defaults import COLLISIONS, DYNAMICS, NOISE
 from pipeline.incidental import (
     SPARSIFICATION_MIDDLE_WINDOW,
     IncidentalConfig,
@@ -110,11 +111,11 @@ def run_point(config: IncidentalConfig, progress: Callable[[int], None] | None =
 
 
 def collisions_points(
-    n: int = 64,
-    ms: Iterable[int] = (64, 128, 256, 512),
-    l1_values: Iterable[float] = (1e-3,),
-    instances: int = 16,
-    steps: int = 7500,
+    n: int = COLLISIONS["n"],
+    ms: Iterable[int] = COLLISIONS["ms"],
+    l1_values: Iterable[float] = COLLISIONS["l1_values"],
+    instances: int = COLLISIONS["instances"],
+    steps: int = COLLISIONS["steps"],
     **overrides: Any,
 ) -> list[IncidentalConfig]:
     """Configs of the collision sweep, ordered by λ then m.
@@ -187,15 +188,15 @@ def loglog_slope(ms: Sequence[float], counts: Sequence[float]) -> tuple[float, f
 
 
 def noise_points(
-    n: int = 8,
-    m: int = 16,
-    instances: int = 5,
-    steps: int = 20_000,
-    sigmas: Iterable[float] = (0.07, 0.1, 0.15),
-    noise_types: Iterable[str] = ("bipolar", "gaussian", "laplace", "student_t"),
-    optimizer: str = "sgd",
-    lr: float = 0.02,
-    l1: float = 0.0,
+    n: int = NOISE["n"],
+    m: int = NOISE["m"],
+    instances: int = NOISE["instances"],
+    steps: int = NOISE["steps"],
+    sigmas: Iterable[float] = NOISE["sigmas"],
+    noise_types: Iterable[str] = NOISE["noise_types"],
+    optimizer: str = NOISE["optimizer"],
+    lr: float = NOISE["lr"],
+    l1: float = NOISE["l1"],
     **overrides: Any,
 ) -> list[IncidentalConfig]:
     """Configs of the noise comparison, ordered by noise type then σ.
@@ -256,11 +257,11 @@ class DynamicsPoint:
 
 
 def dynamics(
-    m: int = 10_000,
-    l1_values: Iterable[float] = (1e-3, 1e-4),
-    t_max_times_l1: float = 3.0,
-    dt: float = 0.5,
-    seed: int = 0,
+    m: int = DYNAMICS["m"],
+    l1_values: Iterable[float] = DYNAMICS["l1_values"],
+    t_max_times_l1: float = DYNAMICS["t_max_times_l1"],
+    dt: float = DYNAMICS["dt"],
+    seed: int = DYNAMICS["seed"],
 ) -> list[DynamicsPoint]:
     """Simulate the sparsification ODE for each λ up to t = t_max_times_l1/λ and compare with the prediction.
 

@@ -6,11 +6,13 @@ state or the backend; every function returns the Figure and the caller decides w
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from collections.abc import Sequence
 
 import matplotlib
+import matplotlib.image
 import numpy as np
 import torch
 from matplotlib.axes import Axes
@@ -76,13 +78,129 @@ def overlap_heatmap(decoder: torch.Tensor, title: str | None = None, ax: Axes | 
     return figure
 
 
+class OverlapPainter:
+    """PNGs of overlap heatmaps (one, or a grid) for many decoder sets of one shape, fast.
+
+    A sweep logs one heatmap per seed run and one grid per ablation. A full matplotlib draw spends most of
+    its time (about 70 ms for a heatmap, 250 ms for a grid of ten) laying out ticks, labels and the
+    colourbar, which are the same every time because the colour scale is fixed to [0, 1]. The painter
+    draws that frame once, keeps its pixels, and per call redraws only the images, their frames and the
+    titles over a copy (about 10 ms). `figure` must come from `overlap_heatmap` or `overlap_grid`.
+    """
+
+    def __init__(self, figure: Figure, latents: int) -> None:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        self.figure, self.latents = figure, latents
+        self.canvas = FigureCanvasAgg(figure)
+        self.axes = [ax for ax in figure.axes if ax.images and ax.get_label() != "<colorbar>"]
+        self.images = [ax.images[0] for ax in self.axes]
+        self.suptitle = figure._suptitle
+        # The first draw places every title; a draw with titles hidden moves them, so their places are
+        # put back. Spines lie over the images, so they are redrawn after them (and kept out of the
+        # frame, where their antialiased edges would be blended twice).
+        self.canvas.draw()
+        title_positions = [ax.title.get_position() for ax in self.axes]
+        self.redrawn = [
+            (ax, artist) for ax in self.axes for artist in (ax.images[0], *ax.spines.values(), ax.title)
+        ]
+        if self.suptitle is not None:
+            self.redrawn.append((None, self.suptitle))
+        for _, artist in self.redrawn:
+            artist.set_visible(False)
+        self.canvas.draw()
+        self.frame = self.canvas.copy_from_bbox(figure.bbox)
+        for _, artist in self.redrawn:
+            artist.set_visible(True)
+        for ax, position in zip(self.axes, title_positions, strict=True):
+            ax.title.set_position(position)
+
+    def png(
+        self,
+        decoders: Sequence[torch.Tensor | np.ndarray],
+        titles: Sequence[str | None],
+        suptitle: str | None = None,
+    ) -> bytes:
+        """PNG bytes of the painter's figure drawn for `decoders` (each [latent, hidden]), one per panel."""
+        if len(decoders) != len(self.axes) or len(titles) != len(self.axes):
+            raise ValueError(f"this painter draws {len(self.axes)} panel(s); got {len(decoders)} decoders")
+        for ax, decoder, title in zip(self.axes, decoders, titles, strict=True):
+            decoder = torch.as_tensor(decoder)
+            if decoder.shape[0] != self.latents:
+                raise ValueError(f"this painter draws {self.latents} latents; got {decoder.shape[0]}")
+            absolute = cosine_matrix(decoder).abs().numpy()
+            np.fill_diagonal(absolute, np.nan)
+            ax.images[0].set_data(absolute)
+            overlap = f"MACS {macs(decoder):.3f}"
+            ax.title.set_text(f"{title}\n{overlap}" if title else overlap)
+        if self.suptitle is not None:
+            self.suptitle.set_text(suptitle or "")
+        self.canvas.restore_region(self.frame)
+        for ax, artist in self.redrawn:
+            (ax or self.figure).draw_artist(artist)
+        buffer = io.BytesIO()
+        # Compression level 1: two thirds of the encoding time of the default 6, files ~15 % larger.
+        matplotlib.image.imsave(
+            buffer,
+            np.asarray(self.canvas.buffer_rgba()),
+            format="png",
+            pil_kwargs={"compress_level": 1},
+        )
+        return buffer.getvalue()
+
+
+def _placeholder(latents: int) -> torch.Tensor:
+    return torch.eye(latents, max(latents, 2))
+
+
+@functools.lru_cache(maxsize=4)
+def _heatmap_painter(latents: int, dpi: int) -> OverlapPainter:
+    # A two-line placeholder title, like every real one, so the title is placed as it will be drawn.
+    figure = overlap_heatmap(_placeholder(latents), title="placeholder")
+    figure.set_dpi(dpi)
+    return OverlapPainter(figure, latents)
+
+
+@functools.lru_cache(maxsize=4)
+def _grid_painter(panels: int, latents: int, suptitle: bool, dpi: int) -> OverlapPainter:
+    figure = overlap_grid(
+        [_placeholder(latents)] * panels, ["placeholder"] * panels, "placeholder" if suptitle else None
+    )
+    figure.set_dpi(dpi)
+    return OverlapPainter(figure, latents)
+
+
+def prepare_overlap_painters(latents: int, panels: int, dpi: int = 80) -> None:
+    """Build the painters `overlap_png` and `overlap_grid_png` will use for decoders of `latents` rows
+    and grids of `panels` seeds (about 0.3 s, once), so a sweep can pay it while its workers train rather
+    than when the last results arrive."""
+    _heatmap_painter(latents, dpi)
+    _grid_painter(panels, latents, True, dpi)
+
+
 def overlap_png(decoder: torch.Tensor | np.ndarray, title: str | None = None, dpi: int = 80) -> bytes:
-    """PNG bytes of `overlap_heatmap(decoder, title)`; a plain function of plain data, so it can run in a
-    helper process (see tracking.taming.OverlapRenderer)."""
-    figure = overlap_heatmap(torch.as_tensor(decoder), title=title)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi)
-    return buffer.getvalue()
+    """PNG bytes of `overlap_heatmap(decoder, title)` at `dpi`, drawn by a cached OverlapPainter."""
+    decoder = torch.as_tensor(decoder)
+    return _heatmap_painter(decoder.shape[0], dpi).png([decoder], [title])
+
+
+def overlap_grid_png(
+    decoders: Sequence[torch.Tensor | np.ndarray],
+    titles: Sequence[str],
+    suptitle: str | None = None,
+    dpi: int = 80,
+) -> bytes:
+    """PNG bytes of `overlap_grid(decoders, titles, suptitle)` at `dpi`, drawn by a cached OverlapPainter.
+
+    All decoders must have the same number of latents.
+    """
+    if len(decoders) == 0:
+        raise ValueError("overlap_grid_png needs at least one decoder")
+    latents = {torch.as_tensor(decoder).shape[0] for decoder in decoders}
+    if len(latents) != 1:
+        raise ValueError(f"decoders of one grid must share their number of latents; got {sorted(latents)}")
+    painter = _grid_painter(len(decoders), latents.pop(), suptitle is not None, dpi)
+    return painter.png(decoders, titles, suptitle)
 
 
 def overlap_grid(

@@ -1,0 +1,273 @@
+"""Worker processes for the taming study: how passes are cut into seed chunks, and the pool that trains them.
+
+Importing this module costs nothing heavy (no torch): the sweep command decides on and starts its workers
+before it imports torch and MLflow, so the workers' own start-up (about 1.5 s each) overlaps with them.
+The worker side imports the engine when it starts.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from typing import TYPE_CHECKING
+
+from pipeline.config import AblationConfig, pass_key, total_epochs
+
+if TYPE_CHECKING:
+    from pipeline.train import SeedResult
+
+Progress = Callable[[int], None]
+
+
+def plan_passes(
+    configs: Sequence[AblationConfig], seeds: Sequence[int], share_passes: bool = True
+) -> list[list[tuple[int, int]]]:
+    """Group (config index, seed) pairs into batched passes: by pass_key when sharing, else per config."""
+    groups: dict[object, list[tuple[int, int]]] = defaultdict(list)
+    for config_index, config in enumerate(configs):
+        key = pass_key(config) if share_passes else config_index
+        groups[key].extend((config_index, seed) for seed in seeds)
+    return list(groups.values())
+
+
+def seed_chunks(members: Sequence[tuple[int, int]], chunks: int) -> list[list[tuple[int, int]]]:
+    """Split a pass's (config index, seed) members into at most `chunks` contiguous groups of seeds.
+
+    A seed never straddles two chunks, so configurations sharing a seed still share its data and noise
+    streams (common random numbers) inside their chunk.
+    """
+    seeds = list(dict.fromkeys(seed for _, seed in members))
+    chunks = max(1, min(chunks, len(seeds)))
+    size, extra = divmod(len(seeds), chunks)
+    groups, start = [], 0
+    for chunk in range(chunks):
+        chosen = set(seeds[start : start + size + (chunk < extra)])
+        start += size + (chunk < extra)
+        groups.append([member for member in members if member[1] in chosen])
+    return groups
+
+
+# With a pool, a pass with enough seeds is cut into this many seed chunks per worker. Chunks then finish
+# at different times, and a caller that records seeds as they come (`on_seed`) writes the first chunks
+# while the last ones train. Per-model cost is flat from 16 models per pass up (bench/engine.py), so the
+# smaller chunks cost nothing in speed.
+CHUNKS_PER_WORKER = 2
+
+
+def pool_chunks(members: Sequence[tuple[int, int]], workers: int) -> list[list[tuple[int, int]]]:
+    """The seed chunks a pool of `workers` trains one pass in (one chunk without a pool).
+
+    Two chunks per worker when the pass has at least four seeds per worker, else one: with fewer seeds
+    the second round would leave workers idle or run chunks too small to batch well.
+    """
+    if workers <= 1:
+        return [list(members)]
+    seeds = len(dict.fromkeys(seed for _, seed in members))
+    per_worker = CHUNKS_PER_WORKER if seeds >= 2 * CHUNKS_PER_WORKER * workers else 1
+    return seed_chunks(members, workers * per_worker)
+
+
+# Below this much work (models × (network + SAE epochs)) one process is done before a pool of fresh
+# processes has imported torch: a pool saves ~30 % of the training time and costs ~2 s to start
+# (bench/scale.py). The strategic sweep is 80 × 3000 = 240 000.
+POOL_MINIMUM_MODEL_EPOCHS = 60_000
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the platform has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def auto_workers(configs: Sequence[AblationConfig], seeds: Sequence[int], device: str = "cpu") -> int:
+    """Worker processes worth starting for this work: one per core (at most one per seed) on a CPU when
+    the work reaches POOL_MINIMUM_MODEL_EPOCHS, else 1. An accelerator is driven by one process."""
+    if not configs or not seeds:
+        return 1
+    if device != "cpu":
+        from pipeline.train import resolve_device  # imports torch, which "cpu" does not need
+
+        if resolve_device(device).type != "cpu":
+            return 1
+    work = len(seeds) * sum(total_epochs(config) for config in configs)
+    if work < POOL_MINIMUM_MODEL_EPOCHS:
+        return 1
+    return max(1, min(usable_cores(), len(seeds)))
+
+
+def total_work(
+    configs: Sequence[AblationConfig], seeds: Sequence[int], share_passes: bool = True, workers: int = 1
+) -> int:
+    """Progress units for `run_ablations` (epochs of all passes, network + SAE; each seed chunk of a pass
+    counts its epochs when `workers` > 1)."""
+    return sum(
+        total_epochs(configs[members[0][0]]) * len(pool_chunks(members, workers))
+        for members in plan_passes(configs, seeds, share_passes)
+    )
+
+
+# A worker process reports progress this many epochs at a time (one queue message per call otherwise).
+PROGRESS_BATCH = 25
+_worker_progress: multiprocessing.Queue | None = None
+
+
+def _start_worker(progress: multiprocessing.Queue) -> None:
+    global _worker_progress
+    import torch
+
+    # One thread per process: N processes then use N cores without oversubscribing them.
+    torch.set_num_threads(1)
+    _worker_progress = progress
+
+
+def _chunk_key(configs: Sequence[AblationConfig], seeds: Sequence[int], device: str) -> tuple:
+    return (tuple(config.hash() for config in configs), tuple(seeds), device)
+
+
+def _ready() -> bool:
+    return True
+
+
+def _train_chunk(configs: Sequence[AblationConfig], seeds: Sequence[int], device: str) -> list[SeedResult]:
+    """In a worker process: one batched pass over a seed chunk, evaluated (progress sent to the parent)."""
+    from pipeline.experiments.taming import evaluate
+    from pipeline.train import train_pass
+
+    pending = 0
+
+    def progress(count: int) -> None:
+        nonlocal pending
+        pending += count
+        if pending >= PROGRESS_BATCH:
+            _worker_progress.put(pending)
+            pending = 0
+
+    trained = train_pass(configs, seeds, progress if _worker_progress is not None else None, device)
+    if pending and _worker_progress is not None:
+        _worker_progress.put(pending)
+    return [evaluate(result) for result in trained]
+
+
+class PassPool:
+    """N worker processes (spawn, one torch thread each) that train seed chunks of batched passes.
+
+    Start it once for a sweep (`with PassPool(2) as pool:`) and hand it to every `run_ablations` call:
+    starting a process costs about as much as importing torch.
+    """
+
+    def __init__(self, workers: int) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1; got {workers}")
+        context = multiprocessing.get_context("spawn")
+        self.workers = workers
+        self.progress = context.Queue()
+        self.executor = ProcessPoolExecutor(
+            workers, mp_context=context, initializer=_start_worker, initargs=(self.progress,)
+        )
+        self.prefetched: dict[tuple, Future] = {}
+        self.used = False  # whether any training was ever asked of the workers
+
+    def start(self) -> PassPool:
+        """Start every worker now instead of at the first pass, so their imports (about 2 s) overlap
+        whatever the caller does next (opening the tracking store, say)."""
+        for _ in range(self.workers):
+            self.executor.submit(_ready)
+        return self
+
+    def prefetch(
+        self,
+        configs: Sequence[AblationConfig],
+        seeds: Sequence[int],
+        share_passes: bool = True,
+        device: str = "cpu",
+    ) -> None:
+        """Start training this work now; a later `run_ablations` on this pool collects every chunk it
+        shares with it instead of training it again. For a caller that knows what will train before it
+        is ready to record it (the sweep command on a new store, while MLflow creates the database)."""
+        for members in plan_passes(configs, seeds, share_passes):
+            for chunk in pool_chunks(members, self.workers):
+                chunk_configs, chunk_seeds = (
+                    [configs[index] for index, _ in chunk],
+                    [seed for _, seed in chunk],
+                )
+                key = _chunk_key(chunk_configs, chunk_seeds, device)
+                self.used = True
+                if key not in self.prefetched:
+                    self.prefetched[key] = self.executor.submit(
+                        _train_chunk, chunk_configs, chunk_seeds, device
+                    )
+
+    def submit(self, configs: Sequence[AblationConfig], seeds: Sequence[int], device: str) -> Future:
+        """The future of one seed chunk: the prefetched one if there is one, else a new submission."""
+        self.used = True
+        prefetched = self.prefetched.pop(_chunk_key(configs, seeds, device), None)
+        return prefetched or self.executor.submit(_train_chunk, list(configs), list(seeds), device)
+
+    def release(self) -> None:
+        """Let the workers exit once they are idle, without waiting: for a caller that has collected its
+        last pass and still has other work (recording it) before `close`."""
+        self.executor.shutdown(wait=False)
+
+    def __enter__(self) -> PassPool:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        unclaimed = [future for future in self.prefetched.values() if not future.done()]
+        self.prefetched.clear()
+        if unclaimed or not self.used:
+            # Prefetched work nobody collected (the caller failed first), or workers that never got any
+            # (bad input found after they started): stop them rather than wait for them.
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            processes = getattr(self.executor, "_processes", None) or {}
+            for process in list(processes.values()):
+                process.terminate()
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        self.progress.close()
+
+    def drain_progress(self, progress: Progress | None) -> None:
+        while True:
+            try:
+                count = self.progress.get_nowait()
+            except queue.Empty:
+                return
+            if progress is not None:
+                progress(count)
+
+
+def run_in_pool(
+    pool: PassPool,
+    configs: Sequence[AblationConfig],
+    passes: list[list[tuple[int, int]]],
+    deliver: Callable[[int, SeedResult], None],
+    progress: Progress | None,
+    device: str,
+) -> None:
+    """Train `passes` (lists of (config index, seed)) on `pool`, handing each seed to `deliver` as its
+    chunk finishes."""
+    futures: dict[Future, list[tuple[int, int]]] = {}
+    for members in passes:
+        for chunk in pool_chunks(members, pool.workers):
+            future = pool.submit([configs[index] for index, _ in chunk], [seed for _, seed in chunk], device)
+            futures[future] = chunk
+    pending = set(futures)
+    try:
+        while pending:
+            done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+            pool.drain_progress(progress)
+            for future in done:
+                for (config_index, _), seed_result in zip(futures[future], future.result(), strict=True):
+                    deliver(config_index, seed_result)
+        pool.drain_progress(progress)
+    except BaseException:
+        for future in pending:
+            future.cancel()
+        raise

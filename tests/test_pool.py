@@ -1,0 +1,137 @@
+"""Worker pools: how passes are cut into seed chunks, when a sweep uses processes, prefetching, streaming."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+
+import pipeline.experiments.pool as pool_module
+from pipeline.config import AblationConfig, preset_configs
+from pipeline.experiments.taming import (
+    POOL_MINIMUM_MODEL_EPOCHS,
+    PassPool,
+    auto_workers,
+    plan_passes,
+    pool_chunks,
+    run_ablations,
+    total_work,
+)
+from pipeline.runtime import retain_freed_memory
+from tests.conftest import tiny_config
+
+
+def chunk_seeds(chunks) -> list[list[int]]:
+    return [sorted({seed for _, seed in chunk}) for chunk in chunks]
+
+
+def test_pool_chunks_cut_ten_seeds_into_two_rounds_of_equal_pairs():
+    members = [(config, seed) for config in range(8) for seed in range(10)]
+    chunks = pool_chunks(members, workers=2)
+    # Two chunks per worker; the first round (3 + 3 seeds) and the second (2 + 2) are each balanced.
+    assert chunk_seeds(chunks) == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]
+    assert sorted(member for chunk in chunks for member in chunk) == sorted(members)
+    for chunk in chunks:  # every configuration of a chunk's seeds travels with it
+        assert {config for config, _ in chunk} == set(range(8))
+
+
+def test_pool_chunks_use_one_round_when_seeds_are_few_and_no_split_without_a_pool():
+    members = [(config, seed) for config in range(2) for seed in range(3)]
+    assert chunk_seeds(pool_chunks(members, workers=2)) == [[0, 1], [2]]
+    assert chunk_seeds(pool_chunks(members, workers=1)) == [[0, 1, 2]]
+    # Seven seeds on two workers is under four per worker: one chunk each.
+    seven = [(0, seed) for seed in range(7)]
+    assert chunk_seeds(pool_chunks(seven, workers=2)) == [[0, 1, 2, 3], [4, 5, 6]]
+
+
+def test_total_work_counts_each_chunk_of_a_pass():
+    configs = preset_configs("strategic", tiny_config())
+    per_model = configs[0].network.epochs + configs[0].sae.epochs
+    assert total_work(configs, range(10), workers=1) == per_model
+    assert total_work(configs, range(10), workers=2) == 4 * per_model
+    assert len(plan_passes(configs, range(10))) == 1
+
+
+def test_auto_workers_starts_processes_only_for_work_that_repays_them(monkeypatch):
+    monkeypatch.setattr(pool_module, "usable_cores", lambda: 4)
+    published = preset_configs("strategic", AblationConfig())
+    # 80 models × 3000 epochs: one process per core.
+    assert auto_workers(published, range(10)) == 4
+    # Never more processes than seeds: a seed is never split across processes.
+    assert auto_workers(published, range(3)) == 3
+    # One published configuration with 10 seeds is 30 000 model-epochs: under the threshold.
+    assert POOL_MINIMUM_MODEL_EPOCHS > 10 * 3000
+    assert auto_workers(published[:1], range(10)) == 1
+    assert auto_workers(preset_configs("strategic", tiny_config()), range(10)) == 1
+    monkeypatch.setattr(pool_module, "usable_cores", lambda: 1)
+    assert auto_workers(published, range(10)) == 1
+
+
+def test_retain_freed_memory_takes_effect_on_glibc_and_is_idempotent():
+    import platform
+
+    first = retain_freed_memory()
+    assert retain_freed_memory() is first
+    if platform.libc_ver()[0] == "glibc":
+        assert first is True
+
+
+def metrics_match(first, second) -> bool:
+    return all(
+        math.isclose(value, second[name], rel_tol=1e-6, abs_tol=1e-9)
+        or (math.isnan(value) and math.isnan(second[name]))
+        for name, value in first.items()
+    )
+
+
+def test_prefetched_work_is_collected_not_trained_again_and_seeds_stream_out():
+    configs = preset_configs("strategic", tiny_config())[:2]
+    seeds = list(range(8))
+    alone = run_ablations(configs, seeds)
+    delivered = []
+    with PassPool(2) as pool:
+        pool.prefetch(configs, seeds)
+        assert len(pool.prefetched) == 4  # 8 seeds on 2 workers: two chunks each
+        submitted = []
+        original_submit = pool.executor.submit
+        pool.executor.submit = lambda *arguments: submitted.append(arguments) or original_submit(*arguments)
+        pooled = run_ablations(
+            configs,
+            seeds,
+            pool=pool,
+            on_seed=lambda index, seed_result: delivered.append((index, seed_result.seed)),
+        )
+        assert submitted == [] and pool.prefetched == {}
+    # Every (configuration, seed) handed over exactly once, as its chunk finished.
+    assert sorted(delivered) == [(index, seed) for index in range(2) for seed in seeds]
+    for result_alone, result_pooled in zip(alone, pooled, strict=True):
+        assert [seed.seed for seed in result_pooled.seeds] == seeds
+        for seed_alone, seed_pooled in zip(result_alone.seeds, result_pooled.seeds, strict=True):
+            assert metrics_match(seed_alone.metrics, seed_pooled.metrics)
+
+
+def test_closing_a_pool_stops_prefetched_work_nobody_collected():
+    # The published strategic sweep: over 20 s of training per worker, which close() must not wait for.
+    published = preset_configs("strategic", AblationConfig())
+    pool = PassPool(2).start()
+    pool.prefetch(published, range(10))
+    time.sleep(1.0)
+    started = time.perf_counter()
+    pool.close()
+    assert time.perf_counter() - started < 8
+
+
+def test_serial_runs_hand_over_every_seed_too():
+    configs = preset_configs("strategic", tiny_config())[:2]
+    delivered = []
+    run_ablations(
+        configs, [0, 1], on_seed=lambda index, seed_result: delivered.append((index, seed_result.seed))
+    )
+    assert sorted(delivered) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+@pytest.mark.parametrize("workers", [0, -1])
+def test_pool_needs_a_worker(workers):
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        PassPool(workers)
