@@ -17,8 +17,9 @@ import sys
 # mallopt parameter numbers from glibc's malloc.h.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-# Blocks below this size come from the heap and are reused; the engine's largest tensor is ~5 MB.
-_MMAP_THRESHOLD_BYTES = 64 * 1024 * 1024
+# Blocks below this size come from the heap and are reused; the engine's largest tensor is ~5 MB. glibc
+# before 2.35 refuses thresholds above 32 MiB on 64-bit systems.
+_MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
 _TRIM_THRESHOLD_BYTES = 512 * 1024 * 1024
 
 _tuned: bool | None = None
@@ -44,7 +45,8 @@ def retain_freed_memory() -> bool:
         return _tuned
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    _tuned = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES)
-    )
+    # Both settings are asked for even if one is refused.
+    mmap_set = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES))
+    trim_set = bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES))
+    _tuned = mmap_set and trim_set
     return _tuned

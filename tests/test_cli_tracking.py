@@ -342,12 +342,26 @@ def test_streamed_seed_runs_stay_running_until_their_ablation_finishes(store_uri
     assert sorted(int(run.data.tags["seed"]) for run in finished) == [0, 1]
 
 
-def test_sweep_on_two_workers_into_a_new_store_matches_one_process(strategic_store, tmp_path):
+def test_sweep_on_two_workers_into_a_new_store_matches_one_process(strategic_store, tmp_path, monkeypatch):
     """--workers 2 on a new store: training starts before the store exists (prefetch), seeds are written
     as their chunks finish, and every metric equals the one-process sweep's."""
+    from pipeline.experiments.pool import PassPool
+
+    collected = []
+    original_submit = PassPool.submit
+
+    def spying_submit(pool, configs, seeds, device):
+        prefetched_before = len(pool.prefetched)
+        future = original_submit(pool, configs, seeds, device)
+        collected.append(len(pool.prefetched) == prefetched_before - 1)
+        return future
+
+    monkeypatch.setattr(PassPool, "submit", spying_submit)
     uri = f"sqlite:///{tmp_path / 'two.db'}"
     result = invoke("sweep", "--preset", "strategic", *TINY, "--workers", "2", "--tracking-uri", uri)
     assert result.exit_code == 0, result.output
+    # Two seeds on two workers: two chunks, both trained before the store existed and then collected.
+    assert collected == [True, True]
     one_uri, _ = strategic_store
     two = seed_frame(open_store(uri), [open_store(uri).experiment_id(None)])
     one_store = open_store(one_uri)
@@ -360,3 +374,29 @@ def test_sweep_on_two_workers_into_a_new_store_matches_one_process(strategic_sto
             assert math.isclose(row_one[name], row_two[name], rel_tol=1e-6, abs_tol=1e-9) or (
                 math.isnan(row_one[name]) and math.isnan(row_two[name])
             ), name
+
+
+def test_a_failure_while_finishing_an_ablation_leaves_no_finished_seed_run(store_uri, monkeypatch):
+    """Seed runs turn FINISHED only after everything of their ablation is logged: a failure in its last
+    step (the grid) fails them with it, and the resumed sweep ends with one FINISHED run per seed."""
+    import tracking.taming as tracked
+
+    store = open_store(store_uri)
+    experiment_id = store.experiment_id("finish-fails")
+
+    def failing_grid(*arguments, **keywords):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tracked, "overlap_grid_png", failing_grid)
+    with pytest.raises(OSError, match="disk full"):
+        run_tracked_sweep(
+            store, experiment_id, [tiny_config()], [0, 1], trainer=taming_experiments.run_ablations
+        )
+    client = store.client
+    assert runs_of_kind(client, "seed", "FINISHED") == []
+    assert {run.info.status for run in runs_of_kind(client, "seed")} == {"FAILED"}
+    assert runs_of_kind(client, "ablation")[0].info.status == "FAILED"
+    monkeypatch.undo()
+    run_tracked_sweep(store, experiment_id, [tiny_config()], [0, 1], trainer=taming_experiments.run_ablations)
+    finished = runs_of_kind(client, "seed", "FINISHED")
+    assert sorted(int(run.data.tags["seed"]) for run in finished) == [0, 1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import pytest
 
@@ -117,9 +118,15 @@ def test_closing_a_pool_stops_prefetched_work_nobody_collected():
     pool = PassPool(2).start()
     pool.prefetch(published, range(10))
     time.sleep(1.0)
+    workers = list(pool.executor._processes.values())
+    assert len(workers) == 2 and all(worker.is_alive() for worker in workers)
     started = time.perf_counter()
     pool.close()
     assert time.perf_counter() - started < 8
+    deadline = time.monotonic() + 5  # a terminated process may take a moment to be reaped
+    while any(worker.is_alive() for worker in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(worker.is_alive() for worker in workers)
 
 
 def test_serial_runs_hand_over_every_seed_too():
@@ -135,3 +142,30 @@ def test_serial_runs_hand_over_every_seed_too():
 def test_pool_needs_a_worker(workers):
     with pytest.raises(ValueError, match="workers must be at least 1"):
         PassPool(workers)
+
+
+def test_a_new_store_is_recognised_without_importing_mlflow(tmp_path):
+    from tracking.uri import is_new_sqlite_store
+
+    database = tmp_path / "mlflow.db"
+    assert is_new_sqlite_store(f"sqlite:///{database}")
+    assert is_new_sqlite_store(f"sqlite:///{database}?timeout=30")
+    database.write_bytes(b"")
+    assert not is_new_sqlite_store(f"sqlite:///{database}")
+    assert not is_new_sqlite_store(f"sqlite:///{database}?timeout=30")
+    assert not is_new_sqlite_store(f"sqlite:///{tmp_path / 'missing-folder' / 'mlflow.db'}")
+    assert not is_new_sqlite_store("http://127.0.0.1:5000")
+
+
+def test_the_cli_and_the_pool_module_import_neither_torch_nor_mlflow():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, cli, pipeline.experiments.pool; print('torch' in sys.modules, 'mlflow' in sys.modules)"
+    )
+    root = Path(__file__).resolve().parent.parent
+    finished = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root
+    )
+    assert finished.stdout.split() == ["False", "False"]

@@ -89,7 +89,7 @@ def test_painted_heatmap_is_the_full_matplotlib_drawing(title):
         painted, drawn = pixels(overlap_png(decoder, title)), full_draw(overlap_heatmap(decoder, title))
         assert painted.shape == drawn.shape
         difference = np.abs(painted - drawn).max(axis=-1)
-        assert difference.max() < 0.05 and (difference > 0).sum() < 20
+        assert difference.max() < 0.05 and (difference > 0).mean() < 0.001
 
 
 def test_painted_grid_is_the_full_matplotlib_drawing():
@@ -107,3 +107,14 @@ def test_painter_refuses_decoders_it_was_not_built_for():
         overlap_grid_png([random_decoder(0), torch.randn(8, 12)], ["a", "b"])
     with pytest.raises(ValueError, match="at least one decoder"):
         overlap_grid_png([], [])
+
+
+def test_painting_from_several_threads_gives_each_call_its_own_pixels():
+    from concurrent.futures import ThreadPoolExecutor
+
+    decoders = [random_decoder(seed) for seed in range(24)]
+    expected = [pixels(overlap_png(decoder, f"seed {seed}")) for seed, decoder in enumerate(decoders)]
+    with ThreadPoolExecutor(6) as threads:
+        painted = list(threads.map(lambda seed: overlap_png(decoders[seed], f"seed {seed}"), range(24)))
+    for seed, png in enumerate(painted):
+        assert np.array_equal(pixels(png), expected[seed]), seed

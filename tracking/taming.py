@@ -269,8 +269,9 @@ def summarize_seeds(table: pd.DataFrame) -> dict[str, dict[str, float]]:
     return {metric: stats.describe(finished[metric].dropna().to_numpy()) for metric in METRIC_NAMES}
 
 
-def finish_ablation_run(store: Store, run_id: str, result, artifacts: bool = True) -> AblationOutcome:
-    """Log the per-seed table, the heatmap grid and the seed summary; FINISHED (FAILED if no seed finished)."""
+def log_ablation_summary(store: Store, run_id: str, result, artifacts: bool = True) -> AblationOutcome:
+    """Log the per-seed table, the heatmap grid and the seed summary; the run stays open (see
+    `terminate_ablation_run`). The outcome says whether it finished (at least one seed did)."""
     table = result.metrics_table()
     summary = summarize_seeds(table)
     finished, failed = len(result.finished), len(result.failed)
@@ -297,10 +298,15 @@ def finish_ablation_run(store: Store, run_id: str, result, artifacts: bool = Tru
             "failed",
             "every seed failed: " + "; ".join(s.failure for s in result.failed),
         )
-        fail_run(store, run_id, outcome.failure)
-    else:
-        store.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
     return outcome
+
+
+def terminate_ablation_run(store: Store, outcome: AblationOutcome) -> None:
+    """FINISHED, or FAILED with the reason when no seed finished."""
+    if outcome.status == "failed":
+        fail_run(store, outcome.run_id, outcome.failure)
+    else:
+        store.client.set_terminated(outcome.run_id, RunStatus.to_string(RunStatus.FINISHED))
 
 
 def record_ablation(
@@ -326,11 +332,13 @@ def record_ablation(
         for seed_result in result.seeds:
             if seed_result.seed not in seed_runs.run_ids:
                 seed_runs.record(store, experiment_id, run_id, seed_result, sweep_id, artifacts)
+        outcome = log_ablation_summary(store, run_id, result, artifacts)
+        # Only now, with everything of the ablation logged, do its seed runs become FINISHED.
         seed_runs.finish(store)
     except BaseException as error:
         seed_runs.fail(store, f"{type(error).__name__}: {error}")
         raise
-    outcome = finish_ablation_run(store, run_id, result, artifacts)
+    terminate_ablation_run(store, outcome)
     if force:
         _retire_older_runs(store, experiment_id, result.config, seeds, run_id)
     return outcome

@@ -22,5 +22,5 @@ def is_new_sqlite_store(uri: str) -> bool:
     any run to reuse."""
     if not uri.startswith("sqlite:///"):
         return False
-    database = Path(uri.removeprefix("sqlite:///"))
+    database = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])  # drop ?timeout=… and the like
     return database.parent.is_dir() and not database.exists()

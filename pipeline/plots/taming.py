@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+import threading
 from collections.abc import Sequence
 
 import matplotlib
@@ -92,6 +93,9 @@ class OverlapPainter:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
 
         self.figure, self.latents = figure, latents
+        # One figure and canvas are redrawn per call: calls from several threads (Dask workers run
+        # tasks in threads) must take turns, or one seed's pixels land in another's PNG.
+        self.lock = threading.Lock()
         self.canvas = FigureCanvasAgg(figure)
         self.axes = [ax for ax in figure.axes if ax.images and ax.get_label() != "<colorbar>"]
         self.images = [ax.images[0] for ax in self.axes]
@@ -124,6 +128,10 @@ class OverlapPainter:
         """PNG bytes of the painter's figure drawn for `decoders` (each [latent, hidden]), one per panel."""
         if len(decoders) != len(self.axes) or len(titles) != len(self.axes):
             raise ValueError(f"this painter draws {len(self.axes)} panel(s); got {len(decoders)} decoders")
+        with self.lock:
+            return self._paint(decoders, titles, suptitle)
+
+    def _paint(self, decoders, titles, suptitle) -> bytes:
         for ax, decoder, title in zip(self.axes, decoders, titles, strict=True):
             decoder = torch.as_tensor(decoder)
             if decoder.shape[0] != self.latents:
@@ -199,7 +207,7 @@ def overlap_grid_png(
     latents = {torch.as_tensor(decoder).shape[0] for decoder in decoders}
     if len(latents) != 1:
         raise ValueError(f"decoders of one grid must share their number of latents; got {sorted(latents)}")
-    painter = _grid_painter(len(decoders), latents.pop(), suptitle is not None, dpi)
+    painter = _grid_painter(len(decoders), latents.pop(), bool(suptitle), dpi)
     return painter.png(decoders, titles, suptitle)
 
 
