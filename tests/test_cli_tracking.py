@@ -400,3 +400,30 @@ def test_a_failure_while_finishing_an_ablation_leaves_no_finished_seed_run(store
     run_tracked_sweep(store, experiment_id, [tiny_config()], [0, 1], trainer=taming_experiments.run_ablations)
     finished = runs_of_kind(client, "seed", "FINISHED")
     assert sorted(int(run.data.tags["seed"]) for run in finished) == [0, 1]
+
+
+def test_the_database_file_alone_holds_every_run_once_the_command_ends(tmp_path):
+    """The store runs SQLite with a write-ahead log; when the command exits the log is folded back into
+    mlflow.db (no -wal/-shm left), so a copy of that one file has every run."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(cli.__file__).resolve().parent
+    database = tmp_path / "mlflow.db"
+    command = [sys.executable, str(root / "cli.py"), "ablate", *TINY, "--no-artifacts"]
+    subprocess.run([*command, "--tracking-uri", f"sqlite:///{database}"], check=True, capture_output=True)
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith("mlflow.db")) == [
+        "mlflow.db"
+    ]
+    copy = tmp_path / "copy" / "mlflow.db"
+    copy.parent.mkdir()
+    shutil.copy(database, copy)
+    client = MlflowClient(f"sqlite:///{copy}")
+    assert len(runs_of_kind(client, "seed", "FINISHED")) == 2
+    assert len(runs_of_kind(client, "ablation", "FINISHED")) == 1
+    import sqlite3
+
+    with sqlite3.connect(database) as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

@@ -192,10 +192,66 @@ class Store:
         ]
 
 
+_write_ahead_log_installed = False
+
+
+def use_sqlite_write_ahead_log() -> None:
+    """From now on, open every SQLite connection of this process with a write-ahead log.
+
+    MLflow commits once per call it logs, and in SQLite's default rollback-journal mode every commit waits
+    for the disk (fsync; 1.7 ms each on this project's machines, about 750 commits per strategic sweep,
+    and more while the store is created). With `journal_mode=WAL` and `synchronous=NORMAL` a commit is
+    an append to `mlflow.db-wal`: the database stays consistent after any crash, and a power failure can
+    lose only the last commits. The mode is kept in the database file, so `mlflow ui` and other readers
+    need nothing special. Where WAL cannot be used (a busy database, some network file systems) the
+    connection keeps SQLite's default.
+    """
+    global _write_ahead_log_installed
+    if _write_ahead_log_installed:
+        return
+    import atexit
+    import sqlite3
+    import weakref
+
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    engines: weakref.WeakSet = weakref.WeakSet()
+
+    @event.listens_for(Engine, "connect")
+    def _write_ahead(connection, _record) -> None:
+        if not isinstance(connection, sqlite3.Connection):
+            return
+        cursor = connection.cursor()
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.OperationalError:
+            pass
+        finally:
+            cursor.close()
+
+    @event.listens_for(Engine, "engine_connect")
+    def _remember(connection) -> None:
+        if connection.engine.dialect.name == "sqlite":
+            engines.add(connection.engine)
+
+    def _close_connections() -> None:
+        # Closing the last connection folds the log back into mlflow.db and removes mlflow.db-wal and
+        # -shm, so the database file alone holds everything (e.g. when copied) once the process ends.
+        for engine in list(engines):
+            engine.dispose()
+
+    atexit.register(_close_connections)
+    _write_ahead_log_installed = True
+
+
 def open_store(option: str | None) -> Store:
     """Resolve and check the tracking URI, then bind a client to it (no write yet)."""
     uri = resolve_tracking_uri(option)
     check_tracking_uri(uri)
+    if uri.startswith("sqlite:"):
+        use_sqlite_write_ahead_log()
     client = MlflowClient(tracking_uri=uri)
     if urllib.parse.urlparse(uri).scheme in ("http", "https"):
         check_access(client, uri)
