@@ -71,6 +71,10 @@ def _timed_process(command: list[str], cwd: Path) -> tuple[float, str]:
 @click.option("--untracked-child", is_flag=True, hidden=True)
 def main(preset, seeds, quick, repeats, untracked_child):
     if untracked_child:
+        import atexit
+        import gc
+
+        atexit.register(gc.freeze)  # exit as fast as cli.py does
         train_untracked(preset, seeds, quick)
         return
     sweep_options = ["--preset", preset, "--seeds", str(seeds)]
