@@ -327,15 +327,19 @@ def _run_sweep(configs, options, preset, adopt_as, executor="local", scheduler=N
         workers = workers or DEFAULT_DASK_WORKERS
     else:
         workers = workers or auto_workers(configs, seeds, options["device"])
-    if executor == "dask":
-        from tracking.store import resolve_tracking_uri
+    from tracking.uri import TrackingError, check_tracking_uri, is_new_sqlite_store, resolve_tracking_uri
 
-        uri = resolve_tracking_uri(options["tracking_uri"])
-        if not uri.startswith(("http://", "https://")):
-            _fail_usage(
-                f"--executor dask: workers log straight to the tracking server, so --tracking-uri must be "
-                f"an MLflow server every worker reaches (http:// or https://); got {uri}"
-            )
+    uri = resolve_tracking_uri(options["tracking_uri"])
+    try:
+        # Before any worker starts or MLflow is imported, so a mistyped URI is reported at once.
+        check_tracking_uri(uri)
+    except TrackingError as error:
+        _fail_usage(str(error))
+    if executor == "dask" and not uri.startswith(("http://", "https://")):
+        _fail_usage(
+            f"--executor dask: workers log straight to the tracking server, so --tracking-uri must be "
+            f"an MLflow server every worker reaches (http:// or https://); got {uri}"
+        )
     from pipeline.runtime import retain_freed_memory
 
     retain_freed_memory()  # this process unpickles and records every trained seed
@@ -343,9 +347,7 @@ def _run_sweep(configs, options, preset, adopt_as, executor="local", scheduler=N
     if executor == "local" and workers > 1:
         # Started before the store is opened: the workers import torch while this process sets up MLflow.
         pool = PassPool(workers).start()
-        from tracking.uri import is_new_sqlite_store, resolve_tracking_uri
-
-        if is_new_sqlite_store(resolve_tracking_uri(options["tracking_uri"])):
+        if is_new_sqlite_store(uri):
             # A new store holds nothing to reuse, so everything will train: start it now, while MLflow
             # creates the database (about 2 s on a 2-core machine).
             pool.prefetch(configs, seeds, options["batching"] == "shared", options["device"])

@@ -169,3 +169,20 @@ def test_the_cli_and_the_pool_module_import_neither_torch_nor_mlflow():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root
     )
     assert finished.stdout.split() == ["False", "False"]
+
+
+def test_a_bad_tracking_uri_is_refused_before_any_worker_starts(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import cli
+
+    def no_worker(*arguments, **keywords):
+        raise AssertionError("a worker pool was started for a sweep that cannot be recorded")
+
+    monkeypatch.setattr(pool_module.PassPool, "__init__", no_worker)
+    missing = tmp_path / "missing-folder" / "mlflow.db"
+    arguments = ["sweep", "--preset", "strategic", "--seeds", "10", "--workers", "2"]
+    result = CliRunner().invoke(cli.cli, [*arguments, "--tracking-uri", f"sqlite:///{missing}"])
+    assert result.exit_code == 2, result.output
+    assert "--tracking-uri points into a folder that does not exist" in result.output
+    assert not missing.parent.exists()
