@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline.config import QUICK_EPOCHS, QUICK_SAE_EPOCHS, AblationConfig, preset_configs  # noqa: E402
-from pipeline.experiments.taming import PassPool, run_ablations  # noqa: E402
+from pipeline.experiments.pool import PassPool  # noqa: E402
+from pipeline.experiments.taming import run_ablations  # noqa: E402
 from tests.servers import running_server  # noqa: E402 (the test suite's loopback server helper)
 
 

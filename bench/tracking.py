@@ -39,7 +39,8 @@ def _base(quick: bool) -> AblationConfig:
 
 def train_untracked(preset: str, seeds: int, quick: bool) -> None:
     """The child process of the untracked side: the sweep's training as the CLI sets it up, no store."""
-    from pipeline.experiments.taming import PassPool, auto_workers, run_ablations
+    from pipeline.experiments.pool import PassPool, auto_workers
+    from pipeline.experiments.taming import run_ablations
 
     configs, seed_list = preset_configs(preset, _base(quick)), list(range(seeds))
     workers = auto_workers(configs, seed_list)

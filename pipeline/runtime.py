@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 
 # mallopt parameter numbers from glibc's malloc.h.
@@ -22,31 +23,25 @@ _M_MMAP_THRESHOLD = -3
 _MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
 _TRIM_THRESHOLD_BYTES = 512 * 1024 * 1024
 
-_tuned: bool | None = None
 
-
+@functools.cache
 def retain_freed_memory() -> bool:
     """Ask glibc to keep freed blocks for reuse; True when the setting took effect.
 
-    Idempotent and cheap, so every entry point of the engine calls it. A no-op returning False on
-    platforms without glibc (macOS, Windows, musl), where the allocators behave differently anyway.
+    Runs once per process (cached), so every entry point of the engine calls it. A no-op returning False
+    on platforms without glibc (macOS, Windows, musl), where the allocators behave differently anyway.
     """
-    global _tuned
-    if _tuned is not None:
-        return _tuned
-    _tuned = False
     if not sys.platform.startswith("linux"):
-        return _tuned
+        return False
     library = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(library or "libc.so.6")
         mallopt = libc.mallopt
     except (OSError, AttributeError):
-        return _tuned
+        return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     # Both settings are asked for even if one is refused.
     mmap_set = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES))
     trim_set = bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES))
-    _tuned = mmap_set and trim_set
-    return _tuned
+    return mmap_set and trim_set

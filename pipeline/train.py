@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from pipeline import sae as sae_architectures
-from pipeline.config import AblationConfig, pass_key, total_epochs  # noqa: F401 (re-exported)
+from pipeline.config import AblationConfig, pass_key
 from pipeline.data import Dataset, generator_for, make_dataset, numpy_generator_for
 from pipeline.models import MLP, layer_dims, mlp_backward, mlp_forward_features, runs_of
 from pipeline.models import initial_parameters as network_initial_parameters
@@ -374,7 +374,7 @@ def _flat_parameters(
     for size in sizes:
         views.append(flat[:, start : start + size])
         start += size
-    weights = [view.view(models, *shape) for view, shape in zip(views, shapes, strict=False)]
+    weights = [view.view(models, *shape) for view, shape in zip(views[: len(shapes)], shapes, strict=True)]
     biases = views[len(shapes) :]
     for layer in range(len(shapes)):
         weights[layer].copy_(torch.stack([model[0][layer] for model in initial]))
@@ -398,8 +398,10 @@ def _train_networks(configs, seeds, datasets, state: _PassState, progress, devic
         for config, seed in zip(configs, seeds, strict=True)
     ]
     flat, weights, biases = _flat_parameters(initial, device)
-    # Every weight comes before every bias in `flat`: the L1/L2 terms act on this prefix in one operation.
-    weight_count = sum(weight[0].numel() for weight in weights)
+    # Every weight comes before every bias in `flat`: the L1/L2 terms act on this prefix (a view that
+    # follows the in-place updates) in one operation.
+    flat_weights = flat[:, : sum(weight[0].numel() for weight in weights)]
+    weight_count = flat_weights.shape[1]
 
     def strength(reg: str, form: str | None = None) -> torch.Tensor:
         return _per_model_tensor(
@@ -444,7 +446,6 @@ def _train_networks(configs, seeds, datasets, state: _PassState, progress, devic
         )
         residual = outputs - train_targets
         losses = residual.square().mean(dim=(1, 2))
-        flat_weights = flat[:, :weight_count]
         if use_l1:
             losses = losses + l1_strength.flatten() * flat_weights.abs().sum(dim=1)
         if use_l2_penalty:

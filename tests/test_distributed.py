@@ -26,7 +26,8 @@ from mlflow import MlflowClient
 
 import cli
 from pipeline.config import preset_configs
-from pipeline.experiments.taming import run_ablations, seed_chunks, total_work
+from pipeline.experiments.pool import seed_chunks, total_work
+from pipeline.experiments.taming import run_ablations
 from tests.conftest import tiny_config
 
 needs_dask = pytest.mark.skipif(

@@ -10,15 +10,15 @@ import pytest
 
 import pipeline.experiments.pool as pool_module
 from pipeline.config import AblationConfig, preset_configs
-from pipeline.experiments.taming import (
+from pipeline.experiments.pool import (
     POOL_MINIMUM_MODEL_EPOCHS,
     PassPool,
     auto_workers,
     plan_passes,
     pool_chunks,
-    run_ablations,
     total_work,
 )
+from pipeline.experiments.taming import run_ablations
 from pipeline.runtime import retain_freed_memory
 from tests.conftest import tiny_config
 

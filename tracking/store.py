@@ -118,9 +118,7 @@ class Store:
         ]
 
 
-_write_ahead_log_installed = False
-
-
+@lru_cache(maxsize=1)
 def use_sqlite_write_ahead_log() -> None:
     """From now on, open every SQLite connection of this process with a write-ahead log.
 
@@ -130,11 +128,8 @@ def use_sqlite_write_ahead_log() -> None:
     an append to `mlflow.db-wal`: the database stays consistent after any crash, and a power failure can
     lose only the last commits. The mode is kept in the database file, so `mlflow ui` and other readers
     need nothing special. Where WAL cannot be used (a busy database, some network file systems) the
-    connection keeps SQLite's default.
+    connection keeps SQLite's default. Installs its listeners once per process (cached).
     """
-    global _write_ahead_log_installed
-    if _write_ahead_log_installed:
-        return
     import atexit
     import sqlite3
     import weakref
@@ -169,7 +164,6 @@ def use_sqlite_write_ahead_log() -> None:
             engine.dispose()
 
     atexit.register(_close_connections)
-    _write_ahead_log_installed = True
 
 
 def open_store(option: str | None) -> Store:

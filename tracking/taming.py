@@ -31,11 +31,10 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from pipeline import stats
-from pipeline.config import AblationConfig
+from pipeline.config import AblationConfig, pass_key
 from pipeline.configuration import flatten
 from pipeline.evaluation import METRIC_NAMES, checkpoint
 from pipeline.plots.taming import overlap_grid_png, overlap_png, prepare_overlap_painters
-from pipeline.train import pass_key
 from tracking.store import Store, code_version, fail_run, git_commit, log_in_batches
 
 NOTE_TAG = "mlflow.note.content"
@@ -113,13 +112,15 @@ def finished_runs_for(store: Store, experiment_id: str, config: AblationConfig, 
     )
 
 
-def _log_file(
-    store: Store, run_id: str, name: str, write: Callable[[Path], None], artifact_path: str | None = None
-) -> None:
+def _log_files(store: Store, run_id: str, files: dict[str, Callable[[Path], None]]) -> None:
+    """Write each artifact (relative path → writer) into one temporary folder and log it in one call:
+    an artifact upload costs a few ms however small the file."""
     with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / name
-        write(path)
-        store.client.log_artifact(run_id, str(path), artifact_path)
+        for relative, write in files.items():
+            path = Path(folder) / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write(path)
+        store.client.log_artifacts(run_id, folder)
 
 
 def start_ablation_run(
@@ -217,13 +218,14 @@ def log_seed(
         if artifacts:
             saved = checkpoint(config, seed_result.seed, seed_result.network, seed_result.sae)
             png = overlap_png(seed_result.sae.decoder_directions.detach().cpu(), name)
-            # Both files in one folder and one call: an artifact upload costs a few ms however small.
-            with tempfile.TemporaryDirectory() as folder:
-                checkpoint_path = Path(folder) / CHECKPOINT_PATH
-                checkpoint_path.parent.mkdir(parents=True)
-                torch.save(saved, checkpoint_path)
-                (Path(folder) / "overlap.png").write_bytes(png)
-                store.client.log_artifacts(run_id, folder)
+            _log_files(
+                store,
+                run_id,
+                {
+                    CHECKPOINT_PATH: lambda path: torch.save(saved, path),
+                    "overlap.png": lambda path: path.write_bytes(png),
+                },
+            )
         if terminate:
             store.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
     except BaseException as error:
@@ -291,7 +293,7 @@ def log_ablation_summary(store: Store, run_id: str, result, artifacts: bool = Tr
             [f"seed {seed.seed}" for seed in result.finished],
             suptitle=result.config.name,
         )
-        _log_file(store, run_id, "overlap_grid.png", lambda path: path.write_bytes(png))
+        _log_files(store, run_id, {"overlap_grid.png": lambda path: path.write_bytes(png)})
     outcome = AblationOutcome(result.config, run_id, "finished", finished, failed, summary)
     if finished == 0:
         outcome.status, outcome.failure = (

@@ -21,12 +21,17 @@ def resolve_tracking_uri(option: str | None) -> str:
     return option or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def sqlite_database(uri: str) -> Path:
+    """The database file of a `sqlite:///path?options` URI."""
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+
+
 def is_new_sqlite_store(uri: str) -> bool:
     """True when `uri` names an SQLite database file that does not exist yet: a store that cannot hold
     any run to reuse."""
     if not uri.startswith("sqlite:///"):
         return False
-    database = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])  # drop ?timeout=… and the like
+    database = sqlite_database(uri)
     return database.parent.is_dir() and not database.exists()
 
 
@@ -65,7 +70,7 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
             raise TrackingError(
                 f"--tracking-uri for SQLite must look like sqlite:///path/to/mlflow.db; got {uri!r}"
             )
-        database = Path(uri.removeprefix("sqlite:///"))
+        database = sqlite_database(uri)
         if not database.parent.is_dir():
             raise TrackingError(f"--tracking-uri points into a folder that does not exist: {database.parent}")
     elif scheme in ("http", "https"):

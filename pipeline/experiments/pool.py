@@ -182,7 +182,6 @@ class PassPool:
         )
         self.prefetched: dict[tuple, Future] = {}
         self.outstanding: list[Future] = []  # every training future handed out
-        self.used = False  # whether any training was ever asked of the workers
 
     def start(self) -> PassPool:
         """Start every worker now instead of at the first pass, so their imports (about 1.5 s) overlap
@@ -217,7 +216,6 @@ class PassPool:
         return prefetched or self._submit(list(configs), list(seeds), device)
 
     def _submit(self, configs: list[AblationConfig], seeds: list[int], device: str) -> Future:
-        self.used = True
         future = self.executor.submit(_train_chunk, configs, seeds, device)
         self.outstanding.append(future)
         return future
@@ -237,9 +235,10 @@ class PassPool:
         """Shut the workers down. Work still running (the caller failed before collecting it, or
         prefetched work nobody asked for) and workers that never got any are stopped, not waited for."""
         busy = any(not future.done() for future in self.outstanding)
+        never_used = not self.outstanding
         self.prefetched.clear()
         self.outstanding.clear()
-        if busy or not self.used:
+        if busy or never_used:
             self._terminate_workers()
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.progress.close()

@@ -21,17 +21,7 @@ from typing import TYPE_CHECKING
 from pipeline.config import AblationConfig
 from pipeline.data import make_dataset
 from pipeline.evaluation import METRIC_NAMES, evaluate_seed
-from pipeline.experiments.pool import (  # noqa: F401 (the pool API is also reachable from here)
-    CHUNKS_PER_WORKER,
-    POOL_MINIMUM_MODEL_EPOCHS,
-    PassPool,
-    auto_workers,
-    plan_passes,
-    pool_chunks,
-    run_in_pool,
-    seed_chunks,
-    total_work,
-)
+from pipeline.experiments.pool import PassPool, plan_passes, run_in_pool
 from pipeline.train import Progress, SeedResult, train_pass
 
 if TYPE_CHECKING:
