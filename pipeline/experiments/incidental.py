@@ -440,6 +440,11 @@ def _interval(low: float, high: float) -> str:
     return f"[{format_number(low)}, {format_number(high)}]"
 
 
+def _intervals(frame: pd.DataFrame, low: str, high: str) -> list[str]:
+    """`_interval` of each row's `low` and `high` columns."""
+    return [_interval(a, b) for a, b in zip(frame[low], frame[high], strict=True)]
+
+
 @dataclass
 class IncidentalReport:
     """Tables, figures and notes of the incidental study; `write` puts them on disk. Absent parts are None."""
@@ -476,12 +481,7 @@ class IncidentalReport:
                     "m": self.collisions["m"],
                     "instances": self.collisions["instances"],
                     "polysemantic (mean)": self.collisions["polysemantic_neurons"],
-                    "95 % CI": [
-                        _interval(low, high)
-                        for low, high in zip(
-                            self.collisions["ci_low"], self.collisions["ci_high"], strict=True
-                        )
-                    ],
+                    "95 % CI": _intervals(self.collisions, "ci_low", "ci_high"),
                     "predicted n²/(4m)": self.collisions["predicted_polysemantic_neurons"],
                     "observed / predicted": self.collisions["observed_over_predicted"],
                 }
@@ -492,14 +492,7 @@ class IncidentalReport:
                 markdown_table(shown),
             ]
             sections += ["", "## Log–log slope of the mean count on m (theory −1)", ""]
-            slopes = self.slopes.assign(
-                ci=[
-                    _interval(low, high)
-                    for low, high in zip(
-                        self.slopes["slope_ci_low"], self.slopes["slope_ci_high"], strict=True
-                    )
-                ]
-            )
+            slopes = self.slopes.assign(ci=_intervals(self.slopes, "slope_ci_low", "slope_ci_high"))
             sections += [
                 markdown_table(
                     slopes.rename(columns={"l1": "λ", "ci": "95 % CI"}),
@@ -515,12 +508,7 @@ class IncidentalReport:
                     "κ": self.noise["excess_kurtosis"],
                     "instances": self.noise["instances"],
                     "fourth norm": self.noise["fourth_norm"],
-                    "95 % CI": [
-                        _interval(low, high)
-                        for low, high in zip(
-                            self.noise["fourth_norm_ci_low"], self.noise["fourth_norm_ci_high"], strict=True
-                        )
-                    ],
+                    "95 % CI": _intervals(self.noise, "fourth_norm_ci_low", "fourth_norm_ci_high"),
                     "at init": self.noise["fourth_norm_initial"],
                     "3/(m+2)": self.noise["isotropic_fourth_norm"],
                     "polysemantic (mean)": self.noise["polysemantic_neurons"],
