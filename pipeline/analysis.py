@@ -1,4 +1,4 @@
-"""The analysis stage, pure: per-seed DataFrame in, tables, verdicts, figures and report files out.
+"""The analysis stage, pure: per-seed DataFrame in, tables, conclusions, figures and report files out.
 
 `tracking/analysis.py` fetches the per-seed table from the store and logs the files written here; nothing
 in this module knows about MLflow, so a report can be rebuilt from any CSV of per-seed values.
@@ -9,24 +9,36 @@ from __future__ import annotations
 import base64
 import html
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
 
-from pipeline import stats
-from pipeline.config import BASELINE, FACTOR_LEVELS, FACTORIAL_CONFIGURATIONS, STRATEGIC_CONFIGURATIONS
+from pipeline import conclusions, stats
+from pipeline.config import (
+    BASELINE,
+    FACTOR_LEVELS,
+    FACTORIAL_CONFIGURATIONS,
+    STRATEGIC_CONFIGURATIONS,
+    AblationConfig,
+)
+from pipeline.configuration import flatten
 from pipeline.metrics import HEADLINE_METRICS
-from pipeline.plots.report import interaction_grid, main_effects_plot, seed_strip_plot
+from pipeline.plots.report import effects_forest_plot, interaction_grid, main_effects_plot, seed_strip_plot
 from pipeline.tables import format_number, markdown_table, mean_plus_minus
 
 BASELINE_NAME = "·".join(BASELINE)
 DEFAULT_METRICS = HEADLINE_METRICS
-SIGNIFICANCE = 0.05
+SIGNIFICANCE = conclusions.SIGNIFICANCE
+# Below this many finished seeds per configuration the report warns that its intervals are wide.
+THIN_SEEDS = 5
 
-# Seed 002's table (10 seeds each): MACS, Interference, Train MSE, Val MSE, L0 by configuration.
+# The blog's table (seed 002; 10 seeds each): MACS, Interference, Train MSE, Val MSE, L0 by configuration.
+# The published code does not reproduce it: run at its latest commit for the baseline (3 seeds, 2000/1000
+# epochs) it printed MACS (published form) 0.205 ± 0.017 and interference (index-mod form) 5.02
+# (SCIENCE.md §1.4b). Both are shown, each named for what it is.
 PUBLISHED = {
     "random·bipolar·l1·relu": (0.2954, 8.70, 0.0122, 0.0135, 0.4365),
     "orthogonal·bipolar·l1·relu": (0.284, 8.11, 0.0044, 0.0078, 0.439),
@@ -38,6 +50,10 @@ PUBLISHED = {
     "orthogonal·positive_kurtosis·l2·gelu": (0.249, 6.37, 0.0021, 0.0048, 0.454),
 }
 # (published name, our metric closest to the published formula, why the numbers may differ)
+PUBLISHED_CODE_BASELINE = {"MACS": "0.205 ± 0.017", "Interference": "5.02"}
+PUBLISHED_CODE_SOURCE = (
+    "the published code at its latest commit, run for the baseline (3 seeds, 2000/1000 epochs)"
+)
 PUBLISHED_METRICS = (
     (
         "MACS",
@@ -62,6 +78,20 @@ PUBLISHED_METRICS = (
 )
 
 
+@dataclass(frozen=True)
+class StudyContext:
+    """Where the runs of a report came from, for its Study section (filled by the tracking side).
+
+    ``settings`` maps a configuration name to its flattened config as stored (``network.sigma`` → "0.1").
+    """
+
+    store: str = ""
+    experiment: str = ""
+    sweep_ids: tuple[str, ...] = ()
+    code_versions: tuple[str, ...] = ()
+    settings: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+
+
 @dataclass
 class Report:
     """Everything a report shows; `write` puts it on disk."""
@@ -76,51 +106,86 @@ class Report:
     notes: list[str]
     metrics: list[str]
     baseline: str
+    study: list[str] = field(default_factory=list)
+    conclusions: pd.DataFrame = field(
+        default_factory=lambda: pd.DataFrame(columns=conclusions.CONCLUSION_COLUMNS)
+    )
+    caveats: list[str] = field(default_factory=list)
+    published_absent: str = ""
     figures: dict[str, Figure] = field(default_factory=dict)
 
     def headline(self) -> str:
-        """Notes and verdicts only: short enough for a run description."""
-        lines = [f"- {note}" for note in self.notes]
+        """Study, conclusions and caveats only: short enough for a run description."""
+        lines = [f"- {line}" for line in self.study]
         if self.verdicts:
-            lines += ["", "What matters (Holm-adjusted p < 0.05):"] + [f"- {line}" for line in self.verdicts]
+            lines += ["", "Conclusions:"] + [f"- {line}" for line in self.verdicts]
+        if self.caveats:
+            lines += ["", "Caveats:"] + [f"- {line}" for line in self.caveats]
         return "\n".join(lines)
 
-    def markdown(self) -> str:
-        sections = ["# Polysemanticity lab report", ""]
-        sections += [f"- {note}" for note in self.notes] + [""]
-        sections += ["## Seeds per configuration", "", markdown_table(self.counts), ""]
-        sections += ["## Mean ± std over finished seeds", "", markdown_table(self.summary), ""]
+    def sections(self) -> list[tuple[str, list[str], pd.DataFrame | None]]:
+        """(title, bullet lines, table) in reading order; Markdown and HTML both render this list."""
+        sections: list[tuple[str, list[str], pd.DataFrame | None]] = [("Study", self.study, None)]
         if self.verdicts:
-            sections += (
-                ["## What matters (Holm-adjusted p < 0.05)", ""]
-                + [f"- {line}" for line in self.verdicts]
-                + [""]
-            )
+            sections.append((_conclusions_title(self.factorial is not None), self.verdicts, None))
+        if self.caveats:
+            sections.append(("Caveats", self.caveats, None))
+        sections.append(("How the numbers were computed", self.notes, None))
+        sections.append(("Seeds per configuration", [], self.counts))
+        sections.append(("Mean ± std over finished seeds", [], self.summary))
         if self.factorial is not None:
-            sections += ["## Factorial effects (2⁴, OLS/ANOVA; estimate = mean(high) − mean(low))", ""]
-            sections += [markdown_table(_readable_factorial(self.factorial)), ""]
-        sections += [f"## Every configuration against the baseline {self.baseline}", ""]
-        sections += [markdown_table(_readable_comparisons(self.comparisons)), ""]
+            sections.append(
+                (
+                    "Factorial effects, blocked on seed",
+                    [
+                        "estimate = mean(high) − mean(low) over the 16 cells (the contrast column names high "
+                        "and low); CI, t and p from the per-seed contrasts (df = seeds − 1); p_holm over the "
+                        "15 effects of each metric. p_pooled_ols is the pooled OLS/ANOVA that treats every "
+                        "run as independent, shown only for comparison: it is not valid for this design."
+                    ],
+                    _readable_factorial(self.factorial),
+                )
+            )
+        sections.append(
+            (
+                f"Every configuration against the baseline {self.baseline}",
+                [],
+                _readable_comparisons(self.comparisons),
+            )
+        )
         if self.published is not None:
-            sections += ["## Published (seed 002) beside ours", "", markdown_table(self.published), ""]
-            sections += [markdown_table(published_definitions()), ""]
-        return "\n".join(sections)
+            sections.append(("Published numbers beside ours", [], self.published))
+            sections.append(("How the published metrics map onto ours", [], published_definitions()))
+        elif self.published_absent:
+            sections.append(("Published numbers", [self.published_absent], None))
+        return sections
+
+    def markdown(self) -> str:
+        lines = ["# Polysemanticity lab report", ""]
+        for title, bullets, table in self.sections():
+            lines += [f"## {title}", ""]
+            if bullets:
+                lines += [f"- {line}" for line in bullets] + [""]
+            if table is not None:
+                lines += [markdown_table(table), ""]
+        return "\n".join(lines)
 
     def write(self, folder: Path) -> list[Path]:
-        """comparisons.csv, factorial.csv, report.md, report.html and one PNG per figure."""
+        """comparisons.csv, factorial.csv, conclusions.csv, per_seed.csv, report.md, report.html, PNGs."""
         folder.mkdir(parents=True, exist_ok=True)
         written = []
-        path = folder / "comparisons.csv"
-        self.comparisons.to_csv(path, index=False)
-        written.append(path)
-        path = folder / "factorial.csv"
-        (
-            self.factorial if self.factorial is not None else pd.DataFrame(columns=stats.FACTORIAL_COLUMNS)
-        ).to_csv(path, index=False)
-        written.append(path)
-        path = folder / "per_seed.csv"
-        self.per_seed.to_csv(path, index=False)
-        written.append(path)
+        tables = {
+            "comparisons.csv": self.comparisons,
+            "factorial.csv": self.factorial
+            if self.factorial is not None
+            else pd.DataFrame(columns=stats.FACTORIAL_COLUMNS),
+            "conclusions.csv": self.conclusions,
+            "per_seed.csv": self.per_seed,
+        }
+        for name, frame in tables.items():
+            path = folder / name
+            frame.to_csv(path, index=False)
+            written.append(path)
         images = {}
         for name, figure in self.figures.items():
             buffer = io.BytesIO()
@@ -147,35 +212,17 @@ class Report:
             "table{border-collapse:collapse;font-size:13px;margin-bottom:1.5em}"
             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}"
             "img{max-width:100%;border:1px solid #eee;margin:0.5em 0}</style></head><body>",
-            "<h1>Polysemanticity lab report</h1><ul>",
-            *(f"<li>{html.escape(note)}</li>" for note in self.notes),
-            "</ul>",
+            "<h1>Polysemanticity lab report</h1>",
         ]
-        if self.verdicts:
-            parts += ["<h2>What matters (Holm-adjusted p &lt; 0.05)</h2><ul>"]
-            parts += [f"<li>{html.escape(line)}</li>" for line in self.verdicts] + ["</ul>"]
-        tables = [
-            ("Seeds per configuration", self.counts),
-            ("Mean ± std over finished seeds", self.summary),
-            (
-                "Factorial effects",
-                _readable_factorial(self.factorial) if self.factorial is not None else None,
-            ),
-            (
-                f"Every configuration against the baseline {self.baseline}",
-                _readable_comparisons(self.comparisons),
-            ),
-            ("Published (seed 002) beside ours", self.published),
-            (
-                "How the published metrics map onto ours",
-                published_definitions() if self.published is not None else None,
-            ),
-        ]
-        for title, frame in tables:
-            if frame is None:
-                continue
-            shown = frame.map(lambda value: format_number(value))
-            parts += [f"<h2>{html.escape(title)}</h2>", shown.to_html(index=False, escape=True)]
+        for title, bullets, table in self.sections():
+            parts.append(f"<h2>{html.escape(title)}</h2>")
+            if bullets:
+                # Conclusions mark the subject in **bold** for Markdown; HTML gets <b>.
+                items = [_bold_to_html(html.escape(line)) for line in bullets]
+                parts += ["<ul>", *(f"<li>{item}</li>" for item in items), "</ul>"]
+            if table is not None:
+                shown = table.map(lambda value: format_number(value))
+                parts.append(shown.to_html(index=False, escape=True))
         parts.append("<h2>Figures</h2>")
         for name, data in images.items():
             encoded = base64.b64encode(data).decode()
@@ -186,15 +233,36 @@ class Report:
         return "\n".join(parts)
 
 
+def _conclusions_title(factorial: bool) -> str:
+    scope = (
+        "per factor: main effects of the 2⁴ factorial"
+        if factorial
+        else "per configuration against the baseline"
+    )
+    return f"Conclusions {scope} (clear = Holm-adjusted p < {SIGNIFICANCE}; [95 % CI] over seeds, unadjusted)"
+
+
+def _bold_to_html(text: str) -> str:
+    pieces = text.split("**")
+    return "".join(f"<b>{piece}</b>" if index % 2 else piece for index, piece in enumerate(pieces))
+
+
 def _readable_comparisons(comparisons: pd.DataFrame) -> pd.DataFrame:
-    # The baseline is named once in the heading and Hedges' g stands for the effect size, so both
-    # config_b and Cohen's d are left out of the printed table (they stay in comparisons.csv).
-    columns = [column for column in stats.COMPARISON_COLUMNS if column not in ("config_b", "cohen_d")]
-    return comparisons[columns].rename(columns={"config_a": "configuration"})
+    # The baseline is named once in the heading; the effect-size columns are named after the test they
+    # belong to (d_z and its correction when paired, Cohen's d and Hedges' g when not).
+    frame = comparisons.drop(columns=["config_b"]).rename(columns={"config_a": "configuration"})
+    tests = set(frame["test"]) if len(frame) else set()
+    if tests == {stats.PAIRED_TEST}:
+        frame = frame.drop(columns=["effect_size"]).rename(
+            columns={"d": "d_z", "g": "g_z (Hedges-corrected d_z)"}
+        )
+    elif tests == {stats.WELCH_TEST}:
+        frame = frame.drop(columns=["effect_size"]).rename(columns={"d": "Cohen's d", "g": "Hedges' g"})
+    return frame
 
 
 def _readable_factorial(factorial: pd.DataFrame) -> pd.DataFrame:
-    frame = factorial.copy()
+    frame = factorial.drop(columns=["p_pooled_ols_holm"]).copy()
     frame["significant"] = ["yes" if p < SIGNIFICANCE else "" for p in frame["p_holm"].fillna(1.0)]
     return frame
 
@@ -238,7 +306,10 @@ def summary_table(per_seed: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFram
 
 
 def published_table(per_seed: pd.DataFrame) -> pd.DataFrame | None:
-    """Seed 002's numbers beside our means (± std) for the strategic configurations present."""
+    """The blog's numbers (seed 002), the published code's measured output and ours, per configuration.
+
+    The published code's output is known for the baseline only (SCIENCE.md §1.4b); elsewhere it is "–".
+    """
     rows = []
     for config, published in PUBLISHED.items():
         group = per_seed[per_seed["config"] == config]
@@ -247,7 +318,11 @@ def published_table(per_seed: pd.DataFrame) -> pd.DataFrame | None:
         row: dict[str, object] = {"configuration": config, "n": len(group)}
         for (label, metric, _), value in zip(PUBLISHED_METRICS, published, strict=True):
             ours = group[metric].dropna() if metric in group else pd.Series(dtype=float)
-            row[f"{label} published"] = value
+            row[f"{label} blog (seed 002)"] = value
+            if label in PUBLISHED_CODE_BASELINE:
+                row[f"{label} published code"] = (
+                    PUBLISHED_CODE_BASELINE[label] if config == BASELINE_NAME else "–"
+                )
             row[f"{label} ours"] = mean_plus_minus(ours.mean(), ours.std()) if len(ours) else "–"
         rows.append(row)
     return pd.DataFrame(rows) if rows else None
@@ -274,55 +349,26 @@ def factorial_is_complete(per_seed: pd.DataFrame, minimum_per_cell: int = 2) -> 
     return not short, short
 
 
-def verdicts_from_factorial(factorial: pd.DataFrame) -> list[str]:
-    lines = []
-    for metric, group in factorial.groupby("metric", sort=False):
-        significant = group[group["p_holm"] < SIGNIFICANCE].sort_values("p_holm")
-        if significant.empty:
-            lines.append(
-                f"{metric}: no factor or interaction survives Holm correction at α = {SIGNIFICANCE}."
-            )
-            continue
-        parts = [
-            f"{row.effect} ({'+' if row.estimate >= 0 else '−'}{format_number(abs(row.estimate))}, "
-            f"p_holm = {format_number(row.p_holm)})"
-            for row in significant.itertuples()
-        ]
-        lines.append(f"{metric}: " + "; ".join(parts) + ".")
-    return lines
-
-
-def verdicts_from_comparisons(comparisons: pd.DataFrame) -> list[str]:
-    lines = []
-    for metric, group in comparisons.groupby("metric", sort=False):
-        significant = group[group["p_holm"] < SIGNIFICANCE]
-        if significant.empty:
-            lines.append(f"{metric}: no configuration differs from the baseline after Holm correction.")
-            continue
-        parts = [
-            f"{row.config_a} ({'+' if row.diff >= 0 else '−'}{format_number(abs(row.diff))}, g = "
-            f"{format_number(row.hedges_g)}, p_holm = {format_number(row.p_holm)})"
-            for row in significant.itertuples()
-        ]
-        lines.append(f"{metric} vs baseline: " + "; ".join(parts) + ".")
-    return lines
-
-
 def build_report(
     all_seeds: pd.DataFrame,
     *,
     metrics: Sequence[str] = DEFAULT_METRICS,
     baseline: str = BASELINE_NAME,
-    paired: bool = False,
+    paired: bool | None = None,
     n_resamples: int = 9999,
     figures: bool = True,
     extra_notes: Sequence[str] = (),
+    context: StudyContext | None = None,
 ) -> Report:
     """Build a report from the tidy seed table (every status; only FINISHED seeds enter statistics).
 
-    Columns needed: config, seed, status, the four factor columns, and the metric columns.
+    Columns needed: config, seed, status, the four factor columns, and the metric columns. ``paired``:
+    None pairs each configuration with the baseline on shared seeds (the design shares random numbers
+    by seed), True insists, False asks for Welch's test. ``context`` names the store, sweeps, code
+    versions and settings for the Study section and the caveats.
     """
     metrics = list(metrics)
+    context = context or StudyContext()
     all_seeds = in_study_order(all_seeds)
     finished = all_seeds[all_seeds["status"] == "FINISHED"].copy() if not all_seeds.empty else all_seeds
     missing_metrics = [metric for metric in metrics if metric not in finished.columns]
@@ -336,22 +382,6 @@ def build_report(
             f"baseline {baseline!r} has no finished seeds; configurations present: {', '.join(configs)}"
         )
     counts = seed_counts(all_seeds)
-    notes = [
-        f"{len(finished)} finished seed runs in {len(configs)} configurations; "
-        f"{int(counts['failed'].sum())} failed seed runs counted in the table below and left out of the statistics.",
-        f"Tests: {'paired t-test on shared seeds' if paired else 'Welch t-test'}; Cohen's d with pooled SD, Hedges' g; "
-        f"bootstrap 95 % CI of the difference in means ({n_resamples} resamples); Holm and Benjamini–Hochberg "
-        "adjusted p across every comparison in the table.",
-    ]
-    notes.extend(extra_notes)
-    thin = counts[counts["finished"] < 2]["configuration"].tolist()
-    if thin:
-        notes.append(f"Fewer than 2 finished seeds (listed with n, no test): {', '.join(thin)}.")
-    present = set(configs)
-    strategic = {"·".join(cell) for cell in STRATEGIC_CONFIGURATIONS}
-    factorial_names = {"·".join(cell) for cell in FACTORIAL_CONFIGURATIONS}
-    if present <= strategic and present != strategic:
-        notes.append(f"Missing from the strategic 8: {', '.join(sorted(strategic - present))}.")
     comparisons = stats.compare_to_baseline(
         finished,
         config_column="config",
@@ -361,32 +391,48 @@ def build_report(
         n_resamples=n_resamples,
     )
     complete, short = factorial_is_complete(finished)
-    factorial = None
-    if complete:
-        factorial = stats.factorial_effects(finished, factors=dict(FACTOR_LEVELS), metrics=metrics)
-        notes.append(
-            "The 2⁴ factorial is complete: all 15 effects fitted by OLS/ANOVA; Holm across the 15 effects of each metric."
-        )
-    elif present & factorial_names and present - strategic:
-        notes.append(f"Factorial incomplete; cells with < 2 finished seeds: {', '.join(short)}.")
-    verdicts = (
-        verdicts_from_factorial(factorial)
-        if factorial is not None
-        else verdicts_from_comparisons(comparisons)
+    factorial = (
+        stats.factorial_effects(finished, factors=dict(FACTOR_LEVELS), metrics=metrics) if complete else None
     )
+    notes = _method_notes(finished, counts, comparisons, factorial, n_resamples)
+    notes.extend(extra_notes)
+    present = set(configs)
+    strategic = {"·".join(cell) for cell in STRATEGIC_CONFIGURATIONS}
+    factorial_names = {"·".join(cell) for cell in FACTORIAL_CONFIGURATIONS}
+    if present <= strategic and present != strategic:
+        notes.append(f"Missing from the strategic 8: {', '.join(sorted(strategic - present))}.")
+    if factorial is None and present & factorial_names and present - strategic:
+        notes.append(f"Factorial incomplete; cells with < 2 finished seeds: {', '.join(short)}.")
+
+    if factorial is not None:
+        main_effects = factorial[factorial["effect"].isin(list(FACTOR_LEVELS))]
+        table = conclusions.conclusion_table(main_effects.rename(columns={"contrast": "subject"}), "subject")
+    else:
+        rows = comparisons.rename(columns={"config_a": "subject", "diff": "estimate"})
+        rows["subject"] = [_with_changes(name, baseline, finished) for name in rows["subject"]]
+        table = conclusions.conclusion_table(rows, "subject")
+    differing = non_default_settings(context.settings)
+    caveats = derive_caveats(all_seeds, finished, counts, factorial, differing)
+    published, published_absent = published_section(finished, context.settings, differing)
     report = Report(
         per_seed=finished,
         counts=counts,
         summary=summary_table(finished, metrics),
         comparisons=comparisons,
         factorial=factorial,
-        published=published_table(finished),
-        verdicts=verdicts,
+        published=published,
+        verdicts=conclusions.conclusion_lines(table),
         notes=notes,
         metrics=metrics,
         baseline=baseline,
+        study=study_lines(finished, context, differing),
+        conclusions=table,
+        caveats=caveats,
+        published_absent=published_absent,
     )
     if figures:
+        if len(table):
+            report.figures["conclusions"] = effects_forest_plot(table)
         for metric in metrics:
             report.figures[f"seeds_{metric}"] = seed_strip_plot(finished, "config", metric, baseline=baseline)
             if factorial is not None:
@@ -397,3 +443,192 @@ def build_report(
                     finished, dict(FACTOR_LEVELS), metric
                 )
     return report
+
+
+def _with_changes(config: str, baseline: str, finished: pd.DataFrame) -> str:
+    """'orthogonal·bipolar·l2·gelu (init, reg, act changed)': which factors a comparison changes at once."""
+    levels = finished.drop_duplicates("config").set_index("config")[list(FACTOR_LEVELS)]
+    if config not in levels.index or baseline not in levels.index:
+        return config
+    changed = [
+        factor for factor in FACTOR_LEVELS if levels.loc[config, factor] != levels.loc[baseline, factor]
+    ]
+    return f"{config} ({', '.join(changed)} changed)" if changed else config
+
+
+def _method_notes(finished, counts, comparisons, factorial, n_resamples: int) -> list[str]:
+    tests = comparisons["test"].value_counts().to_dict() if len(comparisons) else {}
+    described = ", ".join(f"{test} ({count} rows)" for test, count in tests.items()) or "none"
+    notes = [
+        f"{len(finished)} finished seed runs in {finished['config'].nunique()} configurations; "
+        f"{int(counts['failed'].sum())} failed seed runs are counted in the seed table and left out of the statistics.",
+        "Seed k of every configuration shares its data set, SAE initialization, network initialization (per "
+        "init level) and noise draws (per noise kind), so the seed is the unit of replication: comparisons "
+        "are paired on seed where both configurations ran it, factorial effects are tested across seeds, "
+        "and bootstrap intervals resample whole seeds.",
+        f"Comparisons with the baseline: {described}. "
+        + " ".join(
+            text
+            for test, text in (
+                (
+                    stats.PAIRED_TEST,
+                    "Paired rows: effect size d_z = mean per-seed difference / its SD, g_z its Hedges correction.",
+                ),
+                (stats.WELCH_TEST, "Welch rows: Cohen's d with pooled SD and Hedges' g."),
+            )
+            if test in tests
+        )
+        + f" CI: bootstrap 95 % of the mean difference over seeds ({n_resamples} resamples, BCa); Holm and "
+        "Benjamini–Hochberg adjusted p across every row of that table.",
+    ]
+    if factorial is not None:
+        seeds = int(factorial["seeds"].min())
+        notes.append(
+            f"The 2⁴ factorial is complete: each of the 15 effects is the mean of its per-seed contrast over "
+            f"{seeds} seeds with every cell, tested with a one-sample t (df = {seeds - 1}); Holm across the 15 "
+            "effects of each metric (bench/factorial_inference.py: this test keeps its false-positive rate at "
+            "5 % on seed-shared data, the pooled OLS does not)."
+        )
+    return notes
+
+
+def non_default_settings(settings: Mapping[str, Mapping[str, str]]) -> dict[str, list[str]]:
+    """Every stored setting that differs from the published defaults: field → the values seen.
+
+    The four factor fields are the design, not settings, and are left out.
+    """
+    defaults = {name: _as_param(value) for name, value in flatten(AblationConfig()).items()}
+    factor_fields = {f"network.{factor}" for factor in FACTOR_LEVELS}
+    differing: dict[str, set[str]] = {}
+    for values in settings.values():
+        for name, default in defaults.items():
+            if name in factor_fields or name not in values:
+                continue
+            if str(values[name]) != default:
+                differing.setdefault(name, set()).add(str(values[name]))
+    return {name: sorted(found) for name, found in sorted(differing.items())}
+
+
+def _as_param(value: object) -> str:
+    # Stored params are strings; lists were stored as JSON (tracking.taming._params).
+    import json
+
+    return json.dumps(value) if isinstance(value, list) else str(value)
+
+
+def study_lines(
+    finished: pd.DataFrame, context: StudyContext, differing: Mapping[str, list[str]]
+) -> list[str]:
+    seeds = finished.groupby("config")["seed"].nunique()
+    lines = []
+    if context.store:
+        lines.append(f"Store: {context.store}; experiment: {context.experiment or '–'}.")
+    lines.append(
+        "Sweeps: "
+        + (", ".join(context.sweep_ids) if context.sweep_ids else "none recorded on these runs")
+        + "."
+    )
+    if context.code_versions:
+        lines.append("Code version(s): " + ", ".join(context.code_versions) + ".")
+    lines.append(
+        f"{finished['config'].nunique()} configurations, {seeds.min()}–{seeds.max()} finished seeds each."
+        if len(seeds) and seeds.min() != seeds.max()
+        else f"{finished['config'].nunique()} configurations, {seeds.max() if len(seeds) else 0} finished seeds each."
+    )
+    if not context.settings:
+        lines.append("Settings: not recorded with these runs.")
+    elif differing:
+        lines.append(
+            "Settings that differ from the published defaults: "
+            + "; ".join(f"{name} = {', '.join(values)}" for name, values in differing.items())
+            + "."
+        )
+    else:
+        lines.append("Settings: the published defaults (only the four factors vary).")
+    return lines
+
+
+def derive_caveats(all_seeds, finished, counts, factorial, differing: Mapping[str, list[str]]) -> list[str]:
+    """Caveats from the design and the data, never written for one result."""
+    caveats = []
+    design = finished.drop_duplicates("config")[list(FACTOR_LEVELS)]
+    caveats += conclusions.confounded_factors(design, FACTOR_LEVELS)
+    caveats += conclusions.constant_factors(design, FACTOR_LEVELS)
+    seeds = finished.groupby("config")["seed"].nunique()
+    untestable = counts[counts["finished"] < 2]["configuration"].tolist()
+    if untestable:
+        caveats.append(f"Fewer than 2 finished seeds (listed with n, no test): {', '.join(untestable)}.")
+    thin = seeds[seeds < THIN_SEEDS]
+    if len(thin):
+        listed = (
+            f"all {len(seeds)} configurations have "
+            + (f"{thin.min()}" if thin.min() == thin.max() else f"{thin.min()}–{thin.max()}")
+            if len(thin) == len(seeds)
+            else f"{len(thin)} configuration(s) have "
+            + ", ".join(f"{name} {count}" for name, count in thin.items())
+            + ","
+        )
+        caveats.append(
+            f"Thin data: {listed} finished seeds, fewer than {THIN_SEEDS}; intervals are wide and a "
+            "'no clear effect' says little."
+        )
+    failed = counts[counts["failed"] > 0]
+    if len(failed):
+        reasons = (
+            all_seeds.loc[all_seeds["status"] == "FAILED", "failure_reason"].dropna().unique().tolist()
+            if "failure_reason" in all_seeds
+            else []
+        )
+        caveats.append(
+            f"Failed seed runs in {len(failed)} configuration(s) ("
+            + ", ".join(f"{row.configuration} {row.failed}" for row in failed.itertuples())
+            + ") are excluded, so those configurations rest on fewer seeds"
+            + (f"; first reason: {reasons[0]}" if reasons else "")
+            + "."
+        )
+    unfinished = counts[counts["other"] > 0]
+    if len(unfinished):
+        caveats.append(
+            f"{int(unfinished['other'].sum())} seed run(s) neither finished nor failed (interrupted or still "
+            "running); resume the sweep to complete them."
+        )
+    short_training = [name for name in ("network.epochs", "sae.epochs") if name in differing]
+    if short_training:
+        caveats.append(
+            "Trained for "
+            + ", ".join(f"{name} = {', '.join(differing[name])}" for name in short_training)
+            + " instead of the published 2000/1000 epochs: networks and SAEs may be unconverged, and effects "
+            "at these sizes need not hold at the published ones."
+        )
+    elif differing:
+        caveats.append(
+            "Settings differ from the published protocol (see Study): results speak to those settings."
+        )
+    if factorial is not None:
+        interactions = factorial[
+            (factorial["effect"].str.contains(":")) & (factorial["p_holm"] < SIGNIFICANCE)
+        ]
+        for row in interactions.itertuples():
+            caveats.append(
+                f"{row.metric}: the {row.contrast} is clear (p_holm {format_number(row.p_holm)}), so the main "
+                "effects of its factors depend on each other's levels; read them with the interaction plots."
+            )
+    return caveats
+
+
+def published_section(
+    finished: pd.DataFrame, settings: Mapping[str, Mapping[str, str]], differing: Mapping[str, list[str]]
+) -> tuple[pd.DataFrame | None, str]:
+    """The published-beside-ours table, or why it is absent (non-published settings, unknown settings)."""
+    if not settings:
+        return (
+            None,
+            "Not shown: these runs carry no settings, so it is unknown whether they used the published protocol.",
+        )
+    if differing:
+        return None, (
+            "Not shown: these runs do not use the published settings ("
+            + ", ".join(differing)
+            + " differ), so the published numbers are not comparable."
+        )
+    return published_table(finished), ""

@@ -11,13 +11,16 @@ Conventions shared by every function:
 - Thin data never raises: where a statistic is undefined (too few values, zero variance) it is NaN.
 - Two-sided tests throughout.
 
-Methods (SCIENCE.md §4):
+Methods (SCIENCE.md §4). The design shares random numbers: seed k of every configuration sees the same
+data, SAE initialization, network initialization (per init level) and noise draws (per noise kind), so
+every inference here treats the seed as the unit of replication:
 
-- Welch's t-test by default, the paired t-test when the seed pairs the two samples.
-- Cohen's d with pooled SD, Hedges' g small-sample correction; d_z for paired data.
-- Bootstrap CI of the difference in means (``scipy.stats.bootstrap``, BCa).
+- Comparisons of two configurations are paired on seed whenever they share seeds (``scipy.stats.ttest_rel``,
+  d_z and its Hedges correction, bootstrap of the per-seed differences, i.e. whole seeds resampled);
+  Welch's t-test (Cohen's d with pooled SD, Hedges' g) only when they share none, or on request.
+- 2^k factorial effects: per-seed contrasts tested across seeds (df = seeds − 1), Holm across the
+  2^k − 1 effects; the pooled ±1-coded OLS/ANOVA stays only as a labelled secondary column.
 - Holm (family-wise error) and Benjamini–Hochberg (false discovery rate) adjusted p-values.
-- 2^k factorial designs: ±1-coded OLS with all interactions, ANOVA F-tests, Holm across effects.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ COMPARISON_COLUMNS = [
     "metric",
     "config_a",
     "config_b",
+    "test",
     "n_a",
     "n_b",
     "mean_a",
@@ -52,12 +56,33 @@ COMPARISON_COLUMNS = [
     "p",
     "p_holm",
     "p_bh",
-    "cohen_d",
-    "hedges_g",
+    "effect_size",
+    "d",
+    "g",
 ]
-"""Columns of :func:`compare_to_baseline`, in order."""
+"""Columns of :func:`compare_to_baseline`, in order. ``test`` is "paired t" or "Welch t"; ``effect_size``
+names what ``d`` and ``g`` hold: "d_z" (mean difference over the SD of the per-seed differences) and its
+Hedges correction when paired, "Cohen's d" (pooled SD) and Hedges' g when not."""
 
-FACTORIAL_COLUMNS = ["metric", "effect", "estimate", "F", "df_num", "df_den", "p", "p_holm"]
+PAIRED_TEST, WELCH_TEST = "paired t", "Welch t"
+EFFECT_SIZE_NAMES = {PAIRED_TEST: "d_z", WELCH_TEST: "Cohen's d"}
+
+FACTORIAL_COLUMNS = [
+    "metric",
+    "effect",
+    "contrast",
+    "estimate",
+    "ci_low",
+    "ci_high",
+    "se",
+    "t",
+    "df",
+    "p",
+    "p_holm",
+    "seeds",
+    "p_pooled_ols",
+    "p_pooled_ols_holm",
+]
 """Columns of :func:`factorial_effects`, in order."""
 
 ADJUST_METHODS = ("holm", "fdr_bh")
@@ -66,6 +91,9 @@ ADJUST_METHODS = ("holm", "fdr_bh")
 # round-off of an exact fit, not an error estimate: F and p are then reported as NaN rather than as the
 # ratio of two rounding errors. Noise with a relative SD above ~1e-10 is comfortably above it.
 _EXACT_FIT_RELATIVE_SSR = 1e-20
+# The same guard for the seed-blocked test: a standard error below this fraction of the data's magnitude
+# is the rounding of identical per-seed contrasts (noise-free data), not seed-to-seed variation.
+_EXACT_FIT_RELATIVE_SE = 1e-10
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,13 +313,14 @@ def compare(
     - ``t, df, p``: Welch's t-test (``scipy.stats.ttest_ind(equal_var=False)``), t = diff / √(s_a²/n_a +
       s_b²/n_b) with the Welch–Satterthwaite df = (v_a + v_b)² / (v_a²/(n_a−1) + v_b²/(n_b−1)),
       v = s²/n (Welch 1947, *Biometrika* 34:28). Paired: ``scipy.stats.ttest_rel``, df = n − 1;
-    - ``cohen_d, hedges_g``: :func:`cohen_d` and :func:`hedges_g` (d_z and its correction when paired).
+    - ``test``: "paired t" or "Welch t"; ``effect_size``: "d_z" or "Cohen's d", the name of ``d``;
+    - ``d, g``: :func:`cohen_d` and :func:`hedges_g` (d_z and its correction when paired).
 
     NaNs are dropped (whole pairs when paired; then ``n_a = n_b`` = the number of complete pairs). With
     fewer than 2 values on either side (or fewer than 2 pairs) nothing but the counts, means and ``diff``
     can be computed: every other entry is NaN and no exception is raised. When the standard error is zero
     (both samples constant; constant differences when paired) the CI is the degenerate [diff, diff] and
-    ``t, df, p, cohen_d, hedges_g`` are NaN.
+    ``t, df, p, d, g`` are NaN.
 
     Raises ValueError when ``paired`` and the samples differ in length (they must be aligned by seed).
     """
@@ -303,7 +332,9 @@ def compare(
     n_a, n_b = a_sample.size, b_sample.size
     mean_a = float(a_sample.mean()) if n_a else math.nan
     mean_b = float(b_sample.mean()) if n_b else math.nan
-    result: dict[str, float] = {
+    test_name = PAIRED_TEST if paired else WELCH_TEST
+    result: dict[str, float | str] = {
+        "test": test_name,
         "n_a": n_a,
         "n_b": n_b,
         "mean_a": mean_a,
@@ -314,8 +345,9 @@ def compare(
         "t": math.nan,
         "df": math.nan,
         "p": math.nan,
-        "cohen_d": math.nan,
-        "hedges_g": math.nan,
+        "effect_size": EFFECT_SIZE_NAMES[test_name],
+        "d": math.nan,
+        "g": math.nan,
     }
     if n_a < 2 or n_b < 2:
         return result
@@ -352,8 +384,8 @@ def compare(
         t=float(test.statistic),
         df=df,
         p=float(test.pvalue),
-        cohen_d=cohen_d(a_sample, b_sample, paired=paired),
-        hedges_g=hedges_g(a_sample, b_sample, paired=paired),
+        d=cohen_d(a_sample, b_sample, paired=paired),
+        g=hedges_g(a_sample, b_sample, paired=paired),
     )
     return result
 
@@ -426,7 +458,7 @@ def compare_to_baseline(
     config_column: str,
     metrics: list[str],
     baseline: str,
-    paired: bool = False,
+    paired: bool | None = None,
     seed_column: str = "seed",
     n_resamples: int = 9999,
     random_state: int | None = 0,
@@ -440,9 +472,13 @@ def compare_to_baseline(
     ``metric, config_a, config_b, n_a, n_b, mean_a, mean_b, diff, ci_low, ci_high, t, df, p, p_holm,
     p_bh, cohen_d, hedges_g`` with ``config_a`` the compared configuration and ``config_b`` the baseline.
 
-    NaN metric values (failed metrics) are dropped per metric. When ``paired``, the two configurations
-    are aligned on ``seed_column`` (inner join: only seeds both ran; each seed at most once per
-    configuration) and n is the number of pairs.
+    Pairing (``paired``): ``None`` (the default) pairs a configuration with the baseline whenever they share
+    at least two seeds, because seed k of every configuration shares its data and initializations, so the
+    per-seed values are correlated and an unpaired test misstates the error (either way); configurations
+    with fewer shared seeds get Welch's test. ``True`` insists on pairing, ``False`` asks for Welch
+    throughout. Paired samples are aligned on ``seed_column`` (inner join: only seeds both ran; each seed
+    at most once per configuration) and n is the number of pairs; the ``test`` column says which test
+    each row used. NaN metric values (failed metrics) are dropped per metric.
 
     The multiple-testing family is every row of the returned table (all metrics × configurations):
     ``p_holm`` (family-wise error) and ``p_bh`` (false discovery rate) are :func:`adjust_pvalues` over
@@ -451,7 +487,7 @@ def compare_to_baseline(
 
     Raises ValueError if a column is missing or ``baseline`` is not among the configurations.
     """
-    required = [config_column, *metrics] + ([seed_column] if paired else [])
+    required = [config_column, *metrics] + ([seed_column] if paired is not False else [])
     _require_columns(per_seed, required, "compare_to_baseline")
     configs = list(pd.unique(per_seed[config_column].dropna()))
     if baseline not in configs:
@@ -465,12 +501,14 @@ def compare_to_baseline(
             if config == baseline:
                 continue
             config_rows = per_seed[per_seed[config_column] == config]
-            if paired:
+            pair = paired
+            if paired is not False:
                 a, b = _paired_by_seed(config_rows, baseline_rows, metric, seed_column)
-            else:
+                pair = paired or len(a) >= 2
+            if not pair:
                 a = config_rows[metric].to_numpy(dtype=float)
                 b = baseline_rows[metric].to_numpy(dtype=float)
-            comparison = compare(a, b, paired=paired, n_resamples=n_resamples, random_state=random_state)
+            comparison = compare(a, b, paired=pair, n_resamples=n_resamples, random_state=random_state)
             rows.append({"metric": metric, "config_a": config, "config_b": baseline, **comparison})
     table = pd.DataFrame(rows, columns=[c for c in COMPARISON_COLUMNS if c not in ("p_holm", "p_bh")])
     table["p_holm"] = adjust_pvalues(table["p"].to_numpy(dtype=float), "holm")
@@ -532,48 +570,129 @@ def _missing_cells(codes: pd.DataFrame, factors: dict[str, tuple[Any, Any]]) -> 
     return missing
 
 
+def effect_contrasts(k: int) -> np.ndarray:
+    """The ±1 contrast of every effect of a 2^k design over its cells: ``[effect, cell]``.
+
+    Cells are in standard order (first factor varying slowest, low = −1 before high = +1, as
+    ``itertools.product((-1, 1), repeat=k)``); effects in the order of :func:`factorial_effect_names`.
+    The contrast of an effect is the product of the codes of the factors it involves (Montgomery,
+    *Design and Analysis of Experiments*, §6.2), so the estimate of that effect from cell values ``y`` is
+    ``contrast · y / 2^(k−1)``: the mean over the cells where the contrast is +1 minus the mean where it is −1.
+    """
+    cells = np.array(list(itertools.product((-1.0, 1.0), repeat=k)))
+    return np.stack([np.prod(cells[:, list(combo)], axis=1) for combo in _effect_combinations(k, range(k))])
+
+
+def seed_blocked_effects(values: ArrayLike, confidence: float = 0.95) -> dict[str, np.ndarray]:
+    """Every factorial effect tested against its own seed-to-seed variation.
+
+    ``values: [..., seed, cell]`` holds one complete replicate of the 2^k cells per seed (cells in the
+    order of :func:`effect_contrasts`); leading dimensions are independent problems (e.g. simulations).
+    For seed s the effect's contrast is c_s = contrast · y_s / 2^(k−1); then, over the S seeds,
+
+        estimate = mean_s c_s,   se = sd_s(c_s) / √S,   t = estimate / se,   df = S − 1,
+
+    a two-sided one-sample t-test of mean contrast 0, and the t-interval estimate ± t_{df}·se.
+
+    Why this test: by design seed s of every cell shares the data set, the SAE initialization, the network
+    initialization (per init level) and the noise draws (per noise kind), so the cells of one seed are
+    correlated in ways no pooled residual describes. Whatever that within-seed structure is, the S per-seed
+    contrasts are independent and identically distributed, because different seeds share nothing; this is
+    the randomized complete block analysis with seed as the block and the effect × seed interaction as
+    error (Montgomery §4.2; the "paired" logic of Student's t, one contrast at a time). A pooled OLS
+    instead treats the 2^k·S runs as independent and is wrong in both directions (see
+    ``bench/factorial_inference.py`` for the simulated false-positive rates).
+
+    Returns arrays ``estimate, se, t, p, ci_low, ci_high`` of shape ``[..., effect]`` and ``df`` (scalar
+    S − 1). Where there is no seed-to-seed variation (S < 2, or contrasts equal to rounding), t, p and
+    the interval are NaN; the estimate stands.
+    """
+    _check_confidence(confidence)
+    array = np.asarray(values, dtype=float)
+    if array.ndim < 2:
+        raise ValueError(f"values must be [..., seed, cell]; got shape {array.shape}")
+    cells = array.shape[-1]
+    k = int(round(math.log2(cells))) if cells > 0 else 0
+    if cells < 2 or 2**k != cells:
+        raise ValueError(f"the last dimension must hold 2^k cells; got {cells}")
+    seeds = array.shape[-2]
+    contrasts = effect_contrasts(k)  # [effect, cell]
+    per_seed = array @ contrasts.T / 2 ** (k - 1)  # [..., seed, effect]
+    estimate = per_seed.mean(axis=-2)
+    nan = np.full(estimate.shape, np.nan)
+    if seeds < 2:
+        return {"estimate": estimate, "se": nan, "t": nan, "p": nan, "ci_low": nan, "ci_high": nan, "df": 0}
+    se = per_seed.std(axis=-2, ddof=1) / math.sqrt(seeds)
+    # Contrasts that agree to rounding (noise-free data) leave no error to test against.
+    scale = np.abs(array).max(axis=(-2, -1))[..., None]
+    informative = se > _EXACT_FIT_RELATIVE_SE * np.maximum(scale, np.finfo(float).tiny)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(informative, estimate / se, np.nan)
+    df = seeds - 1
+    p = np.where(informative, 2 * scipy.stats.t.sf(np.abs(t), df), np.nan)
+    half_width = np.where(informative, scipy.stats.t.ppf((1 + confidence) / 2, df) * se, np.nan)
+    return {
+        "estimate": estimate,
+        "se": np.where(informative, se, np.nan),
+        "t": t,
+        "p": p,
+        "ci_low": estimate - half_width,
+        "ci_high": estimate + half_width,
+        "df": df,
+    }
+
+
+def effect_label(effect: str, factors: dict[str, tuple[Any, Any]]) -> str:
+    """What a positive estimate means, in words: 'orthogonal vs random', or 'init × noise interaction'."""
+    names = effect.split(":")
+    if len(names) == 1:
+        low, high = factors[names[0]]
+        return f"{high} vs {low}"
+    return " × ".join(names) + " interaction"
+
+
 def factorial_effects(
     per_seed: pd.DataFrame,
     *,
     factors: dict[str, tuple[Any, Any]],
     metrics: list[str],
+    seed_column: str = "seed",
+    confidence: float = 0.95,
+    pooled_ols: bool = True,
 ) -> pd.DataFrame:
-    """All main effects and interactions of a complete 2^k factorial, per metric.
+    """All main effects and interactions of a complete 2^k factorial, per metric, blocked on seed.
 
-    ``per_seed`` is tidy (one row per run) with one column per factor and one per metric. ``factors``
-    maps a factor column to its ``(low, high)`` levels, coded −1 / +1. Every one of the 2^k cells must
-    have at least one run (ValueError naming the missing cells otherwise); NaN metric values are dropped
-    per metric before that check.
+    ``per_seed`` is tidy (one row per run) with one column per factor, a ``seed_column`` and one column
+    per metric. ``factors`` maps a factor column to its ``(low, high)`` levels, coded −1 / +1. Every one of
+    the 2^k cells must have at least one run (ValueError naming the missing cells otherwise); NaN metric
+    values are dropped per metric before that check, and each (cell, seed) may appear at most once.
 
-    Model (Montgomery, *Design and Analysis of Experiments*, ch. 6): OLS of the metric on the ±1 codes
-    with every interaction, ``y ~ A + B + ... + A:B + ... + A:B:C:D`` (saturated in the cell means), and
-    ANOVA F-tests (``statsmodels.stats.anova.anova_lm``, typ=2) of each effect against the residual
-    mean square, df_num = 1, df_den = N − 2^k.
+    Primary test (:func:`seed_blocked_effects`): the seeds that ran every cell (complete blocks) each give
+    one contrast per effect; ``estimate`` is their mean (mean(high) − mean(low) over the cells, for a main
+    effect), ``ci_low``/``ci_high`` its t-interval, ``t``, ``df`` = S − 1 and ``p`` the one-sample t-test
+    across seeds, ``p_holm`` Holm across the 2^k − 1 effects of the metric, ``seeds`` = S. Seeds missing a
+    cell are left out of that metric (the count says so). With no complete seed the estimate comes from
+    the unweighted cell means and every test is NaN.
 
-    ``estimate`` of an effect is the contrast of its column, the product of the involved factors'
-    codes: mean of the cell means where the contrast is +1 minus mean of the cell means where it is −1.
-    For a balanced design this is mean(y | contrast = +1) − mean(y | contrast = −1) = 2·β, β the OLS
-    coefficient of the ±1 column. For unbalanced-but-complete data (unequal seeds per cell) it is still
-    2·β of the saturated fit (unweighted cell means), which does not let one cell's extra seeds shift
-    another factor's effect, whereas the pooled mean difference would. Then the columns are no longer
-    orthogonal and ANOVA types I, II and III disagree; we report type II (each effect adjusted for every
-    effect that does not contain it).
+    Secondary, for comparison only (``pooled_ols``): ``p_pooled_ols`` is the ANOVA F-test of a ±1-coded
+    saturated OLS that pools all runs as independent (statsmodels, type II, df_den = N − 2^k), the
+    analysis this project reported before; it ignores that cells share each seed's random numbers and is
+    not valid for this design. ``p_pooled_ols_holm`` is its Holm adjustment.
 
-    Returns rows ``metric, effect, estimate, F, df_num, df_den, p, p_holm`` (:data:`FACTORIAL_COLUMNS`),
-    effects named and ordered as :func:`factorial_effect_names`; ``p_holm`` is Holm across the
-    2^k − 1 effects of each metric. Where there is no error estimate — one run per cell (df_den = 0) or
-    an exact fit (residual SS ≈ 0, e.g. noise-free data) — F, p and p_holm are NaN; estimates stay.
+    Returns the columns :data:`FACTORIAL_COLUMNS`, effects named and ordered as
+    :func:`factorial_effect_names`; ``contrast`` says in words what a positive estimate means.
     """
     _check_factors(per_seed, factors)
-    _require_columns(per_seed, metrics, "factorial_effects")
+    _require_columns(per_seed, [*metrics, seed_column], "factorial_effects")
     factor_names = list(factors)
     k = len(factor_names)
-    # Internal identifiers keep arbitrary column names (spaces, dots) out of the formula.
-    internal = {name: f"x{i}" for i, name in enumerate(factor_names)}
-    combinations = _effect_combinations(k, factor_names)
-    terms = [":".join(internal[name] for name in combo) for combo in combinations]
-    formula = "y ~ " + " + ".join(terms)
+    effect_names = factorial_effect_names(factor_names)
     all_codes = _codes(per_seed, factors)
+    # Cell index in standard order: first factor slowest, low (−1) before high (+1).
+    weights = 2 ** np.arange(k - 1, -1, -1)
+    cell_index = pd.Series(
+        ((all_codes.to_numpy() > 0).astype(int) * weights).sum(axis=1), index=per_seed.index
+    )
 
     rows = []
     for metric in metrics:
@@ -581,50 +700,70 @@ def factorial_effects(
         if np.isinf(y).any():
             raise ValueError(f"metric {metric!r} contains infinite values")
         keep = y.notna()
-        codes = all_codes[keep]
-        missing = _missing_cells(codes, factors)
+        missing = _missing_cells(all_codes[keep], factors)
         if missing:
             raise ValueError(
                 f"factorial_effects: metric {metric!r} has no runs in {len(missing)} of {2**k} cells: "
                 + "; ".join(missing)
             )
-        data = codes.rename(columns=internal)
-        data["y"] = y[keep].to_numpy()
-
-        cell_means = data.groupby(list(internal.values()))["y"].mean()
-        cell_codes = np.array(cell_means.index.to_list(), dtype=float).reshape(len(cell_means), k)
-
-        model = smf.ols(formula, data=data).fit()
-        df_den = float(model.df_resid)
-        total_ss = float(((data["y"] - data["y"].mean()) ** 2).sum())
-        has_error_estimate = df_den > 0 and model.ssr > _EXACT_FIT_RELATIVE_SSR * total_ss
-        if has_error_estimate:
-            anova = anova_lm(model, typ=2)
-
-        metric_rows = []
-        for combo, term in zip(combinations, terms, strict=True):
-            contrast = np.prod(cell_codes[:, [factor_names.index(name) for name in combo]], axis=1)
-            estimate = float(cell_means[contrast > 0].mean() - cell_means[contrast < 0].mean())
-            if has_error_estimate:
-                f_value, p_value = float(anova.loc[term, "F"]), float(anova.loc[term, "PR(>F)"])
-            else:
-                f_value, p_value = math.nan, math.nan
-            metric_rows.append(
+        long = pd.DataFrame({"seed": per_seed.loc[keep, seed_column], "cell": cell_index[keep], "y": y[keep]})
+        repeated = long.duplicated(subset=["seed", "cell"])
+        if repeated.any():
+            seeds = sorted(long.loc[repeated, "seed"].unique().tolist())
+            raise ValueError(
+                f"factorial_effects: metric {metric!r} has more than one run for one cell and seed "
+                f"(seed(s) {seeds}); each seed must run each cell once"
+            )
+        table = long.pivot(index="seed", columns="cell", values="y").reindex(columns=range(2**k))
+        complete = table.dropna()
+        result = seed_blocked_effects(complete.to_numpy(), confidence=confidence)
+        estimates = result["estimate"]
+        if len(complete) == 0:
+            estimates = effect_contrasts(k) @ long.groupby("cell")["y"].mean().sort_index().to_numpy()
+            estimates = estimates / 2 ** (k - 1)
+        holm = adjust_pvalues(result["p"], "holm")
+        pooled = _pooled_ols_pvalues(all_codes[keep], y[keep], factor_names) if pooled_ols else None
+        pooled_holm = adjust_pvalues(pooled, "holm") if pooled is not None else None
+        for index, effect in enumerate(effect_names):
+            rows.append(
                 {
                     "metric": metric,
-                    "effect": ":".join(combo),
-                    "estimate": estimate,
-                    "F": f_value,
-                    "df_num": 1,
-                    "df_den": df_den,
-                    "p": p_value,
+                    "effect": effect,
+                    "contrast": effect_label(effect, factors),
+                    "estimate": float(estimates[index]),
+                    "ci_low": float(result["ci_low"][index]),
+                    "ci_high": float(result["ci_high"][index]),
+                    "se": float(result["se"][index]),
+                    "t": float(result["t"][index]),
+                    "df": float(result["df"]) if len(complete) >= 2 else math.nan,
+                    "p": float(result["p"][index]),
+                    "p_holm": float(holm[index]),
+                    "seeds": len(complete),
+                    "p_pooled_ols": float(pooled[index]) if pooled is not None else math.nan,
+                    "p_pooled_ols_holm": float(pooled_holm[index]) if pooled_holm is not None else math.nan,
                 }
             )
-        holm = adjust_pvalues([row["p"] for row in metric_rows], "holm")
-        for row, p_holm in zip(metric_rows, holm, strict=True):
-            row["p_holm"] = float(p_holm)
-        rows.extend(metric_rows)
     return pd.DataFrame(rows, columns=FACTORIAL_COLUMNS)
+
+
+def _pooled_ols_pvalues(codes: pd.DataFrame, y: pd.Series, factor_names: list[str]) -> np.ndarray:
+    """ANOVA (type II) p-values of the saturated ±1-coded OLS that treats every run as independent.
+
+    Kept only as a labelled secondary column: it is what a textbook 2^k analysis with replicates does,
+    and it is wrong here because the replicates of different cells share random numbers. NaN where the
+    fit leaves no error estimate (one run per cell, or an exact fit).
+    """
+    k = len(factor_names)
+    internal = {name: f"x{i}" for i, name in enumerate(factor_names)}
+    terms = [":".join(internal[name] for name in combo) for combo in _effect_combinations(k, factor_names)]
+    data = codes.rename(columns=internal).reset_index(drop=True)
+    data["y"] = y.to_numpy(dtype=float)
+    model = smf.ols("y ~ " + " + ".join(terms), data=data).fit()
+    total_ss = float(((data["y"] - data["y"].mean()) ** 2).sum())
+    if not (model.df_resid > 0 and model.ssr > _EXACT_FIT_RELATIVE_SSR * total_ss):
+        return np.full(len(terms), np.nan)
+    anova = anova_lm(model, typ=2)
+    return np.array([float(anova.loc[term, "PR(>F)"]) for term in terms])
 
 
 def factorial_cell_means(
@@ -651,3 +790,74 @@ def factorial_cell_means(
         summary = describe(per_seed.loc[mask, metric].to_numpy(dtype=float), confidence=confidence)
         rows.append({**dict(zip(factors, cell, strict=True)), **summary})
     return pd.DataFrame(rows, columns=[*factors, "n", "mean", "std", "sem", "ci_low", "ci_high"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Simulated designs, for checking the error rates of the tests above
+# --------------------------------------------------------------------------------------------------
+
+
+def simulate_seed_shared_factorial(
+    simulations: int,
+    seeds: int,
+    *,
+    k: int = 4,
+    seed_sd: float = 1.0,
+    seed_by_first_factor_sd: float = 1.0,
+    seed_by_second_factor_sd: float = 1.0,
+    first_factor_level_correlation: float = -0.5,
+    residual_sd: float = 1.0,
+    effects: dict[int, float] | None = None,
+    random_state: int | None = 0,
+) -> np.ndarray:
+    """Factorial data ``[simulation, seed, cell]`` with random numbers shared within a seed, as in the study.
+
+    For seed s and cell c (standard order, see :func:`effect_contrasts`), with a(c) the level of factor 0
+    (init) and b(c) the level of factor 1 (noise):
+
+        y[s, c] = u_s + v_{s, a(c)} + w_{s, b(c)} + Σ_e effect_e·contrast_e(c)/2 + ε_{s, c}
+
+    - u_s ~ N(0, seed_sd²): what every cell of a seed shares (the data set, the SAE initialization);
+    - v_{s, level} ~ N(0, seed_by_first_factor_sd²), correlated ``first_factor_level_correlation`` between
+      the two levels: the network initialization, shared by the cells of one init level (the measured
+      residual correlations were positive within an init level and negative across levels);
+    - w_{s, level} ~ N(0, seed_by_second_factor_sd²): the noise draws, shared per noise kind;
+    - ε ~ N(0, residual_sd²) independent.
+
+    ``effects`` maps an effect index (order of :func:`factorial_effect_names`) to its true value
+    mean(high) − mean(low); absent effects are zero (the null). Every simulation is independent.
+    """
+    rng = np.random.default_rng(random_state)
+    cells = np.array(list(itertools.product((0, 1), repeat=k)))
+    shape = (simulations, seeds)
+    shared = rng.normal(0.0, seed_sd, shape)[..., None]
+    rho = first_factor_level_correlation
+    covariance = seed_by_first_factor_sd**2 * np.array([[1.0, rho], [rho, 1.0]])
+    first = rng.multivariate_normal(np.zeros(2), covariance, size=shape)  # [sim, seed, level]
+    second = rng.normal(0.0, seed_by_second_factor_sd, (*shape, 2))
+    values = shared + first[..., cells[:, 0]] + second[..., cells[:, 1]]
+    values = values + rng.normal(0.0, residual_sd, (*shape, 2**k))
+    if effects:
+        contrasts = effect_contrasts(k)
+        for index, size in effects.items():
+            values = values + size * contrasts[index] / 2
+    return values
+
+
+def pooled_ols_effect_pvalues(values: ArrayLike) -> np.ndarray:
+    """The pooled OLS/ANOVA p-value of every effect, vectorized: ``values: [..., seed, cell]`` → ``[..., effect]``.
+
+    The closed form of :func:`_pooled_ols_pvalues` for a balanced design with one run per (seed, cell):
+    β_e = contrast_e·ȳ_cells / 2^k, SS_e = N·β_e², residual SS = Σ (y − ȳ_cell)², df = N − 2^k, and
+    F = SS_e / (SS_res/df) on (1, df) degrees of freedom. For simulations only; the report uses statsmodels.
+    """
+    array = np.asarray(values, dtype=float)
+    seeds, cells = array.shape[-2], array.shape[-1]
+    k = int(round(math.log2(cells)))
+    cell_means = array.mean(axis=-2)  # [..., cell]
+    beta = cell_means @ effect_contrasts(k).T / cells
+    total = seeds * cells
+    residual_df = total - cells
+    residual_ms = ((array - cell_means[..., None, :]) ** 2).sum(axis=(-2, -1)) / residual_df
+    f_values = total * beta**2 / residual_ms[..., None]
+    return scipy.stats.f.sf(f_values, 1, residual_df)

@@ -51,7 +51,8 @@ def test_thin_missing_and_failed_data_are_reported_honestly():
     text = report.markdown()
     assert "Fewer than 2 finished seeds" in text and "·".join(cells[1]) in text
     assert "Missing from the strategic 8" in text and "·".join(STRATEGIC_CONFIGURATIONS[7]) in text
-    assert "2 failed seed runs counted" in text
+    assert "2 failed seed runs are counted" in text
+    assert "Failed seed runs in 1 configuration(s)" in text
     assert report.factorial is None
 
 
@@ -90,8 +91,17 @@ def test_factorial_verdict_finds_the_planted_effect():
     report = build_report(table, metrics=["macs"], n_resamples=200, figures=True)
     effects = report.factorial.set_index("effect")
     assert effects.loc["reg", "estimate"] == pytest.approx(-0.05, abs=0.01)
-    assert effects.loc["reg", "p_holm"] < 1e-6
-    assert report.verdicts[0].startswith("macs: reg (−0.0")
+    # Three seeds, df = 2: the per-seed contrasts of reg agree closely, but three is all the evidence.
+    contrasts = [
+        table[(table["seed"] == seed) & (table["reg"] == "l2")]["macs"].mean()
+        - table[(table["seed"] == seed) & (table["reg"] == "l1")]["macs"].mean()
+        for seed in range(3)
+    ]
+    assert effects.loc["reg", "p"] == pytest.approx(scipy_stats.ttest_1samp(contrasts, 0.0).pvalue)
+    assert effects.loc["reg", "p_holm"] < 0.05
+    reg_line = next(line for line in report.verdicts if line.startswith("**l2 vs l1**"))
+    assert "less polysemantic by macs −0.0" in reg_line
+    assert {"conclusions", "seeds_macs", "main_effects_macs", "interactions_macs"} <= set(report.figures)
     assert {"seeds_macs", "main_effects_macs", "interactions_macs"} <= set(report.figures)
 
 
@@ -127,12 +137,14 @@ def test_report_end_to_end_matches_independent_recomputation(tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
-    assert "Factorial effects" in result.output and "What matters" in result.output
+    assert "Factorial effects, blocked on seed" in result.output and "## Conclusions" in result.output
     for name in (
         "comparisons.csv",
         "factorial.csv",
+        "conclusions.csv",
         "report.md",
         "report.html",
+        "conclusions.png",
         "seeds_macs.png",
         "main_effects_macs.png",
         "interactions_val_mse.png",
@@ -148,6 +160,7 @@ def test_report_end_to_end_matches_independent_recomputation(tmp_path):
         {
             **{factor: run.data.tags[factor] for factor in FACTOR_LEVELS},
             "config": run.data.tags["config_name"],
+            "seed": int(run.data.tags["seed"]),
             "val_mse": run.data.metrics["val_mse"],
             "macs": run.data.metrics["macs"],
         }
@@ -156,55 +169,40 @@ def test_report_end_to_end_matches_independent_recomputation(tmp_path):
     store_frame = pd.DataFrame(rows)
     assert len(store_frame) == 32
 
+    # Configurations share seeds, so the comparison is the paired t-test on seed-aligned values.
     comparisons = pd.read_csv(out / "comparisons.csv")
     row = comparisons[
         (comparisons["metric"] == "val_mse") & (comparisons["config_a"] == "orthogonal·bipolar·l2·gelu")
-    ]
-    row = row.iloc[0]
-    a = store_frame[store_frame["config"] == "orthogonal·bipolar·l2·gelu"]["val_mse"]
-    b = store_frame[store_frame["config"] == BASELINE_NAME]["val_mse"]
-    welch = scipy_stats.ttest_ind(a, b, equal_var=False)
-    assert row["t"] == pytest.approx(welch.statistic, rel=1e-9, abs=1e-9)
-    assert row["p"] == pytest.approx(welch.pvalue, rel=1e-9, abs=1e-9)
+    ].iloc[0]
+    by_seed = store_frame.pivot(index="seed", columns="config", values="val_mse")
+    a, b = by_seed["orthogonal·bipolar·l2·gelu"], by_seed[BASELINE_NAME]
+    paired = scipy_stats.ttest_rel(a, b)
+    assert row["test"] == "paired t" and row["effect_size"] == "d_z"
+    assert row["t"] == pytest.approx(paired.statistic, rel=1e-9, abs=1e-9)
+    assert row["p"] == pytest.approx(paired.pvalue, rel=1e-9, abs=1e-9)
     assert row["diff"] == pytest.approx(a.mean() - b.mean(), rel=1e-9, abs=1e-12)
-    pooled = np.sqrt(((len(a) - 1) * a.var() + (len(b) - 1) * b.var()) / (len(a) + len(b) - 2))
-    assert row["cohen_d"] == pytest.approx((a.mean() - b.mean()) / pooled, rel=1e-9)
-    assert list(comparisons.columns) == [
-        "metric",
-        "config_a",
-        "config_b",
-        "n_a",
-        "n_b",
-        "mean_a",
-        "mean_b",
-        "diff",
-        "ci_low",
-        "ci_high",
-        "t",
-        "df",
-        "p",
-        "p_holm",
-        "p_bh",
-        "cohen_d",
-        "hedges_g",
-    ]
+    assert row["d"] == pytest.approx((a - b).mean() / (a - b).std(ddof=1), rel=1e-9)
+    assert "d_z" in result.output and "Cohen's d with pooled SD" not in result.output
 
     factorial = pd.read_csv(out / "factorial.csv")
-    assert list(factorial.columns) == ["metric", "effect", "estimate", "F", "df_num", "df_den", "p", "p_holm"]
     assert len(factorial) == 30
     coded = store_frame.copy()
     for factor, (_low, high) in FACTOR_LEVELS.items():
         coded[factor] = np.where(coded[factor] == high, 1.0, -1.0)
+    # Seed-blocked: the init contrast of macs within each seed, then a one-sample t across the seeds.
+    contrasts = [
+        rows.loc[rows["init"] == 1, "macs"].mean() - rows.loc[rows["init"] == -1, "macs"].mean()
+        for _, rows in coded.groupby("seed")
+    ]
+    effect = factorial[(factorial["metric"] == "macs") & (factorial["effect"] == "init")].iloc[0]
+    assert effect["p"] == pytest.approx(scipy_stats.ttest_1samp(contrasts, 0.0).pvalue, rel=1e-9)
+    assert effect["estimate"] == pytest.approx(np.mean(contrasts), rel=1e-9)
+    assert effect["contrast"] == "orthogonal vs random"
+    # The pooled OLS stays only as a labelled secondary column.
     fit = smf.ols("val_mse ~ init * noise * reg * act", data=coded).fit()
     anova = anova_lm(fit, typ=2)
-    effect = factorial[(factorial["metric"] == "val_mse") & (factorial["effect"] == "reg")].iloc[0]
-    assert effect["F"] == pytest.approx(anova.loc["reg", "F"], rel=1e-9)
-    assert effect["p"] == pytest.approx(anova.loc["reg", "PR(>F)"], rel=1e-9)
-    high = coded[coded["reg"] == 1]["val_mse"].mean()
-    low = coded[coded["reg"] == -1]["val_mse"].mean()
-    assert effect["estimate"] == pytest.approx(high - low, rel=1e-9)
-    interaction = factorial[(factorial["metric"] == "val_mse") & (factorial["effect"] == "reg:act")].iloc[0]
-    assert interaction["F"] == pytest.approx(anova.loc["reg:act", "F"], rel=1e-9)
+    pooled = factorial[(factorial["metric"] == "val_mse") & (factorial["effect"] == "reg:act")].iloc[0]
+    assert pooled["p_pooled_ols"] == pytest.approx(anova.loc["reg:act", "PR(>F)"], rel=1e-9)
 
     analysis = client.search_runs([experiment_id], "tags.kind = 'analysis'")
     assert len(analysis) == 1 and analysis[0].info.status == "FINISHED"

@@ -141,8 +141,8 @@ def test_compare_welch_matches_scipy_and_hand_formula():
     assert result["mean_a"] == pytest.approx(a.mean())
     assert result["diff"] == pytest.approx(a.mean() - b.mean())
     pooled = math.sqrt(((a.size - 1) * a.var(ddof=1) + (b.size - 1) * b.var(ddof=1)) / 12)
-    assert result["cohen_d"] == pytest.approx((a.mean() - b.mean()) / pooled)
-    assert result["hedges_g"] == pytest.approx((1 - 3 / (4 * 14 - 9)) * (a.mean() - b.mean()) / pooled)
+    assert result["d"] == pytest.approx((a.mean() - b.mean()) / pooled)
+    assert result["g"] == pytest.approx((1 - 3 / (4 * 14 - 9)) * (a.mean() - b.mean()) / pooled)
 
 
 def test_compare_paired_matches_ttest_rel():
@@ -155,7 +155,7 @@ def test_compare_paired_matches_ttest_rel():
     assert result["df"] == 6
     d = a - b
     assert result["t"] == pytest.approx(d.mean() / (d.std(ddof=1) / math.sqrt(7)))
-    assert result["cohen_d"] == pytest.approx(d.mean() / d.std(ddof=1))
+    assert result["d"] == pytest.approx(d.mean() / d.std(ddof=1))
     assert result["n_a"] == result["n_b"] == 7
 
 
@@ -202,7 +202,7 @@ def test_degenerate_data_falls_back_to_percentile_and_gives_nan_tests():
         result = stats.compare([1.0, 1.0, 1.0], [2.0, 2.0, 2.0], n_resamples=99)
     assert result["diff"] == -1.0
     assert (result["ci_low"], result["ci_high"]) == (-1.0, -1.0)
-    for key in ("t", "df", "p", "cohen_d", "hedges_g"):
+    for key in ("t", "df", "p", "d", "g"):
         assert math.isnan(result[key]), key
 
 
@@ -221,7 +221,7 @@ def test_one_constant_sample_still_tested_without_warning():
 def test_thin_samples_give_nan_statistics(a, b):
     result = stats.compare(a, b)
     assert (result["n_a"], result["n_b"]) == (len(a), len(b))
-    for key in ("ci_low", "ci_high", "t", "df", "p", "cohen_d", "hedges_g"):
+    for key in ("ci_low", "ci_high", "t", "df", "p", "d", "g"):
         assert math.isnan(result[key]), key
     if a:
         assert result["mean_a"] == pytest.approx(np.mean(a))
@@ -300,12 +300,18 @@ def _per_seed_table(seed: int = 0) -> pd.DataFrame:
 def test_compare_to_baseline_columns_rows_and_family():
     table = _per_seed_table()
     result = stats.compare_to_baseline(
-        table, config_column="config", metrics=["macs", "interference"], baseline="baseline", n_resamples=99
+        table,
+        config_column="config",
+        metrics=["macs", "interference"],
+        baseline="baseline",
+        paired=False,
+        n_resamples=99,
     )
     assert list(result.columns) == [
         "metric",
         "config_a",
         "config_b",
+        "test",
         "n_a",
         "n_b",
         "mean_a",
@@ -318,9 +324,11 @@ def test_compare_to_baseline_columns_rows_and_family():
         "p",
         "p_holm",
         "p_bh",
-        "cohen_d",
-        "hedges_g",
+        "effect_size",
+        "d",
+        "g",
     ]
+    assert (result["test"] == "Welch t").all() and (result["effect_size"] == "Cohen's d").all()
     assert list(zip(result["metric"], result["config_a"], strict=True)) == [
         ("macs", "ortho"),
         ("macs", "gelu"),
@@ -358,12 +366,39 @@ def test_compare_to_baseline_paired_aligns_on_seed():
     assert row["df"] == 4
 
 
+def test_compare_to_baseline_pairs_on_shared_seeds_by_default_and_welch_otherwise():
+    table = _per_seed_table(3)
+    # gelu ran seeds 10..15, which the baseline never ran: nothing to pair on.
+    table.loc[table["config"] == "gelu", "seed"] += 10
+    result = stats.compare_to_baseline(
+        table, config_column="config", metrics=["macs"], baseline="baseline", n_resamples=99
+    ).set_index("config_a")
+    assert result.loc["ortho", "test"] == "paired t" and result.loc["ortho", "effect_size"] == "d_z"
+    assert result.loc["gelu", "test"] == "Welch t" and result.loc["gelu", "effect_size"] == "Cohen's d"
+    by_seed = table[table["config"] != "gelu"].pivot(index="seed", columns="config", values="macs")
+    differences = by_seed["ortho"] - by_seed["baseline"]
+    assert result.loc["ortho", "p"] == pytest.approx(
+        scipy.stats.ttest_rel(by_seed["ortho"], by_seed["baseline"]).pvalue
+    )
+    assert result.loc["ortho", "d"] == pytest.approx(differences.mean() / differences.std(ddof=1))
+    gelu = table.loc[table["config"] == "gelu", "macs"]
+    baseline = table.loc[table["config"] == "baseline", "macs"]
+    assert result.loc["gelu", "p"] == pytest.approx(
+        scipy.stats.ttest_ind(gelu, baseline, equal_var=False).pvalue
+    )
+
+
 def test_compare_to_baseline_drops_nan_and_keeps_thin_rows_out_of_family():
     table = _per_seed_table(2)
     table.loc[(table["config"] == "ortho") & (table["seed"] < 5), "macs"] = np.nan  # one seed left
     table.loc[(table["config"] == "gelu") & (table["seed"] == 0), "interference"] = np.nan
     result = stats.compare_to_baseline(
-        table, config_column="config", metrics=["macs", "interference"], baseline="baseline", n_resamples=99
+        table,
+        config_column="config",
+        metrics=["macs", "interference"],
+        baseline="baseline",
+        paired=False,
+        n_resamples=99,
     ).set_index(["metric", "config_a"])
     thin = result.loc[("macs", "ortho")]
     assert thin["n_a"] == 1 and math.isnan(thin["p"]) and math.isnan(thin["p_holm"])
@@ -418,10 +453,20 @@ def _coded(table: pd.DataFrame) -> pd.DataFrame:
     return coded
 
 
+def _per_seed_contrasts(table: pd.DataFrame, effect: str) -> pd.Series:
+    """Per seed: mean of y where the effect's ±1 contrast is +1 minus where it is −1, computed directly."""
+    coded = _coded(table)
+    coded["seed"] = table["seed"].to_numpy()
+    coded["contrast"] = np.prod([coded[name] for name in effect.split(":")], axis=0)
+    return coded.groupby("seed").apply(
+        lambda rows: rows["y"][rows["contrast"] > 0].mean() - rows["y"][rows["contrast"] < 0].mean()
+    )
+
+
 def test_factorial_effects_recover_known_coefficients():
     table = _factorial_table()
     result = stats.factorial_effects(table, factors=FACTORS, metrics=["y"])
-    assert list(result.columns) == ["metric", "effect", "estimate", "F", "df_num", "df_den", "p", "p_holm"]
+    assert list(result.columns) == stats.FACTORIAL_COLUMNS
     assert list(result["effect"]) == EFFECTS_2X4
     estimates = result.set_index("effect")["estimate"]
     # ±1 coding: mean(+) − mean(−) = 2β.
@@ -431,31 +476,69 @@ def test_factorial_effects_recover_known_coefficients():
     for effect in EFFECTS_2X4:
         if effect not in ("init", "noise", "init:noise"):
             assert abs(estimates[effect]) < 0.1, effect
-    # Estimate = difference of pooled means over the contrast column, computed here directly.
-    coded = _coded(table)
+    contrast = result.set_index("effect")["contrast"]
+    assert contrast["init"] == "orthogonal vs random"
+    assert contrast["act"] == "gelu vs relu"
+    assert contrast["init:noise"] == "init × noise interaction"
+
+
+def test_factorial_effects_are_one_sample_t_tests_of_per_seed_contrasts():
+    table = _factorial_table(replicates=6, noise=0.3, seed=4)
+    result = stats.factorial_effects(table, factors=FACTORS, metrics=["y"]).set_index("effect")
     for effect in EFFECTS_2X4:
-        contrast = np.prod([coded[name] for name in effect.split(":")], axis=0)
-        expected = coded["y"][contrast > 0].mean() - coded["y"][contrast < 0].mean()
-        assert estimates[effect] == pytest.approx(expected), effect
+        contrasts = _per_seed_contrasts(table, effect)
+        reference = scipy.stats.ttest_1samp(contrasts, 0.0)
+        interval = reference.confidence_interval(0.95)
+        assert result.loc[effect, "estimate"] == pytest.approx(contrasts.mean()), effect
+        assert result.loc[effect, "t"] == pytest.approx(reference.statistic), effect
+        assert result.loc[effect, "p"] == pytest.approx(reference.pvalue), effect
+        assert result.loc[effect, "ci_low"] == pytest.approx(interval.low), effect
+        assert result.loc[effect, "ci_high"] == pytest.approx(interval.high), effect
+        assert result.loc[effect, "se"] == pytest.approx(contrasts.std(ddof=1) / math.sqrt(6)), effect
+    assert (result["df"] == 5).all() and (result["seeds"] == 6).all()
+    assert result["p_holm"].to_numpy() == pytest.approx(multipletests(result["p"], method="holm")[1])
 
 
-def test_factorial_effects_match_statsmodels_fit_and_types_agree():
+def test_factorial_pooled_ols_column_matches_statsmodels():
     table = _factorial_table(seed=4)
     result = stats.factorial_effects(table, factors=FACTORS, metrics=["y"]).set_index("effect")
     coded = _coded(table)
     model = smf.ols("y ~ init * noise * reg * act", data=coded).fit()
-    anova = {typ: anova_lm(model, typ=typ) for typ in (1, 2, 3)}
+    anova = anova_lm(model, typ=2)
     for effect in EFFECTS_2X4:
-        term = next(t for t in anova[2].index if sorted(t.split(":")) == sorted(effect.split(":")))
-        assert result.loc[effect, "F"] == pytest.approx(anova[2].loc[term, "F"])
-        assert result.loc[effect, "p"] == pytest.approx(anova[2].loc[term, "PR(>F)"])
+        term = next(t for t in anova.index if sorted(t.split(":")) == sorted(effect.split(":")))
+        assert result.loc[effect, "p_pooled_ols"] == pytest.approx(anova.loc[term, "PR(>F)"])
         assert result.loc[effect, "estimate"] == pytest.approx(2 * model.params[term])
-        # Balanced ±1-coded design: sequential, type II and type III sums of squares coincide.
-        assert anova[1].loc[term, "sum_sq"] == pytest.approx(anova[2].loc[term, "sum_sq"])
-        assert anova[3].loc[term, "sum_sq"] == pytest.approx(anova[2].loc[term, "sum_sq"])
-    assert (result["df_num"] == 1).all()
-    assert (result["df_den"] == 5 * 16 - 16).all()
-    assert result["p_holm"].to_numpy() == pytest.approx(multipletests(result["p"], method="holm")[1])
+    pooled = result["p_pooled_ols"].to_numpy()
+    assert result["p_pooled_ols_holm"].to_numpy() == pytest.approx(multipletests(pooled, method="holm")[1])
+    vectorized = stats.pooled_ols_effect_pvalues(
+        table.assign(cell=_cell_index(table)).pivot(index="seed", columns="cell", values="y").to_numpy()
+    )
+    assert vectorized == pytest.approx(pooled)
+
+
+def _cell_index(table: pd.DataFrame) -> np.ndarray:
+    """Standard-order cell index (first factor slowest, low before high), computed here by hand."""
+    index = np.zeros(len(table), dtype=int)
+    for name, (_, high) in FACTORS.items():
+        index = index * 2 + (table[name] == high).to_numpy().astype(int)
+    return index
+
+
+def test_factorial_seed_missing_a_cell_is_left_out_of_that_metric():
+    table = _factorial_table(replicates=5, noise=0.3, seed=2)
+    dropped = table.drop(index=table.index[(table["seed"] == 0)][:1])
+    result = stats.factorial_effects(dropped, factors=FACTORS, metrics=["y"]).set_index("effect")
+    complete = table[table["seed"] != 0]
+    reference = scipy.stats.ttest_1samp(_per_seed_contrasts(complete, "init"), 0.0)
+    assert result.loc["init", "seeds"] == 4
+    assert result.loc["init", "p"] == pytest.approx(reference.pvalue)
+
+
+def test_factorial_duplicate_run_for_a_cell_and_seed_raises():
+    table = _factorial_table(replicates=3)
+    with pytest.raises(ValueError, match="more than one run for one cell and seed"):
+        stats.factorial_effects(pd.concat([table, table.head(1)]), factors=FACTORS, metrics=["y"])
 
 
 def test_factorial_missing_cell_raises_with_its_name():
@@ -493,54 +576,87 @@ def test_factorial_exact_fit_reports_estimates_and_nan_tests():
     assert result.loc["noise", "estimate"] == pytest.approx(-1.0)
     assert result.loc["init:noise", "estimate"] == pytest.approx(0.5)
     assert result.loc["reg:act", "estimate"] == pytest.approx(0.0, abs=1e-12)
-    assert result[["F", "p", "p_holm"]].isna().all().all()
+    assert result[["t", "p", "p_holm", "ci_low", "p_pooled_ols"]].isna().all().all()
 
 
-def test_factorial_one_run_per_cell_has_no_error_df():
+def test_factorial_one_seed_has_no_error_estimate():
     result = stats.factorial_effects(_factorial_table(replicates=1), factors=FACTORS, metrics=["y"])
-    assert (result["df_den"] == 0).all()
-    assert result["F"].isna().all()
+    assert (result["seeds"] == 1).all()
+    assert result[["t", "p", "df", "p_pooled_ols"]].isna().all().all()
     assert result["estimate"].notna().all()
 
 
-def test_factorial_unbalanced_uses_type_2_and_cell_mean_contrasts():
-    table = _factorial_table(replicates=4, seed=9)
-    # Unequal seeds per cell, every cell still present.
-    table = table.drop(index=[0, 1, 5, 9, 10, 11, 30, 61]).reset_index(drop=True)
-    result = stats.factorial_effects(table, factors=FACTORS, metrics=["y"]).set_index("effect")
-    coded = _coded(table)
-    model = smf.ols("y ~ init * noise * reg * act", data=coded).fit()
-    type_1, type_2 = anova_lm(model, typ=1), anova_lm(model, typ=2)
-    sum_sq_gaps = []
-    for effect in EFFECTS_2X4:
-        term = next(t for t in type_2.index if sorted(t.split(":")) == sorted(effect.split(":")))
-        assert result.loc[effect, "F"] == pytest.approx(type_2.loc[term, "F"])
-        assert result.loc[effect, "p"] == pytest.approx(type_2.loc[term, "PR(>F)"])
-        assert result.loc[effect, "estimate"] == pytest.approx(2 * model.params[term])
-        sum_sq_gaps.append(abs(type_1.loc[term, "sum_sq"] - type_2.loc[term, "sum_sq"]))
-    assert max(sum_sq_gaps) > 1e-6  # unbalanced: the ANOVA types no longer agree
-    assert (result["df_den"] == len(table) - 16).all()
-
-
 def test_factorial_two_factor_design_by_hand():
-    # 2^2 with two runs per cell; cell means: (lo,lo)=1, (lo,hi)=3, (hi,lo)=2, (hi,hi)=6.
+    # 2^2, two seeds. Seed 0 cells (lo,lo)=1, (lo,hi)=3, (hi,lo)=2, (hi,hi)=6;
+    # seed 1 cells 2, 3, 5, 7. Per-seed contrasts of a: (2+6)/2 − (1+3)/2 = 2 and (5+7)/2 − (2+3)/2 = 3.5.
     table = pd.DataFrame(
         {
-            "a": ["lo", "lo", "lo", "lo", "hi", "hi", "hi", "hi"],
-            "b": ["lo", "lo", "hi", "hi", "lo", "lo", "hi", "hi"],
-            "y": [0.5, 1.5, 2.5, 3.5, 1.0, 3.0, 5.5, 6.5],
+            "a": ["lo", "lo", "hi", "hi"] * 2,
+            "b": ["lo", "hi", "lo", "hi"] * 2,
+            "seed": [0, 0, 0, 0, 1, 1, 1, 1],
+            "y": [1.0, 3.0, 2.0, 6.0, 2.0, 3.0, 5.0, 7.0],
         }
     )
     factors = {"a": ("lo", "hi"), "b": ("lo", "hi")}
     result = stats.factorial_effects(table, factors=factors, metrics=["y"]).set_index("effect")
     assert list(result.index) == ["a", "b", "a:b"]
-    assert result.loc["a", "estimate"] == pytest.approx((2 + 6) / 2 - (1 + 3) / 2)
-    assert result.loc["b", "estimate"] == pytest.approx((3 + 6) / 2 - (1 + 2) / 2)
-    assert result.loc["a:b", "estimate"] == pytest.approx((1 + 6) / 2 - (3 + 2) / 2)
-    # Residual SS = Σ within-cell squared deviations = 0.5 + 0.5 + 2 + 0.5 = 3.5 on 4 df.
-    # SS(a) = N·(estimate/2)² = 8·1 = 8, F = 8 / (3.5/4).
-    assert result.loc["a", "F"] == pytest.approx(8 / (3.5 / 4))
-    assert result.loc["a", "df_den"] == 4
+    assert result.loc["a", "estimate"] == pytest.approx((2 + 3.5) / 2)
+    # SD of {2, 3.5} = 1.5/√2, se = SD/√2 = 0.75, t = 2.75/0.75 on 1 df.
+    assert result.loc["a", "se"] == pytest.approx(0.75)
+    assert result.loc["a", "t"] == pytest.approx(2.75 / 0.75)
+    assert result.loc["a", "p"] == pytest.approx(2 * scipy.stats.t.sf(2.75 / 0.75, 1))
+    # Interaction: seed 0 (1+6)/2 − (3+2)/2 = 1, seed 1 (2+7)/2 − (3+5)/2 = 0.5.
+    assert result.loc["a:b", "estimate"] == pytest.approx(0.75)
+    assert result.loc["a", "df"] == 1
+
+
+def test_seed_blocked_effects_vectorized_matches_the_table_function():
+    values = stats.simulate_seed_shared_factorial(3, 7, random_state=11)
+    batched = stats.seed_blocked_effects(values)
+    for index in range(3):
+        rows = [
+            {**dict(zip(FACTORS, cell, strict=True)), "seed": seed, "y": values[index, seed, position]}
+            for seed in range(7)
+            for position, cell in enumerate(itertools.product(*FACTORS.values()))
+        ]
+        table = stats.factorial_effects(pd.DataFrame(rows), factors=FACTORS, metrics=["y"], pooled_ols=False)
+        assert table["p"].to_numpy() == pytest.approx(batched["p"][index])
+        assert table["estimate"].to_numpy() == pytest.approx(batched["estimate"][index])
+
+
+# --------------------------------------------------------------------------------------------------
+# Error rates on data shaped like the study's design (seed-shared random numbers)
+# --------------------------------------------------------------------------------------------------
+
+SIMULATIONS = 2000
+
+
+@pytest.mark.parametrize("seeds", [5, 10])
+def test_seed_blocked_test_keeps_its_false_positive_rate_where_pooled_ols_does_not(seeds):
+    values = stats.simulate_seed_shared_factorial(SIMULATIONS, seeds, random_state=seeds)
+    blocked = (stats.seed_blocked_effects(values)["p"] < 0.05).mean(axis=0)
+    pooled = (stats.pooled_ols_effect_pvalues(values) < 0.05).mean(axis=0)
+    # Every one of the 15 effects: 2000 nulls put a correct 5 % test within about ±1.5 points.
+    assert blocked.min() > 0.02 and blocked.max() < 0.09, blocked
+    # The pooled OLS, blind to the shared init and noise components, rejects the true null of init and
+    # noise far too often, and is far too conservative for the effects where the seed component cancels.
+    assert pooled[0] > 0.15 and pooled[1] > 0.10, pooled
+    assert pooled[2:].max() < 0.02, pooled
+
+
+def test_seed_blocked_power_on_a_planted_effect_matches_the_noncentral_t():
+    seeds, effect = 10, 2.0
+    values = stats.simulate_seed_shared_factorial(SIMULATIONS, seeds, effects={0: effect}, random_state=3)
+    power = (stats.seed_blocked_effects(values)["p"][:, 0] < 0.05).mean()
+    # With the simulation's defaults the per-seed init contrast has variance 2·1·(1 − (−0.5)) from the
+    # init-level component plus 2·1/8 from the cell residuals (the seed and noise components cancel): 3.25.
+    noncentrality = effect / math.sqrt(3.25 / seeds)
+    critical = scipy.stats.t.ppf(0.975, seeds - 1)
+    expected = scipy.stats.nct.sf(critical, seeds - 1, noncentrality) + scipy.stats.nct.cdf(
+        -critical, seeds - 1, noncentrality
+    )
+    assert power == pytest.approx(expected, abs=0.035)
+    assert expected > 0.8
 
 
 def test_factorial_cell_means_by_hand():

@@ -8,6 +8,7 @@ import pandas as pd
 from mlflow.entities import Param, RunStatus, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
+from pipeline.analysis import StudyContext
 from tracking.query import search_all, seed_frame
 from tracking.store import Store, TrackingError, code_version, fail_run, git_commit, log_in_batches
 
@@ -97,6 +98,36 @@ def drop_duplicate_seeds(frame: pd.DataFrame) -> pd.DataFrame:
     result = pd.concat([keep, frame[~finished]]).sort_index().reset_index(drop=True)
     result.attrs["duplicates_dropped"] = int(finished.sum() - len(keep))
     return result
+
+
+def study_context(store: Store, experiment_id: str, frame: pd.DataFrame) -> StudyContext:
+    """Store, experiment, sweeps, code versions and each configuration's stored settings for a report.
+
+    Settings come from one ablation run per configuration (its params are the flattened config); the
+    seed runs of one configuration share a config hash, so one parent speaks for all of them.
+    """
+    experiment = store.client.get_experiment(experiment_id)
+    settings: dict[str, dict[str, str]] = {}
+    finished = frame[frame["status"] == "FINISHED"] if len(frame) else frame
+    for config, rows in finished.groupby("config", sort=False):
+        parent = rows["parent_run_id"].dropna()
+        if len(parent):
+            params = dict(store.client.get_run(parent.iloc[0]).data.params)
+            if params:
+                settings[str(config)] = params
+
+    def present(column: str) -> tuple[str, ...]:
+        if column not in finished:
+            return ()
+        return tuple(sorted({str(value) for value in finished[column].dropna() if str(value)}))
+
+    return StudyContext(
+        store=store.uri,
+        experiment=f"{experiment.name} (id {experiment_id})",
+        sweep_ids=present("sweep_id"),
+        code_versions=present("code_version"),
+        settings=settings,
+    )
 
 
 def log_report(

@@ -19,6 +19,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from pipeline.conclusions import METRIC_DIRECTIONS, sign_of_reading
 from pipeline.stats import describe, factorial_cell_means
 
 _POINT_COLOR = "tab:blue"
@@ -244,4 +245,34 @@ def interaction_grid(per_seed: pd.DataFrame, factors: Mapping[str, tuple[Any, An
     for ax in axes[: len(pairs) : columns]:
         ax.set_ylabel(metric)
     figure.suptitle(f"Two-factor interactions on {metric} (mean ± 95 % CI)", fontsize="medium")
+    return figure
+
+
+def effects_forest_plot(table: pd.DataFrame) -> Figure:
+    """Each subject's estimate and 95 % CI per metric, one panel per metric, coloured by reading.
+
+    Green: the good direction (e.g. less polysemantic), red: the bad one, grey: no clear effect.
+    """
+    metrics = list(pd.unique(table["metric"]))
+    subjects = list(pd.unique(table["subject"]))
+    figure = Figure(figsize=(3.2 * len(metrics), 0.45 * len(subjects) + 1.6), layout="constrained")
+    axes = figure.subplots(1, len(metrics), sharey=True, squeeze=False)[0]
+    for axis, metric in zip(axes, metrics, strict=True):
+        rows = table[table["metric"] == metric].set_index("subject").reindex(subjects)
+        for position, (_, row) in enumerate(rows.iterrows()):
+            sign = sign_of_reading(metric, row["estimate"], row["p_holm"])
+            color = {1: "tab:green", -1: "tab:red", 0: "0.5"}[sign]
+            low, high = row["ci_low"], row["ci_high"]
+            if pd.notna(low) and pd.notna(high):
+                axis.plot([low, high], [position, position], color=color, linewidth=2)
+            axis.plot([row["estimate"]], [position], "o", color=color)
+        axis.axvline(0.0, color="black", linewidth=0.8)
+        direction = METRIC_DIRECTIONS.get(metric)
+        better = "" if direction is None else (" (← better)" if direction.better < 0 else " (better →)")
+        axis.set_title(f"{metric}{better}", fontsize=10)
+        axis.set_yticks(range(len(subjects)), subjects)
+        axis.invert_yaxis()
+    figure.suptitle(
+        "Effects with 95 % CIs (green: good direction, red: bad, grey: Holm p ≥ 0.05)", fontsize=10
+    )
     return figure
