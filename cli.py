@@ -679,7 +679,7 @@ Examples:
   python cli.py report                                   # every finished seed run of experiment 'taming'
   python cli.py report --sweep-id latest                 # only the ablations of the latest sweep
   python cli.py report --metric macs --metric interference --baseline "random·bipolar·l2·relu"
-  python cli.py report --filter "params.\\`network.epochs\\` = '2000'" --paired --out reports/full
+  python cli.py report --filter "params.\\`network.epochs\\` = '2000'" --test welch --out reports/full
 """
 
 
@@ -709,27 +709,47 @@ Examples:
     help="Metric to compare (repeatable) [default: the headline metrics].",
 )
 @click.option(
-    "--paired",
-    is_flag=True,
-    help="Paired t-tests on shared seeds (seed k of every configuration sees the same data).",
+    "--test",
+    "pairing",
+    type=click.Choice(["auto", "paired", "welch"]),
+    default="auto",
+    show_default=True,
+    help="auto: paired t-test on the seeds a configuration shares with the baseline (seed k of every "
+    "configuration sees the same data, inits and noise), Welch where they share none; paired: always; "
+    "welch: never pair.",
+)
+@click.option(
+    "--paired", "paired_flag", is_flag=True, hidden=True, help="Same as --test paired (older flag)."
 )
 @report_output_options("the CSVs, report.md, report.html and PNGs", "reports/report-<time>")
 def report(
-    experiment, tracking_uri, sweep_id, filter_string, baseline, metrics, paired, resamples, out_dir, no_log
+    experiment,
+    tracking_uri,
+    sweep_id,
+    filter_string,
+    baseline,
+    metrics,
+    pairing,
+    paired_flag,
+    resamples,
+    out_dir,
+    no_log,
 ):
     """Statistics from the tracking store: every configuration against a baseline, and the 2^4 factorial.
 
-    Reads only FINISHED seed runs (failed ones are counted, never silently dropped), recomputes every
-    statistic from the stored per-seed values (Welch or paired t, Cohen's d, Hedges' g, bootstrap CI,
-    Holm and BH corrections; OLS/ANOVA for all 15 factorial effects when all 16 cells are present),
-    prints Markdown tables, writes comparisons.csv, factorial.csv, report.md, report.html and figures,
-    and logs them as an analysis run beside the runs it read.
+    Reads only FINISHED seed runs (failed ones are counted, never silently dropped) and recomputes every
+    statistic from the stored per-seed values, treating the seed as the unit of replication: comparisons
+    paired on shared seeds (d_z), all 15 factorial effects from per-seed contrasts tested across seeds when
+    all 16 cells are present, bootstrap CIs over seeds, Holm and BH corrections. It states a conclusion per
+    factor (or configuration) and headline metric, with caveats derived from the design (confounded
+    factors, thin data, failed runs, non-published settings), prints Markdown, writes CSVs, report.md,
+    report.html and figures, and logs them as an analysis run beside the runs it read.
     """
     import time
     from pathlib import Path
 
     from pipeline.analysis import BASELINE_NAME, DEFAULT_METRICS, build_report
-    from tracking.analysis import log_report, select_seeds
+    from tracking.analysis import log_report, select_seeds, study_context
     from tracking.store import TrackingError
 
     store = _store(tracking_uri)
@@ -740,9 +760,11 @@ def report(
         else:
             experiment_id = store.existing_experiment_id(experiment)
         frame, query = select_seeds(store, experiment_id, sweep_id=sweep_id, filter_string=filter_string)
+        context = study_context(store, experiment_id, frame)
     except TrackingError as error:
         _fail_usage(str(error))
     baseline = baseline or BASELINE_NAME
+    paired = {"auto": None, "paired": True, "welch": False}["paired" if paired_flag else pairing]
     try:
         dropped = frame.attrs.get("duplicates_dropped", 0)
         duplicate_notes = (
@@ -760,6 +782,7 @@ def report(
             paired=paired,
             n_resamples=resamples,
             extra_notes=duplicate_notes,
+            context=context,
         )
     except ValueError as error:
         _fail_usage(f"--baseline/--metric: {error}")
@@ -771,7 +794,7 @@ def report(
         options = {
             "baseline": baseline,
             "metrics": ",".join(built.metrics),
-            "paired": paired,
+            "test": "paired" if paired_flag else pairing,
             "resamples": resamples,
             "sweep_id": sweep_id or "",
             "filter": filter_string or "",
@@ -995,7 +1018,7 @@ def _track_trained_points(command: str, configs, options: dict, sweep_params: di
 EXAMPLES_COLLISIONS = """
 \b
 Examples:
-  python cli.py incidental collisions                       # n = 64, m = 64…512, λ = 1e-3 (a few minutes on CPU)
+  python cli.py incidental collisions                       # n = 64, m = 64…512, λ = 1e-3, 12k steps (~2 min on CPU)
   python cli.py incidental collisions --m 64,128 --l1 1e-3 --l1 1e-2 --instances 8
   python cli.py incidental collisions --n 256 --m 256:4096:256 --l1 1e-3,1e-2,1e-1 --device auto   # published
 """
@@ -1078,8 +1101,20 @@ def incidental_collisions(n, ms, l1_values, **options):
     winner_was_initial_argmax, …, per_instance.csv, curves as step series (curve.loss, curve.fourth_norm,
     curve.polysemantic_neurons). The sweep run holds collisions.csv, the log–log plot with the prediction
     line (error bars: 95 % CI of the mean across instances) and the fitted slope (theory −1).
+
+    A point is unconverged when its encodings have not sparsified yet (some instance has mean direction
+    fourth norm Σ_j W_ij⁴ / (Σ_j W_ij²)² below 0.98; one-hot encodings give 1): it is named in the output,
+    tagged convergence=unconverged with metric converged=0, and left out of the slope fit, with a hint to
+    rerun with more --steps.
     """
-    from pipeline.experiments.incidental import collisions_points, collisions_table, slope_table
+    from pipeline.experiments.incidental import (
+        collisions_points,
+        collisions_table,
+        converged_column,
+        slope_sentence,
+        slope_table,
+        unconverged_notes,
+    )
     from pipeline.tables import markdown_table
 
     ms, l1_values = _flat(ms), _flat(l1_values)
@@ -1108,6 +1143,7 @@ def incidental_collisions(n, ms, l1_values, **options):
             )
         ],
         ratio=table["polysemantic_neurons"] / table["predicted_polysemantic_neurons"],
+        converged=converged_column(table),  # "yes"/"no" in place of the boolean column
     ).rename(
         columns={
             "l1": "λ",
@@ -1117,17 +1153,15 @@ def incidental_collisions(n, ms, l1_values, **options):
             "ratio": "observed / predicted",
         }
     )
-    click.echo(
-        markdown_table(
-            shown,
-            ["n", "λ", "m", "instances", "polysemantic (mean)", "95 % CI", "n²/(4m)", "observed / predicted"],
-        )
-    )
+    columns = ["n", "λ", "m", "instances", "polysemantic (mean)", "95 % CI", "n²/(4m)"]
+    click.echo(markdown_table(shown, [*columns, "observed / predicted", "converged"]))
+    notes = unconverged_notes(table)
+    if notes:
+        click.echo("")
+    for note in notes:
+        click.echo(note[0].upper() + note[1:] + ".")
     for row in slope_table(table).itertuples():
-        click.echo(
-            f"\nn = {row.n}, λ = {row.l1:g}: log–log slope {row.slope:.3f} "
-            f"(95 % CI {row.slope_ci_low:.3f} to {row.slope_ci_high:.3f}, {row.points} points; theory −1)"
-        )
+        click.echo(f"\n{slope_sentence(row)}.")
 
 
 @incidental.command("noise", epilog=EXAMPLES_NOISE)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.stats
 import torch
@@ -17,22 +18,31 @@ from matplotlib.figure import Figure
 from pipeline.configuration import ConfigError, config_hash, from_dict, to_dict
 from pipeline.experiments.incidental import (
     POINT_METRICS,
+    collisions_points,
+    collisions_summary,
     collisions_table,
     curves_by_label,
     dynamics,
     loglog_slope,
     noise_points,
     run_point,
+    slope_sentence,
+    slope_table,
+    unconverged_notes,
 )
 from pipeline.incidental import (
+    CONVERGENCE_THRESHOLD,
     SPARSIFICATION_COMPLETION_LIMIT,
     SPARSIFICATION_MIDDLE_WINDOW,
     SPARSIFICATION_RATIO_TOLERANCE,
     IncidentalConfig,
+    assess_convergence,
+    encoding_sparsity,
     excess_kurtosis_of_projection,
     fourth_norm,
     initial_colliding_pairs,
     initial_collisions,
+    initial_weights,
     instance_generator,
     instance_losses,
     loss_gradient,
@@ -45,7 +55,12 @@ from pipeline.incidental import (
     train_incidental,
     winner_was_initial_argmax,
 )
-from pipeline.plots.incidental import collisions_plot, fourth_norm_plot, sparsification_plot
+from pipeline.plots.incidental import (
+    ZERO_COUNT_HEIGHT,
+    collisions_plot,
+    fourth_norm_plot,
+    sparsification_plot,
+)
 
 # ------------------------------------------------------------------------------------------------------------
 # Measurements on hand-set weights
@@ -275,6 +290,148 @@ def test_l1_training_sparsifies_toward_one_hot_encodings():
     assert result.curves["loss"][-1] < result.curves["loss"][0]
 
 
+def hand_adamw(weights: torch.Tensor, l1: float, steps: int, lr: float, weight_decay: float) -> torch.Tensor:
+    """AdamW written out (Loshchilov & Hutter, decoupled decay; torch's defaults β = (0.9, 0.999), ε = 1e-8),
+    with the gradient from autograd on `instance_losses`, in float64. weights: [instance, n, m]."""
+    beta1, beta2, epsilon = 0.9, 0.999, 1e-8
+    weights = weights.double().clone()
+    first = torch.zeros_like(weights)
+    second = torch.zeros_like(weights)
+    for step in range(1, steps + 1):
+        leaf = weights.clone().requires_grad_(True)
+        instance_losses(leaf, l1).sum().backward()
+        gradient = leaf.grad
+        first = beta1 * first + (1 - beta1) * gradient
+        second = beta2 * second + (1 - beta2) * gradient.square()
+        first_unbiased = first / (1 - beta1**step)
+        second_unbiased = second / (1 - beta2**step)
+        weights = weights * (1 - lr * weight_decay)
+        weights = weights - lr * first_unbiased / (second_unbiased.sqrt() + epsilon)
+    return weights
+
+
+def test_training_applies_adamw_weight_decay_of_the_published_run():
+    # The published run had torch's default decay 0.01 active (SCIENCE.md §2.1); the collisions defaults
+    # keep it. A large lr makes the decay's share of each step (lr·0.01·W) visible in float32.
+    assert {config.weight_decay for config in collisions_points()} == {0.01}
+    config = IncidentalConfig(n=5, m=7, instances=2, steps=4, lr=0.1, l1=1e-2, curve_every=4)
+    start = initial_weights(config)
+    trained = train_incidental(config).final_weights.double()
+    with_decay = hand_adamw(start, config.l1, config.steps, config.lr, weight_decay=0.01)
+    without_decay = hand_adamw(start, config.l1, config.steps, config.lr, weight_decay=0.0)
+    assert torch.allclose(trained, with_decay, atol=1e-6)
+    # The check can fail: without the decay the weights land measurably elsewhere.
+    assert (with_decay - without_decay).abs().max() > 100 * 1e-6
+    assert not torch.allclose(trained, without_decay, atol=1e-6)
+    undecayed = train_incidental(config.replace(weight_decay=0.0)).final_weights.double()
+    assert torch.allclose(undecayed, without_decay, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Convergence of a collisions point
+
+
+def test_encoding_sparsity_of_hand_built_encodings():
+    # One-hot rows give 1 whatever their length (L1 shortens a trained encoding to about 1 − λ/8).
+    one_hot = torch.zeros(4, 6)
+    one_hot[torch.arange(4), torch.tensor([0, 2, 2, 5])] = torch.tensor([0.9, -1.0, 0.95, 1.1])
+    assert float(encoding_sparsity(one_hot)) == pytest.approx(1.0)
+    # A row spread equally over k neurons gives 1/k; a zero row gives 0 (it sits on no neuron).
+    mixed = torch.zeros(3, 8)
+    mixed[0, 1] = 1.0
+    mixed[1, :2] = 0.6
+    mixed[2] = 0.0
+    assert float(encoding_sparsity(mixed)) == pytest.approx((1 + 1 / 2 + 0) / 3)
+    # Batched: one value per instance.
+    assert encoding_sparsity(torch.stack([one_hot[:3, :], one_hot[1:, :]])).tolist() == pytest.approx([1, 1])
+
+
+def test_random_init_is_unconverged_and_sparse_weights_are_converged():
+    m = 32
+    start = initial_weights(IncidentalConfig(n=64, m=m, instances=4))
+    sparsity = encoding_sparsity(start)
+    # A random direction has E Σ u⁴ = 3/(m+2) (SCIENCE.md §2.3); 64 features average it closely.
+    assert sparsity.tolist() == pytest.approx([3 / (m + 2)] * 4, rel=0.15)
+    check = assess_convergence(sparsity)
+    assert not check.converged and check.unconverged_instances == 4 and check.instances == 4
+    assert "4 of 4 instances" in check.reason() and f"{CONVERGENCE_THRESHOLD:g}" in check.reason()
+
+    sparse = torch.zeros(4, 64, m)
+    sparse[:, torch.arange(64), torch.arange(64) % m] = 0.99  # two features per neuron, each one-hot
+    check = assess_convergence(encoding_sparsity(sparse))
+    assert check.converged and check.unconverged_instances == 0 and check.reason() == ""
+    assert check.lowest_sparsity == pytest.approx(1.0)
+
+
+def test_one_unsparsified_instance_makes_the_point_unconverged():
+    check = assess_convergence([1.0, 0.999, CONVERGENCE_THRESHOLD - 1e-3, 1.0])
+    assert not check.converged and check.unconverged_instances == 1
+    assert check.lowest_sparsity == pytest.approx(CONVERGENCE_THRESHOLD - 1e-3)
+    assert assess_convergence([CONVERGENCE_THRESHOLD] * 3).converged  # the bound is inclusive
+    assert not assess_convergence([1.0, math.nan]).converged
+    assert not assess_convergence([]).converged
+
+
+def summary_rows(counts, converged, ms=(64, 128, 256, 512)) -> pd.DataFrame:
+    """A hand-built `collisions_summary` for one (n, λ): the columns the slope fit and the notes read."""
+    return pd.DataFrame(
+        {
+            "n": 64,
+            "l1": 1e-3,
+            "m": list(ms),
+            "steps": 2000,
+            "polysemantic_neurons": list(counts),
+            "converged": list(converged),
+            "convergence": [
+                "" if flag else "16 of 16 instances have encoding sparsity below 0.98" for flag in converged
+            ],
+        }
+    )
+
+
+def test_slope_leaves_out_unconverged_and_zero_points_and_says_so():
+    # The converged points follow 1024/m exactly, so the fit gives slope −1 and intercept log 1024 only if the
+    # unconverged m = 64 (count 0.5, far off the line) and the zero m = 512 are left out.
+    summary = summary_rows([0.5, 8.0, 4.0, 0.0], [False, True, True, True])
+    (row,) = slope_table(summary).itertuples()
+    assert row.slope == pytest.approx(-1.0) and row.intercept == pytest.approx(math.log(1024))
+    assert (row.points, row.unconverged, row.zero_count) == (2, 1, 1)
+    assert "m = 64 unconverged" in row.note and "m = 512 with 0 polysemantic neurons" in row.note
+    sentence = slope_sentence(row)
+    assert "log–log slope -1.000" in sentence and "no CI with 2 points" in sentence
+    notes = unconverged_notes(summary)
+    assert (
+        len(notes) == 2 and "m = 64 after 2000 steps" in notes[0] and "left out of the slope fit" in notes[0]
+    )
+    assert "--steps 12000" in notes[1]  # max(2·2000, the default 12 000)
+
+
+def test_slope_with_fewer_than_two_usable_points_says_why():
+    (row,) = slope_table(summary_rows([0.0, 0.0, 0.0, 0.0], [False] * 4)).itertuples()
+    assert math.isnan(row.slope) and row.points == 0 and row.unconverged == 4
+    sentence = slope_sentence(row)
+    assert "nan" not in sentence
+    assert "no log–log slope: 0 usable point(s) of 4, a fit needs 2" in sentence
+    assert "m = 64, 128, 256, 512 unconverged" in sentence
+
+
+def test_collisions_summary_applies_the_criterion_per_instance():
+    per_instance = pd.DataFrame(
+        {
+            "n": 8,
+            "l1": 1e-2,
+            "m": [8, 8, 16, 16],
+            "steps": 500,
+            "polysemantic_neurons": [2, 1, 1, 0],
+            "encoding_sparsity": [1.0, 0.5, 0.99, 1.0],
+        }
+    )
+    summary = collisions_summary(per_instance)
+    assert summary["converged"].tolist() == [False, True]
+    assert summary["unconverged_instances"].tolist() == [1, 0]
+    assert summary["encoding_sparsity_min"].tolist() == pytest.approx([0.5, 0.99])
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Config validation
 
@@ -367,6 +524,11 @@ def test_run_point_returns_exactly_the_documented_metrics():
     assert point.metrics["polysemantic_neurons_std"] == pytest.approx(
         point.per_instance["polysemantic_neurons"].std(ddof=1), nan_ok=True
     )
+    # 40 steps at lr 1e-3 leave the encodings near their random init (3/(m+2) ≈ 0.21): unconverged.
+    assert point.metrics["converged"] == 0.0 and point.metrics["unconverged_instances"] == 3.0
+    assert point.metrics["encoding_sparsity_min"] < 0.5
+    noisy = run_point(config.replace(noise="gaussian", sigma=0.1, l1=0.0))
+    assert math.isnan(noisy.metrics["converged"]) and noisy.convergence is None
 
 
 def test_loglog_slope_recovers_a_power_law_with_ci():
@@ -388,14 +550,36 @@ def test_noise_points_follow_published_recipe():
 
 
 def test_plots_return_figures():
-    points = [run_point(IncidentalConfig(n=6, m=m, instances=2, steps=30, curve_every=10)) for m in (6, 12)]
+    points = [
+        run_point(IncidentalConfig(n=6, m=m, instances=2, steps=30, curve_every=10)) for m in (6, 12, 24)
+    ]
     table = collisions_table(points)
-    table.loc[:, "polysemantic_neurons"] = [2.0, 1.0]  # make both points drawable on the log axis
+    # Hand-set what each point shows: m = 6 converged with 2 neurons, m = 12 unconverged with 1, m = 24 a
+    # converged zero count, which has no logarithm.
+    table.loc[:, "polysemantic_neurons"] = [2.0, 1.0, 0.0]
+    table.loc[:, "converged"] = [True, False, True]
     figure = collisions_plot(table)
     axes = figure.axes[0]
     assert axes.get_xscale() == "log" and axes.get_yscale() == "log"
     prediction = next(line for line in axes.get_lines() if "prediction" in line.get_label())
     assert np.allclose(prediction.get_ydata(), 6 * 6 / (4 * np.asarray(prediction.get_xdata(), dtype=float)))
+    # Error-bar series carry their label on the container; its first line holds the data points.
+    series = {container.get_label(): container.lines[0] for container in axes.containers}
+    fitted = series["λ = 0.001 (mean, 95 % CI)"]
+    assert list(fitted.get_xdata()) == [6] and list(fitted.get_ydata()) == [2.0]
+    hollow = series["λ = 0.001 unconverged (not fitted)"]
+    assert list(hollow.get_xdata()) == [12] and hollow.get_markerfacecolor() == "none"
+    lines = {line.get_label(): line for line in axes.get_lines()}
+    # The zero count is drawn, at the bottom edge in axes coordinates, with a "0" beside it.
+    zero = lines["λ = 0.001: 0 polysemantic neurons (at the bottom edge)"]
+    assert list(zero.get_xdata()) == [24] and list(zero.get_ydata()) == [ZERO_COUNT_HEIGHT]
+    bottom_left = zero.get_transform().transform((24, ZERO_COUNT_HEIGHT))
+    expected = axes.transData.transform((24, 1.0))[0], axes.transAxes.transform((0, ZERO_COUNT_HEIGHT))[1]
+    assert np.allclose(bottom_left, expected)
+    assert [text.get_text() for text in axes.texts] == ["0"]
+    figure.canvas.draw()  # renders without a log-of-zero error
+    legend = [text.get_text() for text in axes.get_legend().get_texts()]
+    assert "λ = 0.001: 0 polysemantic neurons (at the bottom edge)" in legend
     curves = curves_by_label(points)
     drawn = {line.get_label() for line in fourth_norm_plot(curves, m=12).axes[0].get_lines()}
     assert set(curves) <= drawn

@@ -22,10 +22,17 @@ from pipeline.experiments.incidental import collisions_points, run_point
 from tracking.incidental import track_points
 from tracking.store import open_store
 
-# Small enough for about a second per command, large enough that every m has polysemantic neurons.
+# Small enough for a few seconds per command, large enough that every m has polysemantic neurons, and long
+# enough that every point converges (encoding sparsity 1.000 at m = n = 24 by step 2000, measured).
 TINY_COLLISIONS = [
-    "--n", "24", "--m", "12,24", "--m", "48", "--l1", "1e-2", "--instances", "4", "--steps", "800",
-    "--lr", "1e-2", "--curve-every", "100",
+    "--n", "24", "--m", "24,48", "--m", "96", "--l1", "1e-2", "--instances", "4", "--steps", "2400",
+    "--lr", "1e-2", "--curve-every", "200",
+]  # fmt: skip
+# Too short for m = n: at lr 5e-3 the encodings at m = 24 reach sparsity 0.95 by step 2000 (measured), those at
+# m ≥ 96 reach 1.000 by step 1500; m = 384 ends with no polysemantic neuron at this seed.
+SHORT_COLLISIONS = [
+    "--n", "24", "--m", "24,96,192,384", "--l1", "1e-2", "--instances", "4", "--steps", "2000",
+    "--lr", "5e-3", "--curve-every", "500",
 ]  # fmt: skip
 TINY_NOISE = [
     "--noise", "bipolar,gaussian", "--noise", "laplace", "--sigma", "0.15", "--instances", "3",
@@ -86,7 +93,7 @@ def test_collisions_points_land_with_documented_params_metrics_and_artifacts(stu
     uri, outputs, folder = study
     client = MlflowClient(uri)
     points = runs(client, "tags.kind = 'point' and tags.command = 'collisions'")
-    assert sorted(int(run.data.params["m"]) for run in points) == [12, 24, 48]
+    assert sorted(int(run.data.params["m"]) for run in points) == [24, 48, 96]
     (sweep,) = runs(client, "tags.kind = 'sweep' and tags.command = 'collisions'")
     assert sweep.info.status == "FINISHED" and sweep.data.tags["study"] == "incidental"
     assert sweep.info.experiment_id == client.get_experiment_by_name("incidental").experiment_id
@@ -96,7 +103,7 @@ def test_collisions_points_land_with_documented_params_metrics_and_artifacts(stu
         assert tags["study"] == "incidental" and tags["sweep_id"] == sweep.data.tags["sweep_id"]
         assert tags["mlflow.parentRunId"] == sweep.info.run_id
         assert (params["n"], params["l1"], params["noise"], params["sigma"]) == ("24", "0.01", "none", "0.0")
-        assert (params["optimizer"], params["steps"], params["instances"]) == ("adamw", "800", "4")
+        assert (params["optimizer"], params["steps"], params["instances"]) == ("adamw", "2400", "4")
         assert set(POINT_METRICS) <= set(metrics)
         m = int(params["m"])
         assert metrics["predicted_polysemantic_neurons"] == pytest.approx(24**2 / (4 * m))
@@ -111,16 +118,20 @@ def test_collisions_points_land_with_documented_params_metrics_and_artifacts(stu
         ):
             assert metrics[name] == pytest.approx(table[name].mean(), rel=1e-12)
         assert metrics["polysemantic_neurons_std"] == pytest.approx(table["polysemantic_neurons"].std(ddof=1))
-        # Curves are step series: step 0 (init) and every 100 steps up to 800.
+        # Curves are step series: step 0 (init) and every 200 steps up to 2400.
         for curve in ("curve.loss", "curve.fourth_norm", "curve.polysemantic_neurons"):
             history = client.get_metric_history(run.info.run_id, curve)
-            assert sorted(point.step for point in history) == list(range(0, 801, 100))
+            assert sorted(point.step for point in history) == list(range(0, 2401, 200))
+        # Every instance sparsified: the flag on the run agrees with the per-instance table.
+        assert (table["encoding_sparsity"] >= 0.98).all()
+        assert metrics["converged"] == 1.0 and tags["convergence"] == "converged"
         final = max(client.get_metric_history(run.info.run_id, "curve.fourth_norm"), key=lambda p: p.step)
         assert final.value == pytest.approx(metrics["fourth_norm"], rel=1e-5)
     assert {a.path for a in client.list_artifacts(sweep.info.run_id)} == {"collisions.csv", "collisions.png"}
     summary = artifact_csv(client, sweep.info.run_id, "collisions.csv", folder)
     assert set(summary["run_id"]) == {run.info.run_id for run in points}
     assert "loglog_slope" in sweep.data.metrics and "log–log slope" in outputs["collisions"]
+    assert "nconverged" not in outputs["collisions"] and sweep.data.metrics["unconverged_points"] == 0
 
 
 def test_noise_and_dynamics_points_land(study):
@@ -173,6 +184,8 @@ def test_report_recomputes_the_slope_from_the_run_metrics(study, tmp_path):
     ms = np.array([float(run.data.params["m"]) for run in points])
     counts = np.array([run.data.metrics["polysemantic_neurons"] for run in points])
     assert (counts > 0).sum() >= 2
+    converged = np.array([run.data.tags["convergence"] == "converged" for run in points])
+    assert converged.all()
     keep = counts > 0
     expected = scipy.stats.linregress(np.log(ms[keep]), np.log(counts[keep]))
 
@@ -205,6 +218,59 @@ def test_report_recomputes_the_slope_from_the_run_metrics(study, tmp_path):
     assert {"collisions.png", "fourth_norm.png", "sparsification.png"} <= logged
     assert {path.name for path in out.iterdir()} == logged
     assert "n²/(4m)" in (out / "report.md").read_text()
+
+
+def test_short_training_names_unconverged_points_and_fits_without_them(study, tmp_path):
+    uri = study[0]
+    result = invoke("collisions", *SHORT_COLLISIONS, "--experiment", "short", "--tracking-uri", uri)
+    assert result.exit_code == 0, result.output
+    client = MlflowClient(uri)
+    points = {int(run.data.params["m"]): run for run in runs(client, "tags.kind = 'point'", "short")}
+    # Reapply the criterion here to the stored per-instance values: every instance at sparsity ≥ 0.98.
+    tables = {
+        m: artifact_csv(client, run.info.run_id, "per_instance.csv", tmp_path) for m, run in points.items()
+    }
+    sparse = {m: bool((table["encoding_sparsity"] >= 0.98).all()) for m, table in tables.items()}
+    assert not sparse[24]  # m = n sparsifies slowest (measured): most features contest their neuron
+    assert sparse[96] and sparse[192]
+    for m, run in points.items():
+        assert run.data.metrics["converged"] == float(sparse[m])
+        assert run.data.tags["convergence"].startswith("converged" if sparse[m] else "unconverged: ")
+    output = result.output
+    assert "Unconverged: n = 24, λ = 0.01, m = 24 after 2000 steps" in output
+    assert "left out of the slope fit" in output and "rerun with more steps, e.g. --steps 12000" in output
+    # The slope is fitted on the converged points with a positive count only, by scipy here.
+    usable = [m for m in sorted(points) if sparse[m] and points[m].data.metrics["polysemantic_neurons"] > 0]
+    assert 24 not in usable and len(usable) >= 2
+    expected = scipy.stats.linregress(
+        np.log(usable), np.log([points[m].data.metrics["polysemantic_neurons"] for m in usable])
+    )
+    (sweep,) = runs(client, "tags.kind = 'sweep'", "short")
+    assert sweep.data.metrics["loglog_slope"] == pytest.approx(expected.slope, rel=1e-9)
+    assert sweep.data.metrics["loglog_slope_points"] == len(usable)
+    assert sweep.data.metrics["unconverged_points"] == sum(not flag for flag in sparse.values())
+    assert f"log–log slope {expected.slope:.3f}" in output and "m = 24 unconverged" in output
+
+    # The report names them too, in its markdown and in the slope table's note.
+    out = tmp_path / "report"
+    sweep_id = sweep.data.tags["sweep_id"]
+    arguments = ["--experiment", "short", "--sweep-id", sweep_id, "--out", str(out), "--no-log"]
+    report = invoke("report", *arguments, "--tracking-uri", uri)
+    assert report.exit_code == 0, report.output
+    markdown = (out / "report.md").read_text()
+    assert "### Unconverged points" in markdown and "m = 24 after 2000 steps" in markdown
+    slopes = pd.read_csv(out / "collisions_slope.csv")
+    assert slopes["slope"].iloc[0] == pytest.approx(expected.slope, rel=1e-9)
+    assert "m = 24 unconverged" in slopes["note"].iloc[0]
+
+
+def test_slope_without_usable_points_says_why(study):
+    # 200 steps leave every encoding dense: no point can enter the fit, and the command says why (exit 0).
+    arguments = ["--n", "24", "--m", "24,48", "--instances", "2", "--steps", "200", "--experiment", "dense"]
+    result = invoke("collisions", *arguments, "--tracking-uri", study[0])
+    assert result.exit_code == 0, result.output
+    assert "no log–log slope: 0 usable point(s) of 2, a fit needs 2" in result.output
+    assert "m = 24, 48 unconverged" in result.output and "slope nan" not in result.output
 
 
 def test_one_instance_skips_undefined_metrics(study):

@@ -8,7 +8,8 @@ Run tree (experiment "incidental" unless told otherwise); every run is tagged st
       point run  kind=point     nested under its sweep; params = the flattened config; metrics = means over
                                 instances (non-finite values are skipped, e.g. a std over one instance); curves
                                 as step series `curve.<name>`; per_instance.csv (collisions, noise) or
-                                simulation.csv (dynamics)
+                                simulation.csv (dynamics); a collisions point also has metric converged (1/0)
+                                and tag convergence ("converged" or "unconverged: <reason>")
     report run   kind=analysis  the report's markdown, CSVs and PNGs, the slopes as metrics
 
 A run is FINISHED only after all its artifacts are logged; an exception marks the open runs FAILED with the
@@ -41,8 +42,10 @@ from pipeline.experiments.incidental import (
     collisions_table,
     curves_by_label,
     noise_label,
+    slope_sentence,
     slope_table,
     summarize_points,
+    unconverged_notes,
 )
 from pipeline.incidental import IncidentalConfig
 from pipeline.plots.incidental import collisions_plot, fourth_norm_plot, sparsification_plot
@@ -234,24 +237,40 @@ def _describe_config(
     return describe
 
 
+CONVERGENCE_TAG = "convergence"
+
+
+def convergence_tag(point: PointResult) -> str | None:
+    """The `convergence` tag of a point: "converged", "unconverged: <reason>", None for a noise point."""
+    if point.convergence is None:
+        return None
+    return "converged" if point.convergence.converged else f"unconverged: {point.convergence.reason()}"
+
+
 def log_point_result(store: Store, run_id: str, point: PointResult) -> None:
-    """Metrics (finite ones), curves as step series and the per-instance table of one trained point."""
+    """Metrics (finite ones), curves as step series, the convergence tag (L1 points) and the per-instance
+    table of one trained point."""
     timestamp = _now_ms()
     metrics = finite_metrics({**point.metrics, "wall_time_s": point.wall_time_s}, timestamp)
     steps = point.curves["step"]
     for name, values in point.curves.items():
         if name != "step":
             metrics.extend(_series(name, steps, values, timestamp))
-    log_in_batches(store, run_id, metrics=metrics)
+    tag = convergence_tag(point)
+    tags = [RunTag(CONVERGENCE_TAG, tag)] if tag is not None else []
+    log_in_batches(store, run_id, metrics=metrics, tags=tags)
     store.client.log_text(run_id, point.per_instance.to_csv(index=False), PER_INSTANCE_ARTIFACT)
 
 
 def slope_metrics(slopes: pd.DataFrame) -> dict[str, float]:
-    """loglog_slope (+ _ci_low, _ci_high, _intercept) per (n, λ) group; the group is named only when there
-    are several: loglog_slope_n64_l1_0.001."""
+    """loglog_slope (+ _ci_low, _ci_high, _intercept, _points: the points fitted, _unconverged: the points
+    left out as unconverged) per (n, λ) group; the group is named only when there are several:
+    loglog_slope_n64_l1_0.001. A slope that could not be fitted is NaN and is not logged."""
     metrics: dict[str, float] = {}
     for row in slopes.itertuples():
         suffix = "" if len(slopes) == 1 else f"_n{row.n}_l1_{row.l1:g}"
+        metrics[f"loglog_slope_points{suffix}"] = float(row.points)
+        metrics[f"loglog_slope_unconverged{suffix}"] = float(row.unconverged)
         metrics[f"loglog_slope{suffix}"] = row.slope
         metrics[f"loglog_slope_ci_low{suffix}"] = row.slope_ci_low
         metrics[f"loglog_slope_ci_high{suffix}"] = row.slope_ci_high
@@ -262,12 +281,9 @@ def slope_metrics(slopes: pd.DataFrame) -> dict[str, float]:
 def _summarize_collisions(points: list[PointResult]) -> _Summary:
     table = collisions_table(points)
     slopes = slope_table(table)
-    lines = [
-        f"n = {row.n}, λ = {row.l1:g}: log–log slope {row.slope:.3f} "
-        f"(95 % CI {row.slope_ci_low:.3f} to {row.slope_ci_high:.3f}; theory −1)"
-        for row in slopes.itertuples()
-    ]
-    return _Summary(table, {"collisions": collisions_plot(table)}, slope_metrics(slopes), "\n".join(lines))
+    lines = [slope_sentence(row) for row in slopes.itertuples()] + unconverged_notes(table)
+    metrics = slope_metrics(slopes) | {"unconverged_points": float((~table["converged"]).sum())}
+    return _Summary(table, {"collisions": collisions_plot(table)}, metrics, "\n".join(lines))
 
 
 def _summarize_noise(points: list[PointResult]) -> _Summary:

@@ -20,30 +20,73 @@ from pipeline.incidental import NOISE_TYPES, predicted_l1_norm, predicted_nonzer
 _NOISE_COLORMAPS = {"bipolar": "Reds", "gaussian": "Blues", "laplace": "Greens", "student_t": "Purples"}
 
 
+# Points with a zero mean count have no place on a log axis; they are drawn at this height in axes
+# coordinates (just above the bottom edge) with a "0" beside them, so they stay visible without a fake value.
+ZERO_COUNT_HEIGHT = 0.03
+
+
 def collisions_plot(table: pd.DataFrame) -> Figure:
     """Polysemantic neurons vs m on log–log axes, one series per λ, with the n²/(4m) prediction.
 
-    table: one row per point with columns n, m, l1, instances, polysemantic_neurons (mean over instances) and
-        polysemantic_neurons_std (as from `collisions_table` or a tracking store). Error bars are the 95 %
-        Student-t confidence interval of the mean across instances. Points whose mean is 0 cannot be drawn
-        on a log axis and are left out.
+    table: one row per point with columns n, m, l1, instances, polysemantic_neurons (mean over instances),
+        polysemantic_neurons_std and optionally converged (as from `collisions_table`, `collisions_summary`
+        or a tracking store). Error bars are the 95 % Student-t confidence interval of the mean across
+        instances. Converged points are filled; unconverged ones are hollow, in a series labelled as left out
+        of the slope fit. A point whose mean is 0 has no logarithm: it is drawn as a triangle at the bottom
+        edge of the axes (ZERO_COUNT_HEIGHT in axes coordinates) with the text "0", in a series of its own.
     """
     figure = Figure(figsize=(7, 5), layout="constrained")
     axes = figure.add_subplot()
-    for l1, group in table.sort_values("m").groupby("l1"):
+    cycle = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, (l1, group) in enumerate(table.sort_values("m").groupby("l1")):
+        color = cycle[index % len(cycle)]
+        ms = group["m"].to_numpy()
         means = group["polysemantic_neurons"].to_numpy(dtype=float)
+        converged = (
+            group["converged"].to_numpy(dtype=bool) if "converged" in group else np.ones(len(group), bool)
+        )
         halfwidth = confidence_halfwidth(group["polysemantic_neurons_std"], group["instances"])
         halfwidth = np.nan_to_num(halfwidth)
         lower = np.minimum(halfwidth, means * (1 - 1e-3))  # keep the lower bar above 0 on a log axis
-        keep = means > 0
-        axes.errorbar(
-            group["m"].to_numpy()[keep],
-            means[keep],
-            yerr=np.vstack([lower[keep], halfwidth[keep]]),
-            fmt="o-",
-            capsize=4,
-            label=f"λ = {l1:g} (mean, 95 % CI)",
-        )
+        positive = means > 0
+        for selected, label, face in (
+            (positive & converged, f"λ = {l1:g} (mean, 95 % CI)", color),
+            (positive & ~converged, f"λ = {l1:g} unconverged (not fitted)", "none"),
+        ):
+            if selected.any():
+                axes.errorbar(
+                    ms[selected],
+                    means[selected],
+                    yerr=np.vstack([lower[selected], halfwidth[selected]]),
+                    fmt="o-" if face != "none" else "o",
+                    color=color,
+                    markerfacecolor=face,
+                    capsize=4,
+                    label=label,
+                )
+        zero = ~positive
+        if zero.any():
+            # x in data coordinates, y in axes coordinates: the marker sits at the bottom edge at any y range.
+            axes.plot(
+                ms[zero],
+                np.full(zero.sum(), ZERO_COUNT_HEIGHT),
+                "v",
+                color=color,
+                markerfacecolor="none",
+                transform=axes.get_xaxis_transform(),
+                label=f"λ = {l1:g}: 0 polysemantic neurons (at the bottom edge)",
+            )
+            for m, is_converged in zip(ms[zero], converged[zero], strict=True):
+                axes.annotate(
+                    "0" if is_converged else "0, unconverged",
+                    (m, ZERO_COUNT_HEIGHT),
+                    xycoords=axes.get_xaxis_transform(),
+                    xytext=(6, 0),
+                    textcoords="offset points",
+                    va="center",
+                    fontsize="small",
+                    color=color,
+                )
     for n in sorted(table["n"].unique()):
         ms = np.geomspace(table["m"].min(), table["m"].max(), 100)
         suffix = f" (n = {n})" if table["n"].nunique() > 1 else ""
