@@ -14,7 +14,15 @@ import sys
 
 import click
 
-from pipeline.config import AblationConfig, DataConfig, NetworkConfig, SAEConfig, preset_configs
+from pipeline.config import (
+    SAE_ARCHITECTURES,
+    SAE_TRAINING_INPUTS,
+    AblationConfig,
+    DataConfig,
+    NetworkConfig,
+    SAEConfig,
+    preset_configs,
+)
 from pipeline.configuration import ConfigError
 from pipeline.experiments.incidental_defaults import COLLISIONS, DYNAMICS, NOISE
 
@@ -198,10 +206,19 @@ def model_options(function):
         ),
         click.option(
             "--sae-architecture",
-            type=click.Choice(["leaky_relu", "relu"]),
+            type=click.Choice(SAE_ARCHITECTURES),
             default=defaults_sae.architecture,
             show_default=True,
-            help="SAE architecture (leaky_relu = the published one).",
+            help="SAE architecture (leaky_relu = the published one with its defects fixed; published_tied = "
+            "bug-compatible, the encoder a view of the decoder as in the published code).",
+        ),
+        click.option(
+            "--sae-train-on",
+            type=click.Choice(SAE_TRAINING_INPUTS),
+            default=defaults_sae.train_on,
+            show_default=True,
+            help="What the SAE trains on: the train-split standardization, or raw activations as the "
+            "published code did (it then evaluated on standardized ones). Evaluation always standardizes.",
         ),
         click.option(
             "--sae-l1",
@@ -266,6 +283,7 @@ def build_base_config(options: dict) -> AblationConfig:
             ),
             sae=SAEConfig(
                 architecture=options["sae_architecture"],
+                train_on=options["sae_train_on"],
                 d_sae=options["d_sae"],
                 l1_coefficient=options["sae_l1"],
                 lr=options["sae_lr"],
@@ -721,6 +739,12 @@ Examples:
 @click.option(
     "--paired", "paired_flag", is_flag=True, hidden=True, help="Same as --test paired (older flag)."
 )
+@click.option(
+    "--published-ladder",
+    is_flag=True,
+    help="Also train the published SAE with and without each of its two defects (tied encoder, raw "
+    "inputs) on the baseline's stored networks, and show published code → ours one fix at a time.",
+)
 @report_output_options("the CSVs, report.md, report.html and PNGs", "reports/report-<time>")
 def report(
     experiment,
@@ -731,6 +755,7 @@ def report(
     metrics,
     pairing,
     paired_flag,
+    published_ladder,
     resamples,
     out_dir,
     no_log,
@@ -749,7 +774,7 @@ def report(
     from pathlib import Path
 
     from pipeline.analysis import BASELINE_NAME, DEFAULT_METRICS, build_report
-    from tracking.analysis import log_report, select_seeds, study_context
+    from tracking.analysis import log_report, select_seeds, stored_networks, study_context
     from tracking.store import TrackingError
 
     store = _store(tracking_uri)
@@ -786,6 +811,17 @@ def report(
         )
     except ValueError as error:
         _fail_usage(f"--baseline/--metric: {error}")
+    if published_ladder:
+        from pipeline.published import published_ladder as train_ladder
+
+        try:
+            networks = stored_networks(store, frame, baseline)
+        except TrackingError as error:
+            _fail_usage(str(error))
+        click.echo(
+            f"Training the 4 ladder SAEs on {len(networks)} stored networks of {baseline} ...", err=True
+        )
+        built.add_published_ladder(train_ladder(networks))
     folder = Path(out_dir or f"reports/report-{time.strftime('%Y%m%d-%H%M%S')}")
     files = built.write(folder)
     click.echo(built.markdown())
@@ -795,6 +831,7 @@ def report(
             "baseline": baseline,
             "metrics": ",".join(built.metrics),
             "test": "paired" if paired_flag else pairing,
+            "published_ladder": published_ladder,
             "resamples": resamples,
             "sweep_id": sweep_id or "",
             "filter": filter_string or "",

@@ -112,7 +112,16 @@ class Report:
     )
     caveats: list[str] = field(default_factory=list)
     published_absent: str = ""
+    ladder: pd.DataFrame | None = None
+    ladder_per_seed: pd.DataFrame | None = None
     figures: dict[str, Figure] = field(default_factory=dict)
+
+    def add_published_ladder(self, per_seed: pd.DataFrame) -> None:
+        """Attach `pipeline.published.published_ladder`'s per-seed table (the baseline's stored networks)."""
+        from pipeline.published import ladder_summary
+
+        self.ladder_per_seed = per_seed
+        self.ladder = ladder_summary(per_seed)
 
     def headline(self) -> str:
         """Study, conclusions and caveats only: short enough for a run description."""
@@ -158,6 +167,25 @@ class Report:
             sections.append(("How the published metrics map onto ours", [], published_definitions()))
         elif self.published_absent:
             sections.append(("Published numbers", [self.published_absent], None))
+        if self.ladder is not None:
+            sections.append(
+                (
+                    "Published code → ours, one fix at a time",
+                    [
+                        f"Four SAEs trained on the same stored networks of {self.baseline} "
+                        f"({int(self.ladder['seeds'].iloc[0])} seeds), one per combination of the published "
+                        "code's two SAE defects: tied = the encoder a view of the decoder's transpose (both Adam "
+                        "updates in one weight); raw = trained on unstandardized activations (every rung is "
+                        "evaluated on standardized ones, as the published code did). The change columns are "
+                        "paired on seed against the first rung.",
+                        f"For reference, {PUBLISHED_CODE_SOURCE} printed MACS (published form) "
+                        f"{PUBLISHED_CODE_BASELINE['MACS']} and interference (index-mod form) "
+                        f"{PUBLISHED_CODE_BASELINE['Interference']}; the blog (seed 002) reports "
+                        f"{PUBLISHED[BASELINE_NAME][0]} and {PUBLISHED[BASELINE_NAME][1]}.",
+                    ],
+                    self.ladder,
+                )
+            )
         return sections
 
     def markdown(self) -> str:
@@ -182,6 +210,8 @@ class Report:
             "conclusions.csv": self.conclusions,
             "per_seed.csv": self.per_seed,
         }
+        if self.ladder_per_seed is not None:
+            tables["published_ladder.csv"] = self.ladder_per_seed
         for name, frame in tables.items():
             path = folder / name
             frame.to_csv(path, index=False)

@@ -28,7 +28,10 @@ REGULARIZATIONS = ("none", "l1", "l2")
 ACTIVATIONS = ("relu", "gelu")
 L2_FORMS = ("decay", "penalty")
 TARGETS = ("published", "pairwise")
-SAE_ARCHITECTURES = ("leaky_relu", "relu")
+SAE_ARCHITECTURES = ("leaky_relu", "relu", "published_tied")
+# What the SAE trains on: the train-split standardization (ours), or the raw activations (the published
+# code, which then evaluated on standardized ones; SCIENCE.md §1.3 defect 2).
+SAE_TRAINING_INPUTS = ("standardized", "raw")
 
 # The four binary factors of the study and their levels in (low, high) order: low is the published
 # baseline's level, so a factorial effect reads "what switching away from the baseline does".
@@ -169,9 +172,12 @@ class SAEConfig:
     epochs: int = 1000
     encoder_bias_high: float = 0.1
     leaky_slope: float = 0.01
+    # Added after stores existed: left out of the config hash at its default, so old results keep their ids.
+    train_on: str = field(default="standardized", metadata={"hash_omit_default": True})
 
     def __post_init__(self) -> None:
         check_choice("sae.architecture", self.architecture, SAE_ARCHITECTURES)
+        check_choice("sae.train_on", self.train_on, SAE_TRAINING_INPUTS)
         check_integer("sae.d_sae", self.d_sae, minimum=1)
         check_positive("sae.l1_coefficient", self.l1_coefficient, allow_zero=True)
         check_positive("sae.lr", self.lr)

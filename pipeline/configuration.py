@@ -74,9 +74,26 @@ def flatten(config: Any, separator: str = ".") -> dict[str, Any]:
     return dict(sorted(flat.items()))
 
 
+def _hashed_view(config: Any) -> Any:
+    """`to_dict(config)` less the fields marked `hash_omit_default` that hold their default value.
+
+    A field added after results were stored gets that mark, so every config that leaves it at its default
+    keeps the hash (and so the stored runs) it had before the field existed.
+    """
+    if not dataclasses.is_dataclass(config):
+        return json.loads(json.dumps(config))
+    view = {}
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        if item.metadata.get("hash_omit_default") and value == item.default:
+            continue
+        view[item.name] = _hashed_view(value)
+    return view
+
+
 def config_hash(config: Any, length: int = 16) -> str:
     """Stable hash of a config: sha256 of its canonical JSON (sorted keys), first `length` hex digits."""
-    canonical = json.dumps(to_dict(config), sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps(_hashed_view(config), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:length]
 
 

@@ -7,7 +7,8 @@ functions serve both (broadcasting matmuls). Inputs are standardized hidden acti
 defect 2 fixed: one standardization, train-split statistics, for training and evaluation alike).
 
 Add an architecture by writing a class like `LeakyReLUSAE` and decorating it with `@register("name")`;
-then add the name to `pipeline.config.SAE_ARCHITECTURES`.
+then add the name to `pipeline.config.SAE_ARCHITECTURES`. A class attribute `tied = True` asks the
+trainer to keep the encoder equal to the decoder's transpose (the published code's accidental tie).
 """
 
 from __future__ import annotations
@@ -118,6 +119,19 @@ class LeakyReLUSAE:
             "decoder": torch.bmm(latents, reconstruction_gradient.transpose(1, 2)),
         }
         return losses, gradients
+
+
+@register("published_tied")
+class PublishedTiedSAE(LeakyReLUSAE):
+    """The published SAE with its tying defect, for reproducing the published code's numbers only.
+
+    Same forward, penalty and initialization as `LeakyReLUSAE`; `tied = True` makes the trainer keep the
+    encoder equal to the decoder's transpose after every step, each Adam update landing in the one shared
+    weight (SCIENCE.md §1.3, defect 1: `encoder.weight.data = decoder.weight.data.t()` made a view).
+    Combine with `sae.train_on = "raw"` for defect 2 as well.
+    """
+
+    tied = True
 
 
 @register("relu")

@@ -477,18 +477,45 @@ def _train_networks(configs, seeds, datasets, state: _PassState, progress, devic
 
 
 def _train_saes(configs, seeds, datasets, weights, biases, state: _PassState, progress, device):
-    """The SAE of every model on its network's clean last hidden layer (train split), standardized."""
-    first = configs[0]
-    sae_config = first.sae
-    architecture = sae_architectures.architecture(sae_config.architecture)
+    """The SAE of every model on its network's clean last hidden layer (train split)."""
     with torch.no_grad():
         train_inputs = _stack_features([dataset.train_inputs for dataset in datasets], device)
         _, trace = mlp_forward_features(
             train_inputs, weights, biases, runs_of([config.network.act for config in configs])
         )
         hidden = trace.inputs[-1].transpose(1, 2)  # [model, sample, hidden]: the SAE code is sample-major
+    return train_saes_on_hidden(configs, seeds, hidden, state, progress, device)
+
+
+def train_saes_on_hidden(
+    configs: Sequence[AblationConfig],
+    seeds: Sequence[int],
+    hidden: torch.Tensor,
+    state: _PassState | None = None,
+    progress: Progress | None = None,
+    device: str | torch.device = "cpu",
+):
+    """Train one SAE per model on `hidden: [model, sample, hidden]` (the train split's last hidden layer).
+
+    The SAE settings are `configs[0].sae` for every model (one pass, one schedule); the learning rate may
+    differ per model. Each SAE's initialization comes from its seed's "sae" generator, so SAEs trained here
+    on stored networks start exactly where the SAEs of the original pass started. Inputs are the
+    train-split standardization of `hidden` unless `sae.train_on == "raw"` (the published code's
+    defect 2, kept for the bug-compatible ladder); evaluation always standardizes. Architectures with
+    `tied = True` keep the encoder equal to the decoder's transpose after every step, with both Adam
+    updates landing in the shared weight, as the published code's accidental view did.
+
+    Returns (curves, parameters `{name: [model, ...]}`, (mean, std) `[model, hidden]` each).
+    """
+    device = resolve_device(device) if isinstance(device, str) else device
+    state = state or _PassState(len(configs), device)
+    first = configs[0]
+    sae_config = first.sae
+    architecture = sae_architectures.architecture(sae_config.architecture)
+    with torch.no_grad():
         mean, std = sae_architectures.standardization(hidden)
         standardized = ((hidden - mean.unsqueeze(-2)) / std.unsqueeze(-2)).contiguous()
+        training_inputs = standardized if sae_config.train_on == "standardized" else hidden.contiguous()
     hidden_dim = hidden.shape[-1]
     initial = [
         architecture.initial_parameters(hidden_dim, sae_config.d_sae, sae_config, generator_for(seed, "sae"))
@@ -498,30 +525,34 @@ def _train_saes(configs, seeds, datasets, weights, biases, state: _PassState, pr
     optimizer = BatchedAdam(
         list(parameters.values()), lr=_per_model_tensor((c.sae.lr for c in configs), device)
     )
+    tied = getattr(architecture, "tied", False)
     curves: dict[str, list] = {"epoch": [], "sae_loss": [], "sae_l0": [], "sae_dead_fraction": []}
     alive = state.alive
     hand_written = getattr(architecture, "losses_and_gradients", None)
-    standardized_features = standardized.transpose(1, 2).contiguous() if hand_written else None
+    training_features = training_inputs.transpose(1, 2).contiguous() if hand_written else None
     for epoch in range(sae_config.epochs):
         if hand_written is not None:
             # No autograd graph: building one for these ops cost more than the ops themselves.
             with torch.no_grad():
-                losses, gradients = hand_written(parameters, standardized_features, sae_config)
+                losses, gradients = hand_written(parameters, training_features, sae_config)
         else:
-            latents = architecture.encode(parameters, standardized, sae_config)
+            latents = architecture.encode(parameters, training_inputs, sae_config)
             reconstruction = architecture.decode(parameters, latents)
-            losses = (reconstruction - standardized).square().mean(
+            losses = (reconstruction - training_inputs).square().mean(
                 dim=(1, 2)
             ) + architecture.sparsity_penalty(parameters, latents, sae_config)
         newly_failed = state.check(losses, "sae", epoch)
         if newly_failed:
             alive = state.alive
+        decoder_before = parameters["decoder"].detach().clone() if tied else None
         if hand_written is not None:
             optimizer.step(None if state.all_alive else alive, [gradients[name] for name in parameters])
         else:
             optimizer.zero_grad()
             (losses if state.all_alive else torch.where(alive, losses, 0.0)).sum().backward()
             optimizer.step(None if state.all_alive else alive)
+        if tied:
+            _tie(parameters, decoder_before)
         if newly_failed:
             _freeze_failed(list(parameters.values()), alive)
         if (epoch + 1) % first.curve_every == 0 or epoch + 1 == sae_config.epochs:
@@ -535,3 +566,18 @@ def _train_saes(configs, seeds, datasets, weights, biases, state: _PassState, pr
             progress(1)
     detached = {name: value.detach() for name, value in parameters.items()}
     return curves, detached, (mean, std)
+
+
+@torch.no_grad()
+def _tie(parameters: dict[str, torch.Tensor], decoder_before: torch.Tensor) -> None:
+    """Fold the two Adam updates of a tied SAE into its one shared weight.
+
+    In the published code the encoder weight is a view of the decoder's transpose: autograd gives each
+    its own gradient, Adam keeps a state for each, and each in-place update writes into the one storage.
+    With separate tensors here the step moved the decoder by −u_dec and the encoder by −u_enc, so the
+    shared weight is D − u_dec − u_encᵀ = decoder + encoderᵀ − D (D the weight before the step).
+    """
+    decoder, encoder = parameters["decoder"], parameters["encoder"]
+    shared = decoder + encoder.transpose(-2, -1) - decoder_before
+    decoder.copy_(shared)
+    encoder.copy_(shared.transpose(-2, -1))

@@ -130,6 +130,28 @@ def study_context(store: Store, experiment_id: str, frame: pd.DataFrame) -> Stud
     )
 
 
+def stored_networks(store: Store, frame: pd.DataFrame, config_name: str) -> list:
+    """(config, seed, network) of every FINISHED seed run of one configuration, from its checkpoint."""
+    from pipeline.evaluation import load_checkpoint
+    from tracking.query import load_seed_checkpoint
+
+    rows = frame[(frame["config"] == config_name) & (frame["status"] == "FINISHED")]
+    if rows.empty:
+        raise TrackingError(f"--published-ladder: {config_name} has no finished seed runs to decompose")
+    networks = []
+    for run_id in rows["run_id"]:
+        try:
+            saved = load_seed_checkpoint(store, run_id)
+        except Exception as error:  # noqa: BLE001 - a missing or unreadable artifact, told in one sentence
+            raise TrackingError(
+                f"--published-ladder: seed run {run_id} has no loadable checkpoint ({type(error).__name__}); "
+                "runs recorded with --no-artifacts cannot be decomposed again"
+            ) from None
+        config, seed, network, _ = load_checkpoint(saved)
+        networks.append((config, seed, network))
+    return networks
+
+
 def log_report(
     store: Store,
     experiment_id: str,
