@@ -66,13 +66,9 @@ def test_initializations():
     dims = layer_dims(8, 12, 4)
     weights, biases = initial_parameters("random", dims, torch.Generator().manual_seed(0))
     assert [tuple(w.shape) for w in weights] == [(12, 8), (12, 12), (12, 12), (12, 12), (8, 12)]
-    for weight, bias in zip(weights, biases, strict=True):
-        bound = 1 / math.sqrt(weight.shape[1])
-        assert weight.abs().max() <= bound and bias.abs().max() <= bound
-    weights, biases = initial_parameters("orthogonal", dims, torch.Generator().manual_seed(0))
-    square = weights[1]  # nn.Linear layout [out, in], orthogonal with gain √2
-    assert torch.allclose(square @ square.t(), 2 * torch.eye(12), atol=1e-5)
-    assert all(torch.equal(bias, torch.zeros_like(bias)) for bias in biases)
+    assert [tuple(b.shape) for b in biases] == [(12,), (12,), (12,), (12,), (8,)]
+    # The laws themselves (uniform bound, orthogonal gain) are tested against scipy's KS test in
+    # tests/test_reference_training.py, where a halved bound fails.
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu", [("relu", 0, 1), ("gelu", 1, 2)]])
@@ -237,9 +233,9 @@ def test_regularization_forms_change_training():
         sum(weight.square().sum().item() for weight in result.network.weight_matrices())
         for result in (decay, penalty, none)
     ]
-    # Both L2 forms shrink the weights relative to no regularization.
+    # Both L2 forms shrink the weights relative to no regularization. That each form is exactly the
+    # computation it claims is tested against torch's Adam and autograd in tests/test_reference_training.py.
     assert norms[0] < norms[2] and norms[1] < norms[2]
-    assert norms[0] != norms[1]
 
 
 def test_pass_rejects_incompatible_configs():
