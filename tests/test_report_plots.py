@@ -131,3 +131,34 @@ def test_interaction_grid_one_axis_per_pair(factorial_table, tmp_path, k, panels
 def test_interaction_grid_needs_two_factors(factorial_table):
     with pytest.raises(ValueError, match="at least two"):
         interaction_grid(factorial_table, {"init": FACTORS["init"]}, "macs")
+
+
+def test_effects_forest_plot_colours_each_effect_by_its_reading():
+    from matplotlib.colors import to_rgba
+
+    from pipeline.plots.report import effects_forest_plot
+
+    table = pd.DataFrame(
+        {
+            "subject": ["orthogonal vs random", "gelu vs relu", "orthogonal vs random", "gelu vs relu"],
+            "metric": ["macs", "macs", "feature_mcc", "feature_mcc"],
+            "estimate": [-0.02, 0.01, -0.03, 0.001],
+            "ci_low": [-0.03, -0.01, -0.05, -0.01],
+            "ci_high": [-0.01, 0.03, -0.01, 0.01],
+            "p_holm": [0.001, 0.5, 0.01, 0.9],
+        }
+    )
+    figure = effects_forest_plot(table)
+    axes = figure.axes
+    assert [axis.get_title() for axis in axes] == ["macs (← better)", "feature_mcc (better →)"]
+    assert [label.get_text() for label in axes[0].get_yticklabels()] == [
+        "orthogonal vs random",
+        "gelu vs relu",
+    ]
+    assert axes[0].get_ylim()[0] > axes[0].get_ylim()[1]  # first subject on top
+    # Markers: lower macs is better (green), lower feature_mcc is worse (red), unclear ones grey.
+    markers = [[line for line in axis.get_lines() if line.get_marker() == "o"] for axis in axes]
+    colours = [[to_rgba(line.get_color()) for line in lines] for lines in markers]
+    assert colours[0] == [to_rgba("tab:green"), to_rgba("0.5")]
+    assert colours[1] == [to_rgba("tab:red"), to_rgba("0.5")]
+    assert [line.get_xdata()[0] for line in markers[0]] == [-0.02, 0.01]

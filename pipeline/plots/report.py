@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from pipeline.conclusions import METRIC_DIRECTIONS, sign_of_reading
 from pipeline.stats import describe, factorial_cell_means
@@ -271,7 +272,9 @@ def effects_forest_plot(table: pd.DataFrame) -> Figure:
         better = "" if direction is None else (" (← better)" if direction.better < 0 else " (better →)")
         axis.set_title(f"{metric}{better}", fontsize=10)
         axis.set_yticks(range(len(subjects)), subjects)
-        axis.invert_yaxis()
+        axis.xaxis.set_major_locator(MaxNLocator(nbins=4))
+    # The panels share their y axis: inverting it once puts the first subject on top in every panel.
+    axes[0].invert_yaxis()
     figure.suptitle(
         "Effects with 95 % CIs (green: good direction, red: bad, grey: Holm p ≥ 0.05)", fontsize=10
     )
