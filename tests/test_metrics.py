@@ -64,15 +64,40 @@ def test_macs_on_three_hand_built_vectors():
     assert metrics.macs(decoder) == pytest.approx(2 / math.sqrt(2) / 3, abs=1e-12)
 
 
-def test_macs_published_form_averages_over_all_entries():
-    decoder = torch.randn(9, 4, generator=generator(2))
-    # Cosines computed here with numpy alone, not with the module's cosine_matrix.
+def numpy_unit_rows(decoder: torch.Tensor) -> np.ndarray:
+    """Decoder rows scaled to unit length, in numpy (independent of `metrics.unit_directions`)."""
     rows = decoder.double().numpy()
-    units = rows / np.linalg.norm(rows, axis=1, keepdims=True)
-    absolute = np.abs(units @ units.T)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize(("latents", "hidden", "seed"), [(9, 4, 2), (16, 12, 3), (5, 7, 4)])
+def test_macs_published_form_matches_an_independent_numpy_implementation(latents, hidden, seed):
+    decoder = torch.randn(latents, hidden, generator=generator(seed))
+    unit = numpy_unit_rows(decoder)
+    absolute = np.abs(unit @ unit.T)
     np.fill_diagonal(absolute, 0.0)
-    assert metrics.macs_published_form(decoder) == pytest.approx(absolute.mean(), abs=1e-12)
-    assert metrics.macs_published_form(decoder) == pytest.approx(metrics.macs(decoder) * 8 / 9, abs=1e-12)
+    # Published (seed 002): the mean over all N² entries, zeroed diagonal included; ours: over the N(N−1)
+    # off-diagonal entries (SCIENCE.md §1.4).
+    published = absolute.sum() / latents**2
+    ours = absolute.sum() / (latents * (latents - 1))
+    assert metrics.macs_published_form(decoder) == pytest.approx(published, abs=1e-12)
+    assert metrics.macs(decoder) == pytest.approx(ours, abs=1e-12)
+
+
+@pytest.mark.parametrize(("latents", "features", "seed"), [(16, 8, 20), (21, 8, 21), (5, 8, 22)])
+def test_interference_seed_matches_an_independent_numpy_implementation(latents, features, seed):
+    decoder = torch.randn(latents, 12, generator=generator(seed))
+    importances = torch.rand(features, generator=generator(seed + 100), dtype=torch.float64) + 0.1
+    unit = numpy_unit_rows(decoder)
+    weights = importances.numpy()
+    # The published form (SCIENCE.md §1.4): Σ_{k<l} cos²(d_k, d_l)·I[k mod F]·I[l mod F], written as the
+    # plain double loop; 21 latents over 8 features exercise a partial wraparound, 5 latents none.
+    expected = sum(
+        float(unit[k] @ unit[other]) ** 2 * weights[k % features] * weights[other % features]
+        for k in range(latents)
+        for other in range(k + 1, latents)
+    )
+    assert metrics.interference_seed(decoder, importances) == pytest.approx(expected, rel=1e-12)
 
 
 def test_macs_rejects_a_single_latent():

@@ -1,8 +1,10 @@
 import dataclasses
+import itertools
 import math
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 
 from pipeline.config import AblationConfig
@@ -20,6 +22,12 @@ from pipeline.models import (
 )
 from pipeline.train import BatchedAdam, draw_noise, train_pass
 from tests.conftest import tiny_config, with_network
+from tests.test_training_reference import (
+    PARAMETER_TOLERANCE,
+    assert_matches_reference,
+    reference_config,
+    reference_training,
+)
 
 
 def test_batched_adam_matches_torch_adam_slice_by_slice():
@@ -62,13 +70,56 @@ def test_noise_distributions():
     assert abs(tail - 0.02) < 2e-3
 
 
-def test_initializations():
+def _pooled_initial_parameters(init: str, seeds: int) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
     dims = layer_dims(8, 12, 4)
-    weights, biases = initial_parameters("random", dims, torch.Generator().manual_seed(0))
+    return [initial_parameters(init, dims, torch.Generator().manual_seed(seed)) for seed in range(seeds)]
+
+
+def test_random_init_follows_pytorch_default_linear_law():
+    models = _pooled_initial_parameters("random", 100)
+    weights, biases = models[0]
     assert [tuple(w.shape) for w in weights] == [(12, 8), (12, 12), (12, 12), (12, 12), (8, 12)]
-    assert [tuple(b.shape) for b in biases] == [(12,), (12,), (12,), (12,), (8,)]
-    # The laws themselves (uniform bound, orthogonal gain) are tested against scipy's KS test in
-    # tests/test_reference_training.py, where a halved bound fails.
+    # Scaled by √fan_in every entry should be U(−1, 1): W, b ~ U(−1/√fan_in, 1/√fan_in). 100 seeds pool
+    # 62 400 independent weights, so a bound off by even 5 % gives p ≈ 0.
+    scaled_weights = torch.cat(
+        [weight.flatten() * math.sqrt(weight.shape[1]) for weights, _ in models for weight in weights]
+    )
+    scaled_biases = torch.cat(
+        [
+            bias * math.sqrt(weight.shape[1])
+            for weights, biases in models
+            for weight, bias in zip(weights, biases, strict=True)
+        ]
+    )
+    for scaled in (scaled_weights, scaled_biases):
+        assert scipy.stats.kstest(scaled.numpy(), scipy.stats.uniform(loc=-1, scale=2).cdf).pvalue > 1e-3
+    # And the same law as nn.Linear itself draws (its global RNG, isolated from the rest of the suite).
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        linears = [torch.nn.Linear(12, 12) for _ in range(300)]
+    linear_weights = torch.cat([linear.weight.detach().flatten() for linear in linears]) * math.sqrt(12)
+    linear_biases = torch.cat([linear.bias.detach() for linear in linears]) * math.sqrt(12)
+    assert scipy.stats.ks_2samp(scaled_weights.numpy(), linear_weights.numpy()).pvalue > 1e-3
+    assert scipy.stats.ks_2samp(scaled_biases.numpy(), linear_biases.numpy()).pvalue > 1e-3
+
+
+def test_orthogonal_init_has_gain_root_two_zero_biases_and_haar_directions():
+    first_entries = []
+    for weights, biases in _pooled_initial_parameters("orthogonal", 300):
+        for weight, bias in zip(weights, biases, strict=True):
+            rows, columns = weight.shape
+            # nn.Linear layout [out, in]: a tall matrix has orthogonal columns, a wide one orthogonal rows.
+            gram = weight.T @ weight if rows >= columns else weight @ weight.T
+            assert torch.allclose(gram, 2 * torch.eye(min(rows, columns)), atol=1e-5)
+            singular_values = torch.linalg.svdvals(weight)
+            assert torch.allclose(singular_values, torch.full_like(singular_values, math.sqrt(2)), atol=1e-5)
+            assert torch.equal(bias, torch.zeros_like(bias))
+            first_entries.append(weight[0, 0].item() / math.sqrt(2))
+    # Haar measure: entry [0, 0] / gain is one coordinate u of a uniform unit vector in R^12 (12 = the
+    # longer side of every layer here), and (u + 1)/2 ~ Beta(11/2, 11/2). One entry per layer and seed keeps
+    # the 1500 samples independent.
+    law = scipy.stats.beta(5.5, 5.5, loc=-1, scale=2)
+    assert scipy.stats.kstest(first_entries, law.cdf).pvalue > 1e-3
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu", [("relu", 0, 1), ("gelu", 1, 2)]])
@@ -224,18 +275,34 @@ def test_shared_pass_and_separate_passes_agree():
         assert a.seeds[0].metrics["val_mse"] == pytest.approx(b.seeds[0].metrics["val_mse"], rel=1e-4)
 
 
-def test_regularization_forms_change_training():
-    base = tiny_config(reg="l2", lambda_reg=0.5)
-    decay = run_ablation(base, seeds=[0]).seeds[0]
-    penalty = run_ablation(with_network(base, l2_form="penalty"), seeds=[0]).seeds[0]
-    none = run_ablation(with_network(base, reg="none"), seeds=[0]).seeds[0]
-    norms = [
-        sum(weight.square().sum().item() for weight in result.network.weight_matrices())
-        for result in (decay, penalty, none)
-    ]
-    # Both L2 forms shrink the weights relative to no regularization. That each form is exactly the
-    # computation it claims is tested against torch's Adam and autograd in tests/test_reference_training.py.
-    assert norms[0] < norms[2] and norms[1] < norms[2]
+def test_regularization_forms_follow_their_definitions():
+    # λ = 0.5 makes each form's footprint large. Every trained model must match the independent nn/autograd/
+    # torch.optim.Adam reference of its form (SCIENCE.md §1.2), and the forms must end far apart compared with
+    # that tolerance, so matching one form's reference rules out the neighbouring readings (L1 or L2 on
+    # biases too, decay on weights only).
+    base = reference_config(lambda_reg=0.5, lr=1e-3)
+    forms = {
+        "l1": with_network(base, reg="l1"),
+        "l2_decay": with_network(base, reg="l2", l2_form="decay"),
+        "l2_penalty": with_network(base, reg="l2", l2_form="penalty"),
+        "none": with_network(base, reg="none"),
+    }
+    results = train_pass(list(forms.values()), [0] * len(forms))
+    final_parameters = {}
+    for (name, config), result in zip(forms.items(), results, strict=True):
+        layers, curves = reference_training(config, 0)
+        assert_matches_reference(result, layers, curves)
+        final_parameters[name] = torch.cat(
+            [parameter.detach().flatten() for parameter in layers.parameters()]
+        )
+    for first, second in itertools.combinations(final_parameters, 2):
+        gap = (final_parameters[first] - final_parameters[second]).abs().max().item()
+        assert gap > 100 * PARAMETER_TOLERANCE, (first, second)
+    norms = {
+        name: sum(weight.square().sum().item() for weight in result.network.weight_matrices())
+        for name, result in zip(forms, results, strict=True)
+    }
+    assert norms["l2_decay"] < norms["none"] and norms["l2_penalty"] < norms["none"]
 
 
 def test_pass_rejects_incompatible_configs():
