@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -439,7 +440,8 @@ def build_report(
         table = conclusions.conclusion_table(main_effects.rename(columns={"contrast": "subject"}), "subject")
     else:
         rows = comparisons.rename(columns={"config_a": "subject", "diff": "estimate"})
-        rows["subject"] = [_with_changes(name, baseline, finished) for name in rows["subject"]]
+        levels = finished.drop_duplicates("config").set_index("config")[list(FACTOR_LEVELS)]
+        rows["subject"] = [_with_changes(name, baseline, levels) for name in rows["subject"]]
         table = conclusions.conclusion_table(rows, "subject")
     differing = non_default_settings(context.settings)
     caveats = derive_caveats(all_seeds, finished, counts, factorial, differing)
@@ -475,9 +477,11 @@ def build_report(
     return report
 
 
-def _with_changes(config: str, baseline: str, finished: pd.DataFrame) -> str:
-    """'orthogonal·bipolar·l2·gelu (init, reg, act changed)': which factors a comparison changes at once."""
-    levels = finished.drop_duplicates("config").set_index("config")[list(FACTOR_LEVELS)]
+def _with_changes(config: str, baseline: str, levels: pd.DataFrame) -> str:
+    """'orthogonal·bipolar·l2·gelu (init, reg, act changed)': which factors a comparison changes at once.
+
+    ``levels``: one row per configuration, one column per factor.
+    """
     if config not in levels.index or baseline not in levels.index:
         return config
     changed = [
@@ -541,8 +545,6 @@ def non_default_settings(settings: Mapping[str, Mapping[str, str]]) -> dict[str,
 
 def _as_param(value: object) -> str:
     # Stored params are strings; lists were stored as JSON (tracking.taming._params).
-    import json
-
     return json.dumps(value) if isinstance(value, list) else str(value)
 
 
