@@ -14,20 +14,8 @@ import sys
 
 import click
 
-from pipeline.config import (
-    SAE_ARCHITECTURES,
-    SAE_TRAINING_INPUTS,
-    AblationConfig,
-    DataConfig,
-    NetworkConfig,
-    SAEConfig,
-    preset_configs,
-)
 from pipeline.configuration import ConfigError
 from pipeline.experiments.incidental_defaults import COLLISIONS, DYNAMICS, NOISE
-
-# Processes for `sweep --workers` with Dask (the local default is chosen per sweep by `auto_workers`).
-DEFAULT_DASK_WORKERS = max(1, min(os.cpu_count() or 1, 4))
 
 # The sweep summary shows the headline metrics and the task loss beside them.
 TASK_LOSS_COLUMN = "val_mse"
@@ -56,6 +44,12 @@ seeds and code version; --force trains them again.
 
 def _fail_usage(message: str) -> None:
     raise click.UsageError(message)
+
+
+def _adopted_run(store, experiment_id: str | None = None):
+    from orchestration.taming import adopted_run
+
+    return adopted_run(store, experiment_id)
 
 
 def _store(tracking_uri: str | None):
@@ -123,16 +117,40 @@ def report_output_options(files: str, default_folder: str):
     return decorate
 
 
-def model_options(function):
-    """The numeric settings shared by `ablate` and `sweep` (defaults: the published protocol)."""
-    defaults_network, defaults_sae, defaults_data = NetworkConfig(), SAEConfig(), DataConfig()
+def _field_destination(path: str) -> str:
+    return "setting__" + path.replace(".", "__")
+
+
+def config_options(function):
+    """One option per config field, derived from the dataclasses (pipeline.design.field_specs): the
+    flag, help, choices and default all come from the field's `setting(...)`, so a new field is one line
+    there. Every option is optional: only the ones given override the design."""
+    from pipeline.design import field_specs, format_value
+
+    python_types = {int: click.INT, float: click.FLOAT, str: click.STRING}
+    for spec in reversed(list(field_specs().values())):
+        if spec.hint not in python_types:
+            continue  # list-valued fields (data.group_sizes) are set with --set or in a design file
+        kind = click.Choice(spec.choices) if spec.choices else python_types[spec.hint]
+        function = click.option(
+            spec.option,
+            _field_destination(spec.path),
+            type=kind,
+            multiple=True,  # so that a repeated flag is an error instead of silently keeping the last one
+            metavar=None if spec.choices else spec.hint.__name__.upper(),
+            help=f"{spec.help} [{spec.path}; default: {format_value(spec.default)}]",
+        )(function)
+    return function
+
+
+def run_options(function):
+    """Seeds, where to train and where to record: shared by `ablate` and `sweep`."""
     options = [
         click.option(
             "--seeds",
             type=click.IntRange(min=1),
-            default=10,
-            show_default=True,
-            help="Seeds per configuration (trained together in one batched pass).",
+            default=None,
+            help="Seeds per configuration, trained together in one batched pass [default: the design's, else 10].",
         ),
         click.option(
             "--first-seed",
@@ -140,106 +158,6 @@ def model_options(function):
             default=0,
             show_default=True,
             help="Seeds are first-seed … first-seed+seeds−1.",
-        ),
-        click.option(
-            "--epochs",
-            type=click.IntRange(min=1),
-            default=defaults_network.epochs,
-            show_default=True,
-            help="Network training epochs (full batch).",
-        ),
-        click.option(
-            "--sae-epochs",
-            type=click.IntRange(min=1),
-            default=defaults_sae.epochs,
-            show_default=True,
-            help="SAE training epochs.",
-        ),
-        click.option(
-            "--lambda-reg",
-            type=click.FloatRange(min=0),
-            default=defaults_network.lambda_reg,
-            show_default=True,
-            help="Regularization strength λ (L1 penalty or L2 decay/penalty).",
-        ),
-        click.option(
-            "--l2-form",
-            type=click.Choice(["decay", "penalty"]),
-            default=defaults_network.l2_form,
-            show_default=True,
-            help="L2 as Adam's coupled weight decay on all parameters (published) or as λ·ΣW² on weight matrices (comparable with L1).",
-        ),
-        click.option(
-            "--sigma",
-            type=click.FloatRange(min=0),
-            default=defaults_network.sigma,
-            show_default=True,
-            help="Noise scale σ on the last hidden layer.",
-        ),
-        click.option(
-            "--hidden-dim",
-            type=click.IntRange(min=1),
-            default=defaults_network.hidden_dim,
-            show_default=True,
-            help="Width of each hidden layer.",
-        ),
-        click.option(
-            "--hidden-layers",
-            type=click.IntRange(min=1),
-            default=defaults_network.hidden_layers,
-            show_default=True,
-            help="Number of hidden layers (activations).",
-        ),
-        click.option(
-            "--lr",
-            type=click.FloatRange(min=0, min_open=True),
-            default=defaults_network.lr,
-            show_default=True,
-            help="Network Adam learning rate.",
-        ),
-        click.option(
-            "--d-sae",
-            type=click.IntRange(min=2),
-            default=defaults_sae.d_sae,
-            show_default=True,
-            help="SAE latents.",
-        ),
-        click.option(
-            "--sae-architecture",
-            type=click.Choice(SAE_ARCHITECTURES),
-            default=defaults_sae.architecture,
-            show_default=True,
-            help="SAE architecture (leaky_relu = the published one with its defects fixed; published_tied = "
-            "bug-compatible, the encoder a view of the decoder as in the published code).",
-        ),
-        click.option(
-            "--sae-train-on",
-            type=click.Choice(SAE_TRAINING_INPUTS),
-            default=defaults_sae.train_on,
-            show_default=True,
-            help="What the SAE trains on: the train-split standardization, or raw activations as the "
-            "published code did (it then evaluated on standardized ones). Evaluation always standardizes.",
-        ),
-        click.option(
-            "--sae-l1",
-            type=click.FloatRange(min=0),
-            default=defaults_sae.l1_coefficient,
-            show_default=True,
-            help="SAE sparsity coefficient.",
-        ),
-        click.option(
-            "--sae-lr",
-            type=click.FloatRange(min=0, min_open=True),
-            default=defaults_sae.lr,
-            show_default=True,
-            help="SAE Adam learning rate.",
-        ),
-        click.option(
-            "--samples",
-            type=click.IntRange(min=8),
-            default=defaults_data.samples,
-            show_default=True,
-            help="Data set size (80 % train, 20 % validation).",
         ),
         device_option(),
         click.option(
@@ -267,274 +185,118 @@ def model_options(function):
     return function
 
 
-def build_base_config(options: dict) -> AblationConfig:
-    """AblationConfig from CLI options (factors left at the baseline); ConfigError → usage error."""
-    try:
-        return AblationConfig(
-            data=DataConfig(samples=options["samples"]),
-            network=NetworkConfig(
-                epochs=options["epochs"],
-                lambda_reg=options["lambda_reg"],
-                l2_form=options["l2_form"],
-                sigma=options["sigma"],
-                hidden_dim=options["hidden_dim"],
-                hidden_layers=options["hidden_layers"],
-                lr=options["lr"],
-            ),
-            sae=SAEConfig(
-                architecture=options["sae_architecture"],
-                train_on=options["sae_train_on"],
-                d_sae=options["d_sae"],
-                l1_coefficient=options["sae_l1"],
-                lr=options["sae_lr"],
-                epochs=options["sae_epochs"],
-            ),
-        )
-    except ConfigError as error:
-        _fail_usage(str(error))
+def _given_settings(options: dict) -> dict:
+    """{path: value} of the config options given on the command line (each at most once)."""
+    from pipeline.design import coerce_value, field_specs
 
-
-def _adopted_run(store):
-    """The run `mlflow run` created for this process (MLFLOW_RUN_ID), if any and if not yet used."""
-    run_id = os.environ.get("MLFLOW_RUN_ID")
-    if not run_id:
-        return None
-    from mlflow.exceptions import MlflowException
-
-    try:
-        run = store.client.get_run(run_id)
-    except MlflowException:
-        # A stale MLFLOW_RUN_ID from another store or shell: not ours to adopt.
-        return None
-    return None if run.data.tags.get("kind") else run
-
-
-def _progress_bar(total: int, description: str):
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total, desc=description, unit="epoch", unit_scale=True, dynamic_ncols=True, mininterval=0.5
-    )
-
-
-def _run_sweep(configs, options, preset, adopt_as, executor="local", scheduler=None, workers=None):
-    # Nothing here imports torch or MLflow before the workers are started (below): their start-up then
-    # overlaps with those imports. Only an accelerator needs torch to be checked first.
-    from pipeline.experiments.pool import PassPool, auto_workers
-
-    if options["device"] != "cpu":
-        from pipeline.train import resolve_device
-
-        try:
-            resolve_device(options["device"])
-        except ValueError as error:
-            _fail_usage(f"--device: {error}")
-    if scheduler is not None and executor != "dask":
-        _fail_usage("--scheduler names a Dask scheduler; use it with --executor dask")
-    if scheduler is not None and workers is not None:
-        _fail_usage(
-            "--workers sizes the local executor or the LocalCluster started without --scheduler; drop one"
-        )
-    if executor == "dask":
-        try:
-            import distributed  # noqa: F401
-        except ImportError:
-            _fail_usage('--executor dask needs Dask distributed: pip install "dask[distributed]>=2024.1"')
-    seeds = list(range(options["first_seed"], options["first_seed"] + options["seeds"]))
-    if executor == "dask":
-        workers = workers or DEFAULT_DASK_WORKERS
-    else:
-        workers = workers or auto_workers(configs, seeds, options["device"])
-    from tracking.uri import TrackingError, check_tracking_uri, is_new_sqlite_store, resolve_tracking_uri
-
-    uri = resolve_tracking_uri(options["tracking_uri"])
-    try:
-        # Before any worker starts or MLflow is imported, so a mistyped URI is reported at once.
-        check_tracking_uri(uri)
-    except TrackingError as error:
-        _fail_usage(str(error))
-    if executor == "dask" and not uri.startswith(("http://", "https://")):
-        _fail_usage(
-            f"--executor dask: workers log straight to the tracking server, so --tracking-uri must be "
-            f"an MLflow server every worker reaches (http:// or https://); got {uri}"
-        )
-    from pipeline.runtime import retain_freed_memory
-
-    retain_freed_memory()  # this process unpickles and records every trained seed
-    pool = None
-    if executor == "local" and workers > 1:
-        # Started before the store is opened: the workers import torch while this process sets up MLflow.
-        pool = PassPool(workers).start()
-        if is_new_sqlite_store(uri):
-            # A new store holds nothing to reuse, so everything will train: start it now, while MLflow
-            # creates the database (about 2 s on a 2-core machine).
-            pool.prefetch(configs, seeds, options["batching"] == "shared", options["device"])
-    try:
-        _sweep_into_store(configs, seeds, options, preset, adopt_as, executor, scheduler, workers, pool)
-    finally:
-        if pool is not None:
-            pool.close()
-
-
-def _sweep_into_store(configs, seeds, options, preset, adopt_as, executor, scheduler, workers, pool):
-    from pipeline.experiments.pool import plan_passes, total_work
-    from pipeline.experiments.taming import run_ablations
-    from pipeline.tables import markdown_table, mean_plus_minus
-    from tracking.taming import run_tracked_sweep, summary_frame
-
-    store = _store(options["tracking_uri"])
-    adopted = _adopted_run(store)
-    if adopted is not None and options["experiment"] is None:
-        experiment_id = adopted.info.experiment_id
-    else:
-        from tracking.store import TrackingError
-
-        try:
-            experiment_id = store.experiment_id(options["experiment"])
-        except TrackingError as error:
-            _fail_usage(str(error))
-    share = options["batching"] == "shared"
-    bar = None
-    reused: list[str] = []
-
-    passes = {"planned": 0, "trained": 0}
-
-    def plan(pending) -> None:
-        nonlocal bar
-        # run_tracked_sweep calls the trainer once per group of configurations sharing a pass.
-        passes["planned"] = len(plan_passes(pending, seeds, share)) if pending else 0
-        if pending:
-            bar = _progress_bar(
-                total_work(pending, seeds, share, workers if executor == "local" else 1),
-                f"{len(pending)} config(s) × {len(seeds)} seeds",
+    settings = {}
+    for path, spec in field_specs().items():
+        values = options.pop(_field_destination(path), ())
+        if len(values) > 1:
+            _fail_usage(
+                f"{spec.option} was given {len(values)} times; to sweep several values use "
+                f"--grid {path}={','.join(map(str, values))}"
             )
+        if values:
+            try:
+                settings[path] = coerce_value(path, values[0])
+            except ValueError as error:
+                _fail_usage(f"{spec.option}: {error}")
+    return settings
 
-    def trainer(group, seed_list, share_passes, progress, on_seed):
-        results = run_ablations(
-            group,
-            seed_list,
-            share_passes=share_passes,
-            progress=progress,
-            device=options["device"],
-            pool=pool,
-            on_seed=on_seed,
-        )
-        passes["trained"] += 1
-        if pool is not None and passes["trained"] == passes["planned"]:
-            pool.release()  # the workers exit while this process records the last seeds
-        return results
 
-    def progress(count: int) -> None:
-        bar.update(count)
+def _design_problem(error: Exception, option_paths=()) -> None:
+    """A DesignError/ConfigError as one sentence, naming the option when the value came from one."""
+    from pipeline.design import field_specs
 
-    def on_reuse(config, run_id) -> None:
-        reused.append(f"{config.name} (run {run_id})")
+    message = str(error)
+    for path, spec in field_specs().items():
+        position = message.find(f"{path} must")
+        if position >= 0 and path in option_paths:
+            # A value given by option (or --set): the option, then the field's own sentence.
+            _fail_usage(f"{spec.option}: {message[position:]}")
+    _fail_usage(message)
+
+
+def _build_design(design_source, preset, grid_texts, set_texts, settings):
+    """The sweep's Design: a shipped or given design (default: strategic, unless only --grid/--set are
+    given), with --set and the config options as fixed settings and --grid as more axes."""
+    from pipeline.design import Design, DesignError, grid_axis, load_design, split_assignment, split_values
 
     try:
-        if executor == "dask":
-            sweep_id, outcomes = _run_dask_sweep(
-                store, experiment_id, configs, seeds, options, preset, adopted, scheduler, workers, on_reuse
-            )
+        if design_source and preset:
+            raise DesignError("give --design or --preset, not both")
+        if design_source or preset:
+            design = load_design(design_source or preset)
+        elif grid_texts or set_texts:
+            design = Design(name="custom")
         else:
-            sweep_id, outcomes = run_tracked_sweep(
-                store,
-                experiment_id,
-                configs,
-                seeds,
-                trainer=trainer,
-                preset=preset,
-                force=options["force"],
-                adopted_run_id=adopted.info.run_id if adopted is not None else None,
-                adopt_as=adopt_as,
-                share_passes=share,
-                artifacts=not options["no_artifacts"],
-                progress=progress,
-                on_reuse=on_reuse,
-                on_plan=plan,
-            )
-    finally:
-        if bar is not None:
-            bar.close()
-    if reused:
-        click.echo(
-            f"Reused {len(reused)} FINISHED configuration(s) with the same identity (use --force to retrain):"
-        )
-        for line in reused:
-            click.echo(f"  {line}")
-    from pipeline.metrics import HEADLINE_METRICS
+            design = load_design("strategic")
+        grid = {}
+        for text in grid_texts:
+            path, values = split_assignment(text, "--grid")
+            if path in grid:
+                raise DesignError(f"--grid {path} is given twice; list every value in one --grid")
+            grid[path] = grid_axis(path, split_values(values), "--grid")
+        fixed = dict(settings)
+        for text in set_texts:
+            path, value = split_assignment(text, "--set")
+            from pipeline.design import coerce_value
 
-    columns = (*HEADLINE_METRICS, TASK_LOSS_COLUMN)
-    frame = summary_frame(outcomes, columns)
-    for metric in columns:
-        frame[metric] = [
-            mean_plus_minus(m, s) for m, s in zip(frame[metric], frame.pop(f"{metric}_std"), strict=True)
-        ]
+            fixed[path] = coerce_value(path, value, "--set")
+        design = design.with_overrides(fixed, grid)
+        return design, design.configs()
+    except (DesignError, ConfigError) as error:
+        _design_problem(error, settings)
+
+
+def _run_configs(design, configs, options, *, adopt_as, labels_from, executor="local", scheduler=None, workers=None):
+    """Hand the configurations to the orchestration layer and print what happened."""
+    from orchestration.taming import InputError, StoreUnavailable, SweepRequest, run_sweep, summary_table
+    from pipeline.design import configuration_label
+    from pipeline.metrics import HEADLINE_METRICS
+    from pipeline.tables import markdown_table
+
+    seeds = options["seeds"] or design.seeds or 10
+    request = SweepRequest(
+        configs=configs,
+        labels=[configuration_label(config, labels_from) for config in configs],
+        axes=tuple(labels_from),
+        design_name=design.name,
+        design=design.to_dict(),
+        seeds=list(range(options["first_seed"], options["first_seed"] + seeds)),
+        tracking_uri=options["tracking_uri"],
+        experiment=options["experiment"],
+        device=options["device"],
+        share_passes=options["batching"] == "shared",
+        force=options["force"],
+        artifacts=not options["no_artifacts"],
+        executor=executor,
+        scheduler=scheduler,
+        workers=workers,
+        adopt_as=adopt_as,
+    )
+    try:
+        result = run_sweep(request)
+    except InputError as error:
+        _fail_usage(str(error))
+    except StoreUnavailable as error:
+        raise click.ClickException(str(error)) from error
+    if result.reused:
+        click.echo(f"Reused {len(result.reused)} FINISHED configuration(s) with the same identity (use --force to retrain):")
+        for line in result.reused:
+            click.echo(f"  {line}")
+    frame = summary_table(result, (*HEADLINE_METRICS, TASK_LOSS_COLUMN))
     click.echo(
-        f"\nSweep {sweep_id} in experiment {experiment_id} at {store.uri} (mean ± std over finished seeds):\n"
+        f"\nSweep {result.sweep_id} ({design.name}) in experiment '{result.experiment_name}' at "
+        f"{result.store_uri} (mean ± std over finished seeds):\n"
     )
     click.echo(markdown_table(frame))
-    failed = [outcome for outcome in outcomes if outcome.status == "failed"]
-    if failed:
-        for outcome in failed:
-            click.echo(f"FAILED {outcome.config.name}: {outcome.failure}", err=True)
-        if executor == "dask":
-            click.echo(
-                "Re-run the same command to resume: FINISHED configurations are reused, the rest trained.",
-                err=True,
-            )
+    for outcome in result.failed:
+        click.echo(f"FAILED {outcome.name or outcome.config.name}: {outcome.failure}", err=True)
+    if result.failed:
+        click.echo("Re-run the same command to resume: FINISHED configurations are reused, the rest trained.", err=True)
         sys.exit(1)
-
-
-def _run_dask_sweep(
-    store, experiment_id, configs, seeds, options, preset, adopted, scheduler, workers, on_reuse
-):
-    """The sweep as one Dask task per configuration; a progress bar over configurations."""
-    from mlflow.exceptions import MlflowException
-
-    from tracking.distributed import run_dask_sweep
-    from tracking.store import TrackingError
-
-    bar = None
-
-    def plan(pending) -> None:
-        nonlocal bar
-        if pending:
-            from tqdm import tqdm
-
-            bar = tqdm(
-                total=len(pending),
-                desc=f"{len(pending)} config(s) × {len(seeds)} seeds on Dask",
-                unit="config",
-                dynamic_ncols=True,
-            )
-
-    try:
-        return run_dask_sweep(
-            store,
-            experiment_id,
-            configs,
-            seeds,
-            scheduler=scheduler,
-            workers=workers,
-            preset=preset,
-            force=options["force"],
-            artifacts=not options["no_artifacts"],
-            device=options["device"],
-            adopted_run_id=adopted.info.run_id if adopted is not None else None,
-            on_reuse=on_reuse,
-            on_plan=plan,
-            on_done=lambda outcome: bar.update(1),
-        )
-    except TrackingError as error:
-        _fail_usage(str(error))
-    except MlflowException as error:
-        raise click.ClickException(
-            f"the tracking server {store.uri} stopped answering ({error.message.splitlines()[0]}). "
-            "Runs FINISHED so far are kept: re-run the same command to resume."
-        ) from error
-    finally:
-        if bar is not None:
-            bar.close()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -552,51 +314,65 @@ def cli():
 
 
 @cli.command(epilog=EXAMPLES_ABLATE)
-@click.option(
-    "--init",
-    type=click.Choice(["random", "orthogonal"]),
-    default="random",
-    show_default=True,
-    help="Weight initialization.",
-)
-@click.option(
-    "--noise",
-    type=click.Choice(["none", "bipolar", "positive_kurtosis", "gaussian"]),
-    default="bipolar",
-    show_default=True,
-    help="Noise on the last hidden layer during training.",
-)
-@click.option(
-    "--reg", type=click.Choice(["none", "l1", "l2"]), default="l1", show_default=True, help="Regularization."
-)
-@click.option(
-    "--act", type=click.Choice(["relu", "gelu"]), default="relu", show_default=True, help="Hidden activation."
-)
-@model_options
-def ablate(init, noise, reg, act, **options):
+@config_options
+@run_options
+def ablate(**options):
     """Train one configuration for N seeds (one batched pass) and record it as one MLflow run.
 
-    The run holds every config field as a param, the seed summary (mean, std, sem, 95 % CI) as metrics,
-    a per-seed table and the grid of overlap heatmaps; each seed is a nested run with its metrics,
-    training curves, overlap heatmap and checkpoint.
+    Every config field has an option (below, with its dotted path); the ones not given keep the
+    published defaults. The run holds every config field as a param, the seed summary (mean, std, sem,
+    95 % CI) as metrics, a per-seed table and the grid of overlap heatmaps; each seed is a nested run
+    with the same params, its metrics, training curves, overlap heatmap and checkpoint. The run is named
+    by the four factors and every other setting that differs from the published defaults.
     """
-    base = build_base_config(options)
+    from pipeline.design import Design, non_default_paths
+
+    settings = _given_settings(options)
+    design, configs = _build_design_from(Design(name="ablate").with_overrides(settings), settings)
+    protocol = ("network.epochs", "sae.epochs", "data.samples", "curve_every", "metric_null_draws")
+    _run_configs(design, configs, options, adopt_as="ablation", labels_from=non_default_paths(configs[0], protocol))
+
+
+def _build_design_from(design, option_paths=()):
+    from pipeline.design import DesignError
+
     try:
-        config = base.with_factors(init, noise, reg, act)
-    except ConfigError as error:
-        _fail_usage(str(error))
-    _run_sweep([config], options, preset=None, adopt_as="ablation")
+        return design, design.configs()
+    except (DesignError, ConfigError) as error:
+        _design_problem(error, option_paths)
 
 
 @cli.command(epilog=EXAMPLES_SWEEP)
 @click.option(
+    "--design",
+    "design_source",
+    default=None,
+    metavar="NAME|FILE",
+    help="A design: a shipped name (strategic, factorial, lambda: see designs/) or a .toml/.yaml file "
+    "with fixed settings, cases, grid axes and seeds [default: strategic, or nothing but the --grid axes].",
+)
+@click.option(
     "--preset",
     type=click.Choice(["strategic", "factorial"]),
-    default="strategic",
-    show_default=True,
-    help="strategic = the 8 published configurations; factorial = all 16 (2^4).",
+    default=None,
+    help="Same as --design strategic|factorial: the 8 published configurations or all 16 (2^4).",
 )
-@model_options
+@click.option(
+    "--grid",
+    "grid_texts",
+    multiple=True,
+    metavar="FIELD=V1,V2,...",
+    help="Another axis, crossed with the design's (repeatable), e.g. --grid network.lambda_reg=1e-5,1e-4,1e-3.",
+)
+@click.option(
+    "--set",
+    "set_texts",
+    multiple=True,
+    metavar="FIELD=VALUE",
+    help="Fix any config field for every configuration (repeatable), e.g. --set sae.d_sae=32.",
+)
+@config_options
+@run_options
 @click.option(
     "--executor",
     type=click.Choice(["local", "dask"]),
@@ -615,23 +391,29 @@ def ablate(init, noise, reg, act, **options):
     "--workers",
     type=click.IntRange(min=1),
     default=None,
-    help=f"Processes of one torch thread each: the local executor splits every batched pass by seed over "
-    f"them; the Dask LocalCluster gets that many workers [default: local, one per core when the sweep is "
-    f"big enough to repay starting them (the published strategic sweep is), else 1; dask, "
-    f"{DEFAULT_DASK_WORKERS}].",
+    help="Processes of one torch thread each: the local executor splits every batched pass by seed over "
+    "them; the Dask LocalCluster gets that many workers [default: local, one per core when the sweep is "
+    "big enough to repay starting them (the published strategic sweep is), else 1; dask, up to 4].",
 )
-def sweep(preset, executor, scheduler, workers, **options):
-    """Train every configuration of a preset, N seeds each, one MLflow run per configuration.
+def sweep(design_source, preset, grid_texts, set_texts, executor, scheduler, workers, **options):
+    """Train every configuration of a design, N seeds each, one MLflow run per configuration.
 
-    Finished configurations are reused on a re-run (same config, seeds and code version), so a sweep
-    that died halfway picks up where it stopped. A summary table is printed at the end.
+    A design is a list of configurations written as data (designs/*.toml): the shipped strategic and
+    factorial presets, the λ sweep, or your own file; --grid adds axes and --set or any config option
+    fixes a setting. Runs are named by the four factors and the settings that vary in the design, with
+    a tag per axis. Finished configurations are reused on a re-run (same config, seeds and code
+    version), so a sweep that died halfway picks up where it stopped. A summary table is printed at the end.
     """
-    base = build_base_config(options)
-    _run_sweep(
-        preset_configs(preset, base),
+    from pipeline.design import varying_paths
+
+    settings = _given_settings(options)
+    design, configs = _build_design(design_source, preset, grid_texts, set_texts, settings)
+    _run_configs(
+        design,
+        configs,
         options,
-        preset=preset,
         adopt_as="sweep",
+        labels_from=varying_paths(configs),
         executor=executor,
         scheduler=scheduler,
         workers=workers,
@@ -718,7 +500,8 @@ Examples:
 @click.option(
     "--baseline",
     default=None,
-    help="Configuration every other is compared with [default: random·bipolar·l1·relu].",
+    help="Configuration every other is compared with [default: random·bipolar·l1·relu when present, else "
+    "the configuration closest to the published defaults].",
 )
 @click.option(
     "--metric",
@@ -770,82 +553,30 @@ def report(
     factors, thin data, failed runs, non-published settings), prints Markdown, writes CSVs, report.md,
     report.html and figures, and logs them as an analysis run beside the runs it read.
     """
-    import time
-    from pathlib import Path
+    from orchestration.report import ReportRequest, build_and_log_report
+    from orchestration.taming import InputError
 
-    from pipeline.analysis import BASELINE_NAME, DEFAULT_METRICS, build_report
-    from tracking.analysis import log_report, select_seeds, stored_networks, study_context
-    from tracking.store import TrackingError
-
-    store = _store(tracking_uri)
-    adopted = _adopted_run(store)
+    request = ReportRequest(
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        sweep_id=sweep_id,
+        filter_string=filter_string,
+        baseline=baseline,
+        metrics=metrics,
+        test="paired" if paired_flag else pairing,
+        published_ladder=published_ladder,
+        resamples=resamples,
+        out_dir=out_dir,
+        log=not no_log,
+    )
     try:
-        if experiment is None and adopted is not None:
-            experiment_id = adopted.info.experiment_id
-        else:
-            experiment_id = store.existing_experiment_id(experiment)
-        frame, query = select_seeds(store, experiment_id, sweep_id=sweep_id, filter_string=filter_string)
-        context = study_context(store, experiment_id, frame)
-    except TrackingError as error:
+        result = build_and_log_report(request, on_status=lambda text: click.echo(text, err=True))
+    except InputError as error:
         _fail_usage(str(error))
-    baseline = baseline or BASELINE_NAME
-    paired = {"auto": None, "paired": True, "welch": False}["paired" if paired_flag else pairing]
-    try:
-        dropped = frame.attrs.get("duplicates_dropped", 0)
-        duplicate_notes = (
-            [
-                f"{dropped} duplicate FINISHED seed runs (same config hash and seed, e.g. from two sweeps started "
-                "at once) were counted once."
-            ]
-            if dropped
-            else []
-        )
-        built = build_report(
-            frame,
-            metrics=list(metrics) or list(DEFAULT_METRICS),
-            baseline=baseline,
-            paired=paired,
-            n_resamples=resamples,
-            extra_notes=duplicate_notes,
-            context=context,
-        )
-    except ValueError as error:
-        _fail_usage(f"--baseline/--metric: {error}")
-    if published_ladder:
-        from pipeline.published import published_ladder as train_ladder
-
-        try:
-            networks = stored_networks(store, frame, baseline)
-        except TrackingError as error:
-            _fail_usage(str(error))
-        click.echo(
-            f"Training the 4 ladder SAEs on {len(networks)} stored networks of {baseline} ...", err=True
-        )
-        built.add_published_ladder(train_ladder(networks))
-    folder = Path(out_dir or f"reports/report-{time.strftime('%Y%m%d-%H%M%S')}")
-    files = built.write(folder)
-    click.echo(built.markdown())
-    click.echo(f"\nReport files in {folder}/ (open report.html in a browser).")
-    if not no_log:
-        options = {
-            "baseline": baseline,
-            "metrics": ",".join(built.metrics),
-            "test": "paired" if paired_flag else pairing,
-            "published_ladder": published_ladder,
-            "resamples": resamples,
-            "sweep_id": sweep_id or "",
-            "filter": filter_string or "",
-        }
-        run_id = log_report(
-            store,
-            experiment_id,
-            files,
-            description=built.headline(),
-            query=query,
-            options=options,
-            adopted_run_id=adopted.info.run_id if adopted is not None else None,
-        )
-        click.echo(f"Logged as analysis run {run_id} in experiment {experiment_id}.")
+    click.echo(result.report.markdown())
+    click.echo(f"\nReport files in {result.folder}/ (open report.html in a browser).")
+    if result.run_id is not None:
+        click.echo(f"Logged as analysis run {result.run_id} in experiment '{result.experiment_name}'.")
 
 
 # ------------------------------------------------------------------------------------------------------------

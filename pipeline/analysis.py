@@ -304,10 +304,16 @@ def in_study_order(frame: pd.DataFrame) -> pd.DataFrame:
         return frame
     names = ["·".join(cell) for cell in (*STRATEGIC_CONFIGURATIONS, *FACTORIAL_CONFIGURATIONS)]
     rank = {name: position for position, name in reversed(list(enumerate(names)))}
-    keys = frame["config"].map(lambda name: rank.get(name, len(rank)))
-    return (
-        frame.assign(_rank=keys).sort_values(["_rank", "config", "seed"], kind="stable").drop(columns="_rank")
-    )
+    # The factor part of a name ranks it; then the varying settings in numeric order (λ = 1e-5 before 1e-4).
+    keys = frame["config"].map(lambda name: rank.get(name.split(" · ")[0], len(rank)))
+    ordered = frame.assign(_rank=keys)
+    sort_columns = ["_rank"]
+    for position, path in enumerate(varying_settings(frame)):
+        numeric = pd.to_numeric(frame[path], errors="coerce")
+        ordered[f"_setting{position}"] = numeric if numeric.notna().all() else frame[path].astype(str)
+        sort_columns.append(f"_setting{position}")
+    helpers = [column for column in ordered.columns if column.startswith(("_rank", "_setting"))]
+    return ordered.sort_values([*sort_columns, "config", "seed"], kind="stable").drop(columns=helpers)
 
 
 def seed_counts(all_seeds: pd.DataFrame) -> pd.DataFrame:
@@ -440,7 +446,10 @@ def build_report(
         table = conclusions.conclusion_table(main_effects.rename(columns={"contrast": "subject"}), "subject")
     else:
         rows = comparisons.rename(columns={"config_a": "subject", "diff": "estimate"})
-        levels = finished.drop_duplicates("config").set_index("config")[list(FACTOR_LEVELS)]
+        level_columns = list(FACTOR_LEVELS) + [
+            path for path in varying_settings(finished) if path not in {f"network.{f}" for f in FACTOR_LEVELS}
+        ]
+        levels = finished.drop_duplicates("config").set_index("config")[level_columns]
         rows["subject"] = [_with_changes(name, baseline, levels) for name in rows["subject"]]
         table = conclusions.conclusion_table(rows, "subject")
     differing = non_default_settings(context.settings)
@@ -478,16 +487,92 @@ def build_report(
 
 
 def _with_changes(config: str, baseline: str, levels: pd.DataFrame) -> str:
-    """'orthogonal·bipolar·l2·gelu (init, reg, act changed)': which factors a comparison changes at once.
+    """'orthogonal·bipolar·l2·gelu (init, reg, act changed)': which factors and settings a comparison
+    changes at once.
 
-    ``levels``: one row per configuration, one column per factor.
+    ``levels``: one row per configuration, one column per factor or varying setting.
     """
     if config not in levels.index or baseline not in levels.index:
         return config
     changed = [
-        factor for factor in FACTOR_LEVELS if levels.loc[config, factor] != levels.loc[baseline, factor]
+        column.removeprefix("network.")
+        for column in levels.columns
+        if str(levels.loc[config, column]) != str(levels.loc[baseline, column])
     ]
     return f"{config} ({', '.join(changed)} changed)" if changed else config
+
+
+def setting_columns(frame: pd.DataFrame) -> list[str]:
+    """The per-seed table's setting columns (dotted config paths), in field order."""
+    from pipeline.design import field_specs
+
+    return [path for path in field_specs() if path in frame.columns]
+
+
+def varying_settings(frame: pd.DataFrame) -> list[str]:
+    """Setting columns whose value differs between the configurations (config hashes) of the table."""
+    columns = setting_columns(frame)
+    if frame.empty or "config_hash" not in frame:
+        return []
+    per_config = frame.drop_duplicates("config_hash")[columns].astype(str)
+    return [column for column in columns if per_config[column].nunique() > 1]
+
+
+def relabel_configurations(frame: pd.DataFrame) -> pd.DataFrame:
+    """Name every configuration (config hash) of a per-seed table by its factors and the settings that
+    differ between the configurations present: 'random·bipolar·l1·relu · λ=0.001'.
+
+    Grouping is by identity, so two configurations with the same factor levels but another λ are two
+    rows of every table, never one. Within one sweep the names equal the run names. Rows without a config
+    hash or settings keep their name.
+    """
+    from pipeline.design import FACTOR_PATHS, coerce_value, field_specs, format_value
+
+    if frame.empty or "config_hash" not in frame or not setting_columns(frame):
+        return frame
+    specs = field_specs()
+    varying = [path for path in varying_settings(frame) if path not in FACTOR_PATHS]
+    frame = frame.copy()
+    labels: dict[str, str] = {}
+    for config_hash, rows in frame.groupby("config_hash", sort=False):
+        first = rows.iloc[0]
+        factors = "·".join(str(first[path]) for path in FACTOR_PATHS if path in rows) or str(first["config"])
+        extras = []
+        for path in varying:
+            try:
+                shown = format_value(coerce_value(path, first[path]))
+            except ValueError:
+                shown = str(first[path])
+            extras.append(f"{specs[path].short}={shown}")
+        labels[config_hash] = " · ".join([factors, *extras])
+    frame["config"] = [labels.get(value, name) for value, name in zip(frame["config_hash"], frame["config"], strict=True)]
+    return frame
+
+
+def default_baseline(frame: pd.DataFrame) -> str:
+    """The configuration to compare against when none is named: the published baseline when present,
+    else the finished configuration with the fewest settings away from the published defaults (the
+    first of those in table order)."""
+    from pipeline.design import coerce_value, field_specs
+
+    finished = frame[frame["status"] == "FINISHED"] if "status" in frame else frame
+    configs = list(pd.unique(finished["config"]))
+    if BASELINE_NAME in configs or not configs:
+        return BASELINE_NAME
+    specs = field_specs()
+    columns = setting_columns(finished)
+
+    def distance(config: str) -> int:
+        row = finished[finished["config"] == config].iloc[0]
+        differing = 0
+        for path in columns:
+            try:
+                differing += coerce_value(path, row[path]) != specs[path].default
+            except ValueError:
+                differing += 1
+        return differing
+
+    return min(configs, key=distance)
 
 
 def _method_notes(finished, counts, comparisons, factorial, n_resamples: int) -> list[str]:

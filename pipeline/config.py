@@ -13,12 +13,16 @@ from typing import Any
 
 from pipeline.configuration import (
     ConfigError,
+    allowed_choices,
     check_choice,
     check_fraction,
     check_integer,
     check_positive,
     config_hash,
     from_dict,
+    leaf_fields,
+    leaf_values,
+    setting,
     to_dict,
 )
 
@@ -28,7 +32,6 @@ REGULARIZATIONS = ("none", "l1", "l2")
 ACTIVATIONS = ("relu", "gelu")
 L2_FORMS = ("decay", "penalty")
 TARGETS = ("published", "pairwise")
-SAE_ARCHITECTURES = ("leaky_relu", "relu", "published_tied")
 # What the SAE trains on: the train-split standardization (ours), or the raw activations (the published
 # code, which then evaluated on standardized ones; SCIENCE.md §1.3 defect 2).
 SAE_TRAINING_INPUTS = ("standardized", "raw")
@@ -62,21 +65,38 @@ BASELINE = ("random", "bipolar", "l1", "relu")
 QUICK_EPOCHS, QUICK_SAE_EPOCHS = 200, 100
 
 
+def _sae_architectures() -> tuple[str, ...]:
+    # The registry in pipeline/sae.py is the only list of SAE architectures; it imports this module, so
+    # it is read when a config is checked rather than when this module loads.
+    from pipeline.sae import ARCHITECTURES
+
+    return tuple(ARCHITECTURES)
+
+
+def check_field_choices(config: Any, prefix: str) -> None:
+    """Check every field declared with `setting(choices=...)` against its allowed values."""
+    for item in dataclasses.fields(config):
+        allowed = allowed_choices(item)
+        if allowed is not None:
+            check_choice(f"{prefix}{item.name}", getattr(config, item.name), allowed)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Correlated feature groups (SCIENCE.md §1.1)."""
 
-    group_sizes: tuple[int, ...] = (3, 2, 3)
-    group_probability: float = 0.6
-    strength_low: float = 0.5
-    strength_high: float = 1.0
-    keep_probability: float = 0.5
-    samples: int = 1024
-    validation_fraction: float = 0.2
-    importance_decay: float = 0.9
-    targets: str = "published"
+    group_sizes: tuple[int, ...] = setting((3, 2, 3), "Sizes of the correlated feature groups.")
+    group_probability: float = setting(0.6, "Probability that a group is active in a sample.")
+    strength_low: float = setting(0.5, "Lower bound of an active feature's strength.")
+    strength_high: float = setting(1.0, "Upper bound of an active feature's strength.")
+    keep_probability: float = setting(0.5, "Probability that a feature of an active group is kept.")
+    samples: int = setting(1024, "Data set size (80 % train, 20 % validation).")
+    validation_fraction: float = setting(0.2, "Fraction of the samples held out for validation.")
+    importance_decay: float = setting(0.9, "Feature importance I_i = decay^i (interference weights).")
+    targets: str = setting("published", "Task targets: the published non-linear ones, or pairwise products.", choices=TARGETS)
 
     def __post_init__(self) -> None:
+        check_field_choices(self, "data.")
         if not self.group_sizes or any(
             isinstance(size, bool) or not isinstance(size, int) or size < 1 for size in self.group_sizes
         ):
@@ -100,7 +120,6 @@ class DataConfig:
                 f"{self.train_samples} train and {self.validation_samples} validation samples; need >= 2 and >= 1"
             )
         check_fraction("data.importance_decay", self.importance_decay, open_low=True)
-        check_choice("data.targets", self.targets, TARGETS)
         if self.targets == "published" and self.group_sizes != (3, 2, 3):
             raise ConfigError(
                 "data.targets 'published' is defined only for data.group_sizes (3, 2, 3); "
@@ -131,53 +150,71 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class NetworkConfig:
-    """The MLP and its training (SCIENCE.md §1.2). The four study factors are init, noise, reg and act."""
+    """The MLP and its training (SCIENCE.md §1.2). The four study factors are init, noise, reg and act.
 
-    init: str = "random"
-    noise: str = "bipolar"
-    reg: str = "l1"
-    act: str = "relu"
-    hidden_dim: int = 12
-    hidden_layers: int = 4
-    sigma: float = 0.1
-    lambda_reg: float = 1e-4
+    Fields marked per_model are taken per model by the batched engine (pipeline/train.py), so
+    configurations differing only in them train in one pass.
+    """
+
+    init: str = setting("random", "Weight initialization.", per_model=True, choices=INITS)
+    noise: str = setting("bipolar", "Noise on the last hidden layer during training.", per_model=True, choices=NOISES)
+    reg: str = setting("l1", "Regularization.", per_model=True, choices=REGULARIZATIONS)
+    act: str = setting("relu", "Hidden activation.", per_model=True, choices=ACTIVATIONS)
+    hidden_dim: int = setting(12, "Width of each hidden layer.", short="hidden")
+    hidden_layers: int = setting(4, "Number of hidden layers (activations).", short="layers")
+    sigma: float = setting(0.1, "Noise scale σ on the last hidden layer.", per_model=True, short="σ")
+    lambda_reg: float = setting(
+        1e-4, "Regularization strength λ (L1 penalty or L2 decay/penalty).", per_model=True, short="λ"
+    )
     # "decay": the published L2, Adam's coupled weight_decay on every parameter (biases included).
     # "penalty": lambda * sum W^2 over weight matrices in the loss, the same footing as the L1 penalty.
-    l2_form: str = "decay"
-    lr: float = 1e-3
-    epochs: int = 2000
+    l2_form: str = setting(
+        "decay",
+        "L2 as Adam's coupled weight decay on all parameters (published) or as λ·ΣW² on weight matrices "
+        "(comparable with L1).",
+        per_model=True,
+        choices=L2_FORMS,
+    )
+    lr: float = setting(1e-3, "Network Adam learning rate.", per_model=True)
+    epochs: int = setting(2000, "Network training epochs (full batch).")
 
     def __post_init__(self) -> None:
-        check_choice("init", self.init, INITS)
-        check_choice("noise", self.noise, NOISES)
-        check_choice("reg", self.reg, REGULARIZATIONS)
-        check_choice("act", self.act, ACTIVATIONS)
+        check_field_choices(self, "network.")
         check_integer("network.hidden_dim", self.hidden_dim, minimum=1)
         check_integer("network.hidden_layers", self.hidden_layers, minimum=1)
-        check_positive("sigma", self.sigma, allow_zero=True)
-        check_positive("lambda_reg", self.lambda_reg, allow_zero=True)
-        check_choice("l2_form", self.l2_form, L2_FORMS)
-        check_positive("lr", self.lr)
-        check_integer("epochs", self.epochs, minimum=1)
+        check_positive("network.sigma", self.sigma, allow_zero=True)
+        check_positive("network.lambda_reg", self.lambda_reg, allow_zero=True)
+        check_positive("network.lr", self.lr)
+        check_integer("network.epochs", self.epochs, minimum=1)
 
 
 @dataclass(frozen=True)
 class SAEConfig:
     """Sparse autoencoder on the last hidden layer (SCIENCE.md §1.3, defects fixed)."""
 
-    architecture: str = "leaky_relu"
-    d_sae: int = 16
-    l1_coefficient: float = 1e-4
-    lr: float = 1e-3
-    epochs: int = 1000
-    encoder_bias_high: float = 0.1
-    leaky_slope: float = 0.01
+    architecture: str = setting(
+        "leaky_relu",
+        "SAE architecture (leaky_relu = the published one with its defects fixed; published_tied = "
+        "bug-compatible, the encoder a view of the decoder as in the published code).",
+        choices=_sae_architectures,
+    )
+    d_sae: int = setting(16, "SAE latents.", option="--d-sae", short="d_sae")
+    l1_coefficient: float = setting(1e-4, "SAE sparsity coefficient.", option="--sae-l1", short="sae λ")
+    lr: float = setting(1e-3, "SAE Adam learning rate.", per_model=True)
+    epochs: int = setting(1000, "SAE training epochs.")
+    encoder_bias_high: float = setting(0.1, "Encoder biases start uniform in [0, this].")
+    leaky_slope: float = setting(0.01, "Negative slope of the LeakyReLU SAE.")
     # Added after stores existed: left out of the config hash at its default, so old results keep their ids.
-    train_on: str = field(default="standardized", metadata={"hash_omit_default": True})
+    train_on: str = setting(
+        "standardized",
+        "What the SAE trains on: the train-split standardization, or raw activations as the published code "
+        "did (it then evaluated on standardized ones). Evaluation always standardizes.",
+        choices=SAE_TRAINING_INPUTS,
+        hash_omit_default=True,
+    )
 
     def __post_init__(self) -> None:
-        check_choice("sae.architecture", self.architecture, SAE_ARCHITECTURES)
-        check_choice("sae.train_on", self.train_on, SAE_TRAINING_INPUTS)
+        check_field_choices(self, "sae.")
         check_integer("sae.d_sae", self.d_sae, minimum=1)
         check_positive("sae.l1_coefficient", self.l1_coefficient, allow_zero=True)
         check_positive("sae.lr", self.lr)
@@ -193,8 +230,10 @@ class AblationConfig:
     data: DataConfig = field(default_factory=DataConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     sae: SAEConfig = field(default_factory=SAEConfig)
-    curve_every: int = 50
-    metric_null_draws: int = 200
+    curve_every: int = setting(50, "Epochs between two points of the logged training curves.")
+    metric_null_draws: int = setting(
+        200, "Random decoders drawn for the calibrated-MACS null.", per_model=True, short="null draws"
+    )
 
     def __post_init__(self) -> None:
         check_integer("curve_every", self.curve_every, minimum=1)
@@ -260,23 +299,26 @@ class AblationConfig:
 
 
 def preset_configs(preset: str, base: AblationConfig | None = None) -> list[AblationConfig]:
-    """The configurations of a preset ('strategic' = the published 8, 'factorial' = all 16)."""
+    """The configurations of a preset ('strategic' = the published 8, 'factorial' = all 16), read from its
+    design file (designs/<preset>.toml)."""
+    from pipeline.design import load_design
+
     check_choice("preset", preset, PRESETS)
-    base = base or AblationConfig()
-    return [base.with_factors(*levels) for levels in PRESETS[preset]]
+    return load_design(preset).configs(base)
 
 
 def pass_key(config: AblationConfig) -> tuple:
-    """Configurations with equal keys can share one batched pass (they may differ in the four factors,
-    σ, λ, the L2 form and the learning rate)."""
-    network = config.network
-    return (
-        config.data,
-        network.hidden_dim,
-        network.hidden_layers,
-        network.epochs,
-        config.sae,
-        config.curve_every,
+    """Configurations with equal keys can share one batched pass.
+
+    Derived from the fields: every field not declared `per_model` (pipeline.configuration.setting) must be
+    equal within a pass, because the engine reads it from the pass's first configuration. A new field is
+    therefore pass-splitting until someone teaches the engine to take it per model and marks it so.
+    """
+    fields = leaf_fields(AblationConfig)
+    return tuple(
+        (path, value)
+        for path, value in leaf_values(config).items()
+        if not fields[path][0].metadata.get("per_model", False)
     )
 
 

@@ -23,6 +23,46 @@ class ConfigError(ValueError):
     """A configuration value is invalid. The message names the field and what is allowed."""
 
 
+def setting(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    default_factory: Any = dataclasses.MISSING,
+    per_model: bool = False,
+    choices: Any = None,
+    option: str | None = None,
+    short: str | None = None,
+    hash_omit_default: bool = False,
+) -> Any:
+    """A config field that says what it is, so that everything else can be derived from the dataclass.
+
+    help: the sentence `--help` shows for the field's option (and designs' error messages).
+    per_model: the batched engine takes this field per model, so configurations that differ only in
+        fields marked so can share one pass. Unmarked fields split passes: a field added without thinking
+        about the engine is therefore never silently taken from the pass's first configuration.
+    choices: the allowed values (a tuple, or a function returning one, for registries filled at import).
+    option: the command-line flag when it is not derived from the field's path (published flags).
+    short: the name used in run names when the field varies in a design (e.g. "λ" for lambda_reg).
+    hash_omit_default: left out of the config hash at its default value (fields added after results were
+        stored, so old results keep their identity).
+    """
+    metadata = {
+        "help": help,
+        "per_model": per_model,
+        "choices": choices,
+        "option": option,
+        "short": short,
+        "hash_omit_default": hash_omit_default,
+    }
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
+
+
+def allowed_choices(item: dataclasses.Field) -> tuple | None:
+    """The allowed values of a field made with `setting(choices=...)`, or None when any value of its type goes."""
+    choices = item.metadata.get("choices")
+    return tuple(choices()) if callable(choices) else (tuple(choices) if choices is not None else None)
+
+
 def check_choice(name: str, value: Any, allowed: Iterable[str]) -> None:
     """Raise ConfigError unless `value` is one of `allowed`."""
     allowed = tuple(allowed)
@@ -141,3 +181,44 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, _prefix: str = "") -> T:
     hints = _resolve_hints(cls)
     values = {name: _coerce(_prefix + name, hints[name], value) for name, value in data.items()}
     return cls(**values)  # type: ignore[call-arg]
+
+
+def leaf_fields(cls: type, prefix: str = "") -> dict[str, tuple[dataclasses.Field, Any]]:
+    """Every leaf field of a (nested) config dataclass by its dotted path: `{"network.lambda_reg": (field,
+    type hint), ...}`, in declaration order. Nested dataclasses are walked, not listed."""
+    hints = _resolve_hints(cls)
+    leaves: dict[str, tuple[dataclasses.Field, Any]] = {}
+    for item in dataclasses.fields(cls):
+        hint = hints[item.name]
+        if dataclasses.is_dataclass(hint):
+            leaves.update(leaf_fields(hint, f"{prefix}{item.name}."))
+        else:
+            leaves[f"{prefix}{item.name}"] = (item, hint)
+    return leaves
+
+
+def leaf_values(config: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"network.lambda_reg": 1e-4, ...}` of a config instance, values as stored (tuples stay tuples)."""
+    values: dict[str, Any] = {}
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        if dataclasses.is_dataclass(value):
+            values.update(leaf_values(value, f"{prefix}{item.name}."))
+        else:
+            values[f"{prefix}{item.name}"] = value
+    return values
+
+
+def replace_leaves(config: T, values: Mapping[str, Any]) -> T:
+    """A copy of `config` with the given dotted paths set; each dataclass validates itself again."""
+    nested: dict[str, Any] = {}
+    direct: dict[str, Any] = {}
+    for path, value in values.items():
+        head, _, rest = path.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            direct[head] = value
+    for head, inner in nested.items():
+        direct[head] = replace_leaves(getattr(config, head), inner)
+    return dataclasses.replace(config, **direct) if direct else config  # type: ignore[type-var]

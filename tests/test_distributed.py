@@ -192,7 +192,7 @@ def test_dask_sweep_on_a_local_cluster_records_every_configuration_once(server, 
 @needs_dask
 def test_a_killed_worker_is_retried_and_its_run_superseded(server, cluster, tmp_path):
     """The first task to train exits its worker process (os._exit) with its ablation run RUNNING."""
-    from tracking.distributed import EXIT_ONCE_VARIABLE
+    from orchestration.distributed import EXIT_ONCE_VARIABLE
 
     address, client = cluster
     marker = tmp_path / "worker-exited"

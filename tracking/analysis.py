@@ -8,7 +8,7 @@ import pandas as pd
 from mlflow.entities import Param, RunStatus, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
-from pipeline.analysis import StudyContext
+from pipeline.analysis import StudyContext, relabel_configurations
 from tracking.query import search_all, seed_frame
 from tracking.store import Store, TrackingError, code_version, fail_run, git_commit, log_in_batches
 
@@ -55,9 +55,10 @@ def select_seeds(
 ) -> tuple[pd.DataFrame, str]:
     """Every seed run (all statuses) the report should read, and a text of the query used.
 
-    With a sweep id: the seed runs of that sweep's ablations (reused ones included). A configuration
-    whose runs carry more than one config hash (runs with different settings) is an error: the
-    statistics would mix them.
+    With a sweep id: the seed runs of that sweep's ablations (reused ones included). Configurations are
+    grouped by config hash and named by their factors plus every setting that differs between the
+    selected configurations (pipeline.analysis.relabel_configurations), so runs that share factor levels
+    but not settings (a λ sweep, three `ablate` runs at three λ) are compared, never mixed.
     """
     if sweep_id == "latest":
         sweep_id = latest_sweep_id(store, experiment_id)
@@ -72,16 +73,30 @@ def select_seeds(
     if frame.empty:
         raise TrackingError(f"no seed runs match ({query}); check --experiment, --sweep-id and --filter")
     # A --force re-run deletes the older ablation; its seed runs must not count twice.
-    live_parents = {run.info.run_id for run in search_all(store, [experiment_id], "tags.kind = 'ablation'")}
-    frame = frame[frame["parent_run_id"].isin(live_parents)]
-    hashes = frame[frame["status"] == "FINISHED"].groupby("config")["config_hash"].nunique()
-    mixed = hashes[hashes > 1].index.tolist()
-    if mixed:
-        raise TrackingError(
-            f"configuration(s) {', '.join(mixed)} have runs with different settings (config hashes); "
-            "narrow the selection with --sweep-id or --filter"
-        )
+    parents = {run.info.run_id: run for run in search_all(store, [experiment_id], "tags.kind = 'ablation'")}
+    frame = frame[frame["parent_run_id"].isin(set(parents))].copy()
+    frame = with_parent_settings(frame, parents)
+    # Configurations are told apart by identity (config hash), and named by what differs between them.
+    frame = relabel_configurations(frame)
     return drop_duplicate_seeds(frame), query
+
+
+def with_parent_settings(frame: pd.DataFrame, parents: dict) -> pd.DataFrame:
+    """Fill each seed row's settings from its ablation run's params where the seed run lacks them (seed
+    runs recorded before seed runs carried the config)."""
+    from pipeline.design import field_specs
+
+    paths = list(field_specs())
+    for path in paths:
+        if path not in frame:
+            frame[path] = None
+    missing = frame[paths].isna().any(axis=1)
+    for index in frame.index[missing]:
+        params = parents[frame.at[index, "parent_run_id"]].data.params
+        for path in paths:
+            if pd.isna(frame.at[index, path]) and path in params:
+                frame.at[index, path] = params[path]
+    return frame
 
 
 def drop_duplicate_seeds(frame: pd.DataFrame) -> pd.DataFrame:

@@ -46,7 +46,11 @@ def seed_frame(
     filter_string: str | None = None,
     statuses: tuple[str, ...] | None = ("FINISHED",),
 ) -> pd.DataFrame:
-    """One row per seed run: identity columns (SEED_COLUMNS) then one column per logged metric.
+    """One row per seed run: identity columns (SEED_COLUMNS), one column per setting (the run's params,
+    `network.lambda_reg`, ... as text), then one column per logged metric.
+
+    This is the documented way to get every seed with every setting as a DataFrame:
+    `seed_frame(open_store(None), [experiment_id])`.
 
     `filter_string` is an MLflow search filter added to `tags.kind = 'seed'` (e.g.
     "tags.sweep_id = 'abc'"); `statuses` keeps runs in those states (None keeps all). Seed runs whose
@@ -72,6 +76,8 @@ def seed_frame(
             "failure_reason": tags.get("failure_reason"),
             "start_time": run.info.start_time,
         }
+        # Settings (seed runs carry the flattened config as params), then metrics.
+        row.update({name: value for name, value in run.data.params.items() if name not in row})
         row.update({name: value for name, value in run.data.metrics.items() if not name.startswith("curve.")})
         rows.append(row)
     frame = pd.DataFrame(rows, columns=None if rows else list(SEED_COLUMNS))

@@ -21,7 +21,7 @@ import math
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +44,27 @@ SUMMARY_STATISTICS = ("mean", "std", "sem", "ci_low", "ci_high")
 Trainer = Callable[..., list]
 
 
+@dataclass(frozen=True)
+class SweepNaming:
+    """How a sweep's runs are named and tagged.
+
+    design: the design's name (a tag on every run); labels: each configuration's run name by config hash
+    (pipeline.design.configuration_label: the factors, then the settings that vary in the design); axes:
+    the dotted paths that vary, each of which becomes a tag on the ablation and seed runs.
+    """
+
+    design: str = "custom"
+    labels: Mapping[str, str] = field(default_factory=dict)
+    axes: tuple[str, ...] = ()
+
+    def label(self, config: AblationConfig) -> str:
+        return self.labels.get(config.hash(), config.name)
+
+    def axis_tags(self, config: AblationConfig) -> dict[str, str]:
+        values = flatten(config)
+        return {path: _param_text(values[path]) for path in self.axes if path in values}
+
+
 def seeds_label(seeds: Sequence[int]) -> str:
     """Compact, canonical text of a seed list: '0-9' for a contiguous range, else '0,2,5'."""
     ordered = sorted(set(seeds))
@@ -63,17 +84,25 @@ class AblationOutcome:
     seeds_failed: int = 0
     summary: dict[str, dict[str, float]] = field(default_factory=dict)
     failure: str | None = None
+    name: str = ""  # the run name (SweepNaming.label)
 
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _param_text(value) -> str:
+    return json.dumps(value) if isinstance(value, list) else str(value)
+
+
+def config_params(config: AblationConfig) -> dict[str, str]:
+    """Every config field as an MLflow param (`network.lambda_reg` = '0.001'): on ablation and seed runs
+    alike, so a search filter on any setting finds both."""
+    return {name: _param_text(value) for name, value in flatten(config).items()}
+
+
 def _params(config: AblationConfig, seeds: Sequence[int]) -> list[Param]:
-    values = {
-        name: json.dumps(value) if isinstance(value, list) else str(value)
-        for name, value in flatten(config).items()
-    }
+    values = config_params(config)
     values["seed_list"] = seeds_label(seeds)
     values["seed_count"] = str(len(seeds))
     return [Param(name, value) for name, value in values.items()]
@@ -130,34 +159,36 @@ def start_ablation_run(
     seeds: Sequence[int],
     *,
     sweep_id: str,
-    preset: str | None,
+    naming: SweepNaming | None = None,
     run_id: str | None = None,
 ) -> str:
     """Create (or adopt, when `mlflow run` handed one over) the ablation run, RUNNING, with params and tags."""
+    naming = naming or SweepNaming()
+    name = naming.label(config)
     tags = {
         "kind": "ablation",
         "study": "taming",
         "sweep_id": sweep_id,
-        "preset": preset or "none",
+        "preset": naming.design,
+        "design": naming.design,
         "git_commit": git_commit(),
-        "config_name": config.name,
+        "config_name": name,
         NOTE_TAG: config.describe(),
-        MLFLOW_RUN_NAME: config.name,
+        MLFLOW_RUN_NAME: name,
+        **naming.axis_tags(config),
         **_identity_tags(config, seeds),
     }
     params = _params(config, seeds)
     if run_id is not None:
         params = without_logged(store, run_id, params)
     if run_id is None:
-        run_id = store.client.create_run(
-            experiment_id, run_name=config.name, tags={"kind": "ablation"}
-        ).info.run_id
+        run_id = store.client.create_run(experiment_id, run_name=name, tags={"kind": "ablation"}).info.run_id
     log_in_batches(store, run_id, params=params, tags=[RunTag(k, v) for k, v in tags.items()])
     return run_id
 
 
-def seed_run_name(seed_result) -> str:
-    return f"{seed_result.config.name} seed {seed_result.seed}"
+def seed_run_name(seed_result, naming: SweepNaming | None = None) -> str:
+    return f"{(naming or SweepNaming()).label(seed_result.config)} seed {seed_result.seed}"
 
 
 def log_seed(
@@ -168,6 +199,7 @@ def log_seed(
     sweep_id: str,
     artifacts: bool = True,
     terminate: bool = True,
+    naming: SweepNaming | None = None,
 ) -> str:
     """One nested seed run: metrics, curves, overlap heatmap, checkpoint. FINISHED or FAILED with reason.
 
@@ -175,7 +207,8 @@ def log_seed(
     to finish together with its ablation (see SeedRuns); a diverged seed is FAILED either way.
     """
     config: AblationConfig = seed_result.config
-    name = seed_run_name(seed_result)
+    naming = naming or SweepNaming()
+    name = seed_run_name(seed_result, naming)
     tags = {
         MLFLOW_PARENT_RUN_ID: parent_run_id,
         MLFLOW_RUN_NAME: name,
@@ -183,7 +216,9 @@ def log_seed(
         "study": "taming",
         "seed": str(seed_result.seed),
         "sweep_id": sweep_id,
-        "config_name": config.name,
+        "design": naming.design,
+        "config_name": naming.label(config),
+        **naming.axis_tags(config),
         **_identity_tags(config, [seed_result.seed]),
     }
     run_id = store.client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
@@ -203,7 +238,14 @@ def log_seed(
                     for epoch, value in zip(curves["epoch"], values, strict=True)
                     if math.isfinite(value)
                 )
-        params = [Param("seed", str(seed_result.seed)), Param("config_hash", config.hash())]
+        params = [
+            Param(name, value)
+            for name, value in {
+                **config_params(config),
+                "seed": str(seed_result.seed),
+                "config_hash": config.hash(),
+            }.items()
+        ]
         if not seed_result.finished:
             log_in_batches(
                 store,
@@ -246,9 +288,11 @@ class SeedRuns:
     run_ids: dict[int, str] = field(default_factory=dict)  # seed → run id
     open: list[str] = field(default_factory=list)  # logged and left RUNNING
 
-    def record(self, store: Store, experiment_id: str, parent_run_id: str, seed_result, sweep_id, artifacts):
+    def record(
+        self, store: Store, experiment_id: str, parent_run_id: str, seed_result, sweep_id, artifacts, naming=None
+    ):
         run_id = log_seed(
-            store, experiment_id, parent_run_id, seed_result, sweep_id, artifacts, terminate=False
+            store, experiment_id, parent_run_id, seed_result, sweep_id, artifacts, terminate=False, naming=naming
         )
         self.run_ids[seed_result.seed] = run_id
         if seed_result.finished:
@@ -271,7 +315,9 @@ def summarize_seeds(table: pd.DataFrame) -> dict[str, dict[str, float]]:
     return {metric: stats.describe(finished[metric].dropna().to_numpy()) for metric in METRIC_NAMES}
 
 
-def log_ablation_summary(store: Store, run_id: str, result, artifacts: bool = True) -> AblationOutcome:
+def log_ablation_summary(
+    store: Store, run_id: str, result, artifacts: bool = True, naming: SweepNaming | None = None
+) -> AblationOutcome:
     """Log the per-seed table, the heatmap grid and the seed summary; the run stays open (see
     `terminate_ablation_run`). The outcome says whether it finished (at least one seed did)."""
     table = result.metrics_table()
@@ -291,10 +337,12 @@ def log_ablation_summary(store: Store, run_id: str, result, artifacts: bool = Tr
         png = overlap_grid_png(
             [seed.sae.decoder_directions.detach().cpu() for seed in result.finished],
             [f"seed {seed.seed}" for seed in result.finished],
-            suptitle=result.config.name,
+            suptitle=(naming or SweepNaming()).label(result.config),
         )
         _log_files(store, run_id, {"overlap_grid.png": lambda path: path.write_bytes(png)})
-    outcome = AblationOutcome(result.config, run_id, "finished", finished, failed, summary)
+    outcome = AblationOutcome(
+        result.config, run_id, "finished", finished, failed, summary, name=(naming or SweepNaming()).label(result.config)
+    )
     if finished == 0:
         outcome.status, outcome.failure = (
             "failed",
@@ -322,6 +370,7 @@ def record_ablation(
     artifacts: bool = True,
     force: bool = False,
     seed_runs: SeedRuns | None = None,
+    naming: SweepNaming | None = None,
 ) -> AblationOutcome:
     """Log every seed of a trained AblationResult under its open ablation run, then finish that run.
 
@@ -333,8 +382,8 @@ def record_ablation(
     try:
         for seed_result in result.seeds:
             if seed_result.seed not in seed_runs.run_ids:
-                seed_runs.record(store, experiment_id, run_id, seed_result, sweep_id, artifacts)
-        outcome = log_ablation_summary(store, run_id, result, artifacts)
+                seed_runs.record(store, experiment_id, run_id, seed_result, sweep_id, artifacts, naming)
+        outcome = log_ablation_summary(store, run_id, result, artifacts, naming)
         # Only now, with everything of the ablation logged, do its seed runs become FINISHED.
         seed_runs.finish(store)
     except BaseException as error:
@@ -390,7 +439,7 @@ def _retire_older_runs(store: Store, experiment_id: str, config, seeds, keep_run
         store.client.delete_run(run.info.run_id)
 
 
-def reused_outcome(run, config: AblationConfig) -> AblationOutcome:
+def reused_outcome(run, config: AblationConfig, naming: SweepNaming | None = None) -> AblationOutcome:
     metrics = run.data.metrics
     summary = {
         metric: {
@@ -405,6 +454,7 @@ def reused_outcome(run, config: AblationConfig) -> AblationOutcome:
         int(metrics.get("seeds_finished", 0)),
         int(metrics.get("seeds_failed", 0)),
         summary,
+        name=(naming or SweepNaming()).label(config),
     )
 
 
@@ -418,16 +468,19 @@ def start_sweep_run(
     sweep_id: str,
     config_count: int,
     seeds: Sequence[int],
-    preset: str | None,
+    naming: SweepNaming | None = None,
     adopted_run_id: str | None = None,
+    design: Mapping | None = None,
 ) -> str:
-    """Create (or adopt) the sweep run, RUNNING, with its params and tags; returns its run id."""
+    """Create (or adopt) the sweep run, RUNNING, with its params and tags; returns its run id.
+
+    `design` (pipeline.design.Design.to_dict()) is logged as design.json, so the sweep can be read and
+    re-run exactly as it was specified."""
+    naming = naming or SweepNaming()
     run_id = adopted_run_id or (
-        store.client.create_run(
-            experiment_id, run_name=f"sweep {preset or 'custom'}", tags={"kind": "sweep"}
-        ).info.run_id
+        store.client.create_run(experiment_id, run_name=f"sweep {naming.design}", tags={"kind": "sweep"}).info.run_id
     )
-    name = f"sweep {preset or 'custom'} ({config_count} configs × {len(seeds)} seeds)"
+    name = f"sweep {naming.design} ({config_count} configs × {len(seeds)} seeds)"
     try:
         log_in_batches(
             store,
@@ -436,7 +489,8 @@ def start_sweep_run(
                 store,
                 run_id,
                 [
-                    Param("preset", preset or "custom"),
+                    Param("preset", naming.design),
+                    Param("design.axes", ",".join(naming.axes) or "none"),
                     Param("seed_list", seeds_label(seeds)),
                     Param("configs", str(config_count)),
                 ],
@@ -445,11 +499,14 @@ def start_sweep_run(
                 RunTag("kind", "sweep"),
                 RunTag("study", "taming"),
                 RunTag("sweep_id", sweep_id),
+                RunTag("design", naming.design),
                 RunTag(MLFLOW_RUN_NAME, name),
                 RunTag("code_version", code_version()),
                 RunTag("git_commit", git_commit()),
             ],
         )
+        if design is not None:
+            store.client.log_dict(run_id, dict(design), "design.json")
     except BaseException as error:
         fail_run(store, run_id, f"{type(error).__name__}: {error}")
         raise
@@ -464,6 +521,7 @@ def partition_reused(
     outcomes: list,
     force: bool,
     on_reuse: Callable[[AblationConfig, str], None] | None = None,
+    naming: SweepNaming | None = None,
 ) -> list[int]:
     """Fill `outcomes` for configurations with a FINISHED run of the same identity (none when `force`);
     return the indices still to train."""
@@ -473,7 +531,7 @@ def partition_reused(
         if not existing:
             pending.append(index)
             continue
-        outcomes[index] = reused_outcome(existing[0], config)
+        outcomes[index] = reused_outcome(existing[0], config, naming)
         if on_reuse is not None:
             on_reuse(config, existing[0].info.run_id)
     return pending
@@ -486,7 +544,8 @@ def run_tracked_sweep(
     seeds: Sequence[int],
     *,
     trainer: Trainer,
-    preset: str | None = None,
+    naming: SweepNaming | None = None,
+    design: Mapping | None = None,
     force: bool = False,
     adopted_run_id: str | None = None,
     adopt_as: str = "sweep",
@@ -511,9 +570,9 @@ def run_tracked_sweep(
     try:
         if adopt_as == "sweep" and (adopted_run_id is not None or len(configs) > 1):
             sweep_run_id = start_sweep_run(
-                store, experiment_id, sweep_id, len(configs), seeds, preset, adopted_run_id
+                store, experiment_id, sweep_id, len(configs), seeds, naming, adopted_run_id, design
             )
-        pending = partition_reused(store, experiment_id, configs, seeds, outcomes, force, on_reuse)
+        pending = partition_reused(store, experiment_id, configs, seeds, outcomes, force, on_reuse, naming)
         if adopt_as == "ablation" and adopted_run_id is not None and not pending:
             # `mlflow run` opened a run for work that is already done: say so and close it.
             log_in_batches(
@@ -533,7 +592,7 @@ def run_tracked_sweep(
             outcomes,
             trainer,
             sweep_id=sweep_id,
-            preset=preset,
+            naming=naming,
             force=force,
             adopted_run_id=adopted_run_id,
             adopt_as=adopt_as,
@@ -559,7 +618,7 @@ def _train_and_record(
     trainer,
     *,
     sweep_id,
-    preset,
+    naming,
     force,
     adopted_run_id,
     adopt_as,
@@ -577,7 +636,9 @@ def _train_and_record(
 
         def on_seed(position: int, seed_result, group=group, run_ids=run_ids, seed_runs=seed_runs) -> None:
             index = group[position]
-            seed_runs[index].record(store, experiment_id, run_ids[index], seed_result, sweep_id, artifacts)
+            seed_runs[index].record(
+                store, experiment_id, run_ids[index], seed_result, sweep_id, artifacts, naming
+            )
 
         try:
             for index in group:
@@ -588,7 +649,7 @@ def _train_and_record(
                     configs[index],
                     seeds,
                     sweep_id=sweep_id,
-                    preset=preset,
+                    naming=naming,
                     run_id=adopt,
                 )
             if artifacts:
@@ -611,6 +672,7 @@ def _train_and_record(
                     artifacts=artifacts,
                     force=force,
                     seed_runs=seed_runs[index],
+                    naming=naming,
                 )
         except BaseException as error:
             reason = f"{type(error).__name__}: {error}"
@@ -637,7 +699,7 @@ def summary_frame(outcomes: Sequence[AblationOutcome], metrics: Sequence[str]) -
     rows = []
     for outcome in outcomes:
         row = {
-            "configuration": outcome.config.name,
+            "configuration": outcome.name or outcome.config.name,
             "status": outcome.status,
             "seeds": f"{outcome.seeds_finished} ok"
             + (f", {outcome.seeds_failed} failed" if outcome.seeds_failed else ""),

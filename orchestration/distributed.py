@@ -8,7 +8,7 @@
       the sweep run FINISHED (FAILED if one failed)      open the ablation run, train, log every seed
                                                          and the summary straight to the server
 
-Like cli.py, this is a job that wires training to recording, so it imports `pipeline` to train; the
+This is orchestration: it wires training (`pipeline`) to recording (`tracking`); the
 vectorized engine stays the inner loop (all seeds of a configuration in one batched pass). Workers log to
 the tracking server themselves: it must be an http(s) server every worker reaches (with
 `--serve-artifacts`, so no shared folder is needed), and every worker must run the client's code version.
@@ -35,6 +35,7 @@ from pipeline.config import AblationConfig
 from tracking.store import Store, TrackingError, code_version, fail_run
 from tracking.taming import (
     AblationOutcome,
+    SweepNaming,
     finish_sweep_run,
     finished_runs_for,
     new_sweep_id,
@@ -66,7 +67,7 @@ class SweepTask:
     tracking_uri: str
     experiment_id: str
     sweep_id: str
-    preset: str | None
+    naming: SweepNaming
     seeds: tuple[int, ...]
     force: bool = False
     artifacts: bool = True
@@ -95,11 +96,9 @@ def train_and_record(task: SweepTask, config: AblationConfig) -> AblationOutcome
     if not task.force:
         existing = finished_runs_for(store, task.experiment_id, config, seeds)
         if existing:
-            return reused_outcome(existing[0], config)
+            return reused_outcome(existing[0], config, task.naming)
     supersede_running_runs(store, task.experiment_id, config, seeds, task.sweep_id)
-    run_id = start_ablation_run(
-        store, task.experiment_id, config, seeds, sweep_id=task.sweep_id, preset=task.preset
-    )
+    run_id = start_ablation_run(store, task.experiment_id, config, seeds, sweep_id=task.sweep_id, naming=task.naming)
     try:
         result = run_ablations([config], seeds, device=task.device)[0]
         _exit_once_for_tests()
@@ -112,6 +111,7 @@ def train_and_record(task: SweepTask, config: AblationConfig) -> AblationOutcome
             sweep_id=task.sweep_id,
             artifacts=task.artifacts,
             force=task.force,
+            naming=task.naming,
         )
     except BaseException as error:
         fail_run(store, run_id, f"{type(error).__name__}: {error}")
@@ -150,7 +150,8 @@ def run_dask_sweep(
     *,
     scheduler: str | None = None,
     workers: int = 2,
-    preset: str | None = None,
+    naming: SweepNaming | None = None,
+    design: dict | None = None,
     force: bool = False,
     artifacts: bool = True,
     device: str = "cpu",
@@ -171,22 +172,23 @@ def run_dask_sweep(
             f"got {store.uri}"
         )
     seeds = list(seeds)
+    naming = naming or SweepNaming()
     sweep_id = new_sweep_id()
     outcomes: list[AblationOutcome | None] = [None] * len(configs)
-    pending = partition_reused(store, experiment_id, configs, seeds, outcomes, force, on_reuse)
+    pending = partition_reused(store, experiment_id, configs, seeds, outcomes, force, on_reuse, naming)
     # Connect (and check the workers) before the first write, so a bad --scheduler leaves nothing behind.
     client, cluster = _connect(scheduler, workers) if pending else (None, None)
     try:
         if client is not None:
             _check_worker_code_versions(client)
         sweep_run_id = start_sweep_run(
-            store, experiment_id, sweep_id, len(configs), seeds, preset, adopted_run_id
+            store, experiment_id, sweep_id, len(configs), seeds, naming, adopted_run_id, design
         )
         task = SweepTask(
             tracking_uri=store.uri,
             experiment_id=experiment_id,
             sweep_id=sweep_id,
-            preset=preset,
+            naming=naming,
             seeds=tuple(seeds),
             force=force,
             artifacts=artifacts,

@@ -1,0 +1,141 @@
+"""Building a taming report: read the seeds from the store, analyse them, write and log the files.
+
+`cli.py report` parses options into a ReportRequest and prints what comes back; the analysis itself is
+pure (`pipeline.analysis`), the reading and logging are `tracking.analysis`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestration.taming import InputError, adopted_run, open_store
+
+
+@dataclass(frozen=True)
+class ReportRequest:
+    tracking_uri: str | None = None
+    experiment: str | None = None
+    sweep_id: str | None = None
+    filter_string: str | None = None
+    baseline: str | None = None
+    metrics: Sequence[str] = ()
+    test: str = "auto"  # auto | paired | welch
+    published_ladder: bool = False
+    resamples: int = 9999
+    out_dir: str | None = None
+    log: bool = True
+
+
+@dataclass
+class ReportResult:
+    report: object  # pipeline.analysis.Report
+    folder: Path
+    experiment_name: str
+    run_id: str | None
+    ladder_networks: int = 0
+
+
+def _experiment(store, request: ReportRequest) -> tuple[str, str]:
+    """(id, name) of the experiment to read: --experiment, else the one `mlflow run` hands over, else
+    'taming'. A missing experiment is an InputError that lists the experiments holding taming sweeps."""
+    from tracking.store import TrackingError
+
+    try:
+        experiment_id = store.existing_experiment_id(request.experiment)
+    except TrackingError as error:
+        holding = [
+            experiment.name
+            for experiment in store.client.search_experiments()
+            if store.client.search_runs([experiment.experiment_id], "tags.kind = 'ablation'", max_results=1)
+        ]
+        hint = f"; experiments with taming runs: {', '.join(holding)} (pass --experiment NAME)" if holding else ""
+        raise InputError(f"{error}{hint}") from None
+    return experiment_id, store.client.get_experiment(experiment_id).name
+
+
+def build_and_log_report(request: ReportRequest, on_status=lambda text: None) -> ReportResult:
+    """The report of the selected seed runs; InputError (exit 2) for a selection or option that does not
+    fit the store."""
+    from pipeline.analysis import DEFAULT_METRICS, build_report, default_baseline
+    from tracking.analysis import log_report, select_seeds, stored_networks, study_context
+    from tracking.store import TrackingError
+
+    store = open_store(request.tracking_uri)
+    adopted = adopted_run(store)
+    if adopted is not None and request.experiment is None:
+        experiment_id = adopted.info.experiment_id
+        experiment_name = store.client.get_experiment(experiment_id).name
+    else:
+        experiment_id, experiment_name = _experiment(store, request)
+        if adopted is not None and adopted.info.experiment_id != experiment_id:
+            adopted = None
+    try:
+        frame, query = select_seeds(
+            store, experiment_id, sweep_id=request.sweep_id, filter_string=request.filter_string
+        )
+        context = study_context(store, experiment_id, frame)
+    except TrackingError as error:
+        raise InputError(f"{error} (experiment '{experiment_name}')") from None
+    baseline = request.baseline or default_baseline(frame)
+    paired = {"auto": None, "paired": True, "welch": False}[request.test]
+    dropped = frame.attrs.get("duplicates_dropped", 0)
+    notes = (
+        [
+            f"{dropped} duplicate FINISHED seed runs (same config hash and seed, e.g. from two sweeps started "
+            "at once) were counted once."
+        ]
+        if dropped
+        else []
+    )
+    try:
+        built = build_report(
+            frame,
+            metrics=list(request.metrics) or list(DEFAULT_METRICS),
+            baseline=baseline,
+            paired=paired,
+            n_resamples=request.resamples,
+            extra_notes=notes,
+            context=context,
+        )
+    except ValueError as error:
+        option = "--baseline" if request.baseline and "baseline" in str(error) else "--metric"
+        if "baseline" in str(error) and not request.baseline:
+            option = "the selection"
+        raise InputError(f"{option}: {error}") from None
+    networks = 0
+    if request.published_ladder:
+        from pipeline.published import published_ladder as train_ladder
+
+        try:
+            stored = stored_networks(store, frame, baseline)
+        except TrackingError as error:
+            raise InputError(str(error)) from None
+        networks = len(stored)
+        on_status(f"Training the 4 ladder SAEs on {networks} stored networks of {baseline} ...")
+        built.add_published_ladder(train_ladder(stored))
+    folder = Path(request.out_dir or f"reports/report-{time.strftime('%Y%m%d-%H%M%S')}")
+    files = built.write(folder)
+    run_id = None
+    if request.log:
+        options = {
+            "baseline": baseline,
+            "metrics": ",".join(built.metrics),
+            "test": request.test,
+            "published_ladder": request.published_ladder,
+            "resamples": request.resamples,
+            "sweep_id": request.sweep_id or "",
+            "filter": request.filter_string or "",
+        }
+        run_id = log_report(
+            store,
+            experiment_id,
+            files,
+            description=built.headline(),
+            query=query,
+            options=options,
+            adopted_run_id=adopted.info.run_id if adopted is not None else None,
+        )
+    return ReportResult(built, folder, experiment_name, run_id, networks)
