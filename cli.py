@@ -250,7 +250,9 @@ def _build_design(design_source, preset, grid_texts, set_texts, settings):
         _design_problem(error, settings)
 
 
-def _run_configs(design, configs, options, *, adopt_as, labels_from, executor="local", scheduler=None, workers=None):
+def _run_configs(
+    design, configs, options, *, adopt_as, labels_from, executor="local", scheduler=None, workers=None
+):
     """Hand the configurations to the orchestration layer and print what happened."""
     from orchestration.taming import InputError, StoreUnavailable, SweepRequest, run_sweep, summary_table
     from pipeline.design import configuration_label
@@ -283,7 +285,9 @@ def _run_configs(design, configs, options, *, adopt_as, labels_from, executor="l
     except StoreUnavailable as error:
         raise click.ClickException(str(error)) from error
     if result.reused:
-        click.echo(f"Reused {len(result.reused)} FINISHED configuration(s) with the same identity (use --force to retrain):")
+        click.echo(
+            f"Reused {len(result.reused)} FINISHED configuration(s) with the same identity (use --force to retrain):"
+        )
         for line in result.reused:
             click.echo(f"  {line}")
     frame = summary_table(result, (*HEADLINE_METRICS, TASK_LOSS_COLUMN))
@@ -295,7 +299,10 @@ def _run_configs(design, configs, options, *, adopt_as, labels_from, executor="l
     for outcome in result.failed:
         click.echo(f"FAILED {outcome.name or outcome.config.name}: {outcome.failure}", err=True)
     if result.failed:
-        click.echo("Re-run the same command to resume: FINISHED configurations are reused, the rest trained.", err=True)
+        click.echo(
+            "Re-run the same command to resume: FINISHED configurations are reused, the rest trained.",
+            err=True,
+        )
         sys.exit(1)
 
 
@@ -330,7 +337,9 @@ def ablate(**options):
     settings = _given_settings(options)
     design, configs = _build_design_from(Design(name="ablate").with_overrides(settings), settings)
     protocol = ("network.epochs", "sae.epochs", "data.samples", "curve_every", "metric_null_draws")
-    _run_configs(design, configs, options, adopt_as="ablation", labels_from=non_default_paths(configs[0], protocol))
+    _run_configs(
+        design, configs, options, adopt_as="ablation", labels_from=non_default_paths(configs[0], protocol)
+    )
 
 
 def _build_design_from(design, option_paths=()):

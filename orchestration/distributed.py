@@ -98,7 +98,9 @@ def train_and_record(task: SweepTask, config: AblationConfig) -> AblationOutcome
         if existing:
             return reused_outcome(existing[0], config, task.naming)
     supersede_running_runs(store, task.experiment_id, config, seeds, task.sweep_id)
-    run_id = start_ablation_run(store, task.experiment_id, config, seeds, sweep_id=task.sweep_id, naming=task.naming)
+    run_id = start_ablation_run(
+        store, task.experiment_id, config, seeds, sweep_id=task.sweep_id, naming=task.naming
+    )
     try:
         result = run_ablations([config], seeds, device=task.device)[0]
         _exit_once_for_tests()

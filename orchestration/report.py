@@ -51,7 +51,11 @@ def _experiment(store, request: ReportRequest) -> tuple[str, str]:
             for experiment in store.client.search_experiments()
             if store.client.search_runs([experiment.experiment_id], "tags.kind = 'ablation'", max_results=1)
         ]
-        hint = f"; experiments with taming runs: {', '.join(holding)} (pass --experiment NAME)" if holding else ""
+        hint = (
+            f"; experiments with taming runs: {', '.join(holding)} (pass --experiment NAME)"
+            if holding
+            else ""
+        )
         raise InputError(f"{error}{hint}") from None
     return experiment_id, store.client.get_experiment(experiment_id).name
 

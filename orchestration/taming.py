@@ -61,7 +61,9 @@ class SweepResult:
 def _progress_bar(total: int, description: str, unit: str = "epoch"):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=description, unit=unit, unit_scale=True, dynamic_ncols=True, mininterval=0.5)
+    return tqdm(
+        total=total, desc=description, unit=unit, unit_scale=True, dynamic_ncols=True, mininterval=0.5
+    )
 
 
 def open_store(tracking_uri: str | None):
@@ -138,12 +140,16 @@ def _check_request(request: SweepRequest) -> int:
     if request.scheduler is not None and request.executor != "dask":
         raise InputError("--scheduler names a Dask scheduler; use it with --executor dask")
     if request.scheduler is not None and request.workers is not None:
-        raise InputError("--workers sizes the local executor or the LocalCluster started without --scheduler; drop one")
+        raise InputError(
+            "--workers sizes the local executor or the LocalCluster started without --scheduler; drop one"
+        )
     if request.executor == "dask":
         try:
             import distributed  # noqa: F401
         except ImportError:
-            raise InputError('--executor dask needs Dask distributed: pip install "dask[distributed]>=2024.1"') from None
+            raise InputError(
+                '--executor dask needs Dask distributed: pip install "dask[distributed]>=2024.1"'
+            ) from None
         return request.workers or DEFAULT_DASK_WORKERS
     return request.workers or auto_workers(request.configs, list(request.seeds), request.device)
 
@@ -209,7 +215,9 @@ def _sweep_into_store(request: SweepRequest, workers: int, pool) -> SweepResult:
         nonlocal bar
         if request.executor == "dask":
             if pending:
-                bar = _progress_bar(len(pending), f"{len(pending)} config(s) × {len(seeds)} seeds on Dask", "config")
+                bar = _progress_bar(
+                    len(pending), f"{len(pending)} config(s) × {len(seeds)} seeds on Dask", "config"
+                )
             return
         # run_tracked_sweep calls the trainer once per group of configurations sharing a pass.
         passes["planned"] = len(plan_passes(pending, seeds, request.share_passes)) if pending else 0
@@ -240,7 +248,9 @@ def _sweep_into_store(request: SweepRequest, workers: int, pool) -> SweepResult:
     adopted_run_id = adopted.info.run_id if adopted is not None else None
     try:
         if request.executor == "dask":
-            sweep_id, outcomes = _run_dask(request, store, experiment_id, naming, adopted_run_id, workers, plan, on_reuse, lambda: bar)
+            sweep_id, outcomes = _run_dask(
+                request, store, experiment_id, naming, adopted_run_id, workers, plan, on_reuse, lambda: bar
+            )
         else:
             sweep_id, outcomes = run_tracked_sweep(
                 store,
@@ -265,7 +275,9 @@ def _sweep_into_store(request: SweepRequest, workers: int, pool) -> SweepResult:
     return SweepResult(sweep_id, experiment_id, experiment_name, store.uri, outcomes, reused)
 
 
-def _run_dask(request, store, experiment_id, naming, adopted_run_id, workers, plan, on_reuse, current_bar: Callable):
+def _run_dask(
+    request, store, experiment_id, naming, adopted_run_id, workers, plan, on_reuse, current_bar: Callable
+):
     """The sweep as one Dask task per configuration; a progress bar over configurations."""
     from mlflow.exceptions import MlflowException
 
@@ -306,5 +318,7 @@ def summary_table(result: SweepResult, metrics: Sequence[str]):
 
     frame = summary_frame(result.outcomes, metrics)
     for metric in metrics:
-        frame[metric] = [mean_plus_minus(m, s) for m, s in zip(frame[metric], frame.pop(f"{metric}_std"), strict=True)]
+        frame[metric] = [
+            mean_plus_minus(m, s) for m, s in zip(frame[metric], frame.pop(f"{metric}_std"), strict=True)
+        ]
     return frame

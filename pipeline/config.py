@@ -93,7 +93,9 @@ class DataConfig:
     samples: int = setting(1024, "Data set size (80 % train, 20 % validation).")
     validation_fraction: float = setting(0.2, "Fraction of the samples held out for validation.")
     importance_decay: float = setting(0.9, "Feature importance I_i = decay^i (interference weights).")
-    targets: str = setting("published", "Task targets: the published non-linear ones, or pairwise products.", choices=TARGETS)
+    targets: str = setting(
+        "published", "Task targets: the published non-linear ones, or pairwise products.", choices=TARGETS
+    )
 
     def __post_init__(self) -> None:
         check_field_choices(self, "data.")
@@ -157,7 +159,9 @@ class NetworkConfig:
     """
 
     init: str = setting("random", "Weight initialization.", per_model=True, choices=INITS)
-    noise: str = setting("bipolar", "Noise on the last hidden layer during training.", per_model=True, choices=NOISES)
+    noise: str = setting(
+        "bipolar", "Noise on the last hidden layer during training.", per_model=True, choices=NOISES
+    )
     reg: str = setting("l1", "Regularization.", per_model=True, choices=REGULARIZATIONS)
     act: str = setting("relu", "Hidden activation.", per_model=True, choices=ACTIVATIONS)
     hidden_dim: int = setting(12, "Width of each hidden layer.", short="hidden")

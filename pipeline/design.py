@@ -95,7 +95,9 @@ def field_specs() -> dict[str, FieldSpec]:
     flags = [spec.option for spec in specs.values()]
     duplicated = sorted({flag for flag in flags if flags.count(flag) > 1})
     if duplicated:
-        raise RuntimeError(f"config fields derive the same option name(s) {duplicated}; set setting(option=...)")
+        raise RuntimeError(
+            f"config fields derive the same option name(s) {duplicated}; set setting(option=...)"
+        )
     return specs
 
 
@@ -109,7 +111,9 @@ def resolve_path(key: str, where: str = "") -> str:
         return matches[0]
     place = f" in {where}" if where else ""
     if len(matches) > 1:
-        raise DesignError(f"{key!r}{place} names several settings ({', '.join(matches)}); write the full path")
+        raise DesignError(
+            f"{key!r}{place} names several settings ({', '.join(matches)}); write the full path"
+        )
     raise DesignError(f"unknown setting {key!r}{place}; allowed: {', '.join(specs)}")
 
 
@@ -314,10 +318,14 @@ def parse_design(data: Mapping[str, Any], *, name: str = "custom", source: str =
     """A Design from a parsed file; every key and value is checked (DesignError on the first problem)."""
     where = source or name
     if not isinstance(data, Mapping):
-        raise DesignError(f"design {where} must be a table of {', '.join(DESIGN_KEYS)}; got {type(data).__name__}")
+        raise DesignError(
+            f"design {where} must be a table of {', '.join(DESIGN_KEYS)}; got {type(data).__name__}"
+        )
     unknown = sorted(set(data) - set(DESIGN_KEYS))
     if unknown:
-        raise DesignError(f"unknown key(s) {', '.join(unknown)} in design {where}; allowed: {', '.join(DESIGN_KEYS)}")
+        raise DesignError(
+            f"unknown key(s) {', '.join(unknown)} in design {where}; allowed: {', '.join(DESIGN_KEYS)}"
+        )
     study = data.get("study", "taming")
     if study != "taming":
         raise DesignError(f"study in design {where} must be taming; got {study!r}")
@@ -429,5 +437,7 @@ def load_design(name_or_path: str | Path) -> Design:
         raise
     except Exception as error:  # noqa: BLE001 - any parser error is the file's fault; say where
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise DesignError(f"design file {text} is not valid {path.suffix[1:].upper()}: {first_line}") from None
+        raise DesignError(
+            f"design file {text} is not valid {path.suffix[1:].upper()}: {first_line}"
+        ) from None
     return parse_design(data or {}, name=path.stem, source=str(path))

@@ -289,10 +289,24 @@ class SeedRuns:
     open: list[str] = field(default_factory=list)  # logged and left RUNNING
 
     def record(
-        self, store: Store, experiment_id: str, parent_run_id: str, seed_result, sweep_id, artifacts, naming=None
+        self,
+        store: Store,
+        experiment_id: str,
+        parent_run_id: str,
+        seed_result,
+        sweep_id,
+        artifacts,
+        naming=None,
     ):
         run_id = log_seed(
-            store, experiment_id, parent_run_id, seed_result, sweep_id, artifacts, terminate=False, naming=naming
+            store,
+            experiment_id,
+            parent_run_id,
+            seed_result,
+            sweep_id,
+            artifacts,
+            terminate=False,
+            naming=naming,
         )
         self.run_ids[seed_result.seed] = run_id
         if seed_result.finished:
@@ -341,7 +355,13 @@ def log_ablation_summary(
         )
         _log_files(store, run_id, {"overlap_grid.png": lambda path: path.write_bytes(png)})
     outcome = AblationOutcome(
-        result.config, run_id, "finished", finished, failed, summary, name=(naming or SweepNaming()).label(result.config)
+        result.config,
+        run_id,
+        "finished",
+        finished,
+        failed,
+        summary,
+        name=(naming or SweepNaming()).label(result.config),
     )
     if finished == 0:
         outcome.status, outcome.failure = (
@@ -478,7 +498,9 @@ def start_sweep_run(
     re-run exactly as it was specified."""
     naming = naming or SweepNaming()
     run_id = adopted_run_id or (
-        store.client.create_run(experiment_id, run_name=f"sweep {naming.design}", tags={"kind": "sweep"}).info.run_id
+        store.client.create_run(
+            experiment_id, run_name=f"sweep {naming.design}", tags={"kind": "sweep"}
+        ).info.run_id
     )
     name = f"sweep {naming.design} ({config_count} configs × {len(seeds)} seeds)"
     try:
