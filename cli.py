@@ -31,12 +31,14 @@ Examples:
 EXAMPLES_SWEEP = """
 \b
 Examples:
-  python cli.py sweep --preset strategic --seeds 10          # the 8 published configurations
-  python cli.py sweep --preset factorial --seeds 10          # all 16 cells of the 2^4 design
-  python cli.py sweep --preset factorial --seeds 3 --epochs 200 --sae-epochs 100   # a quick look
+  python cli.py sweep --design strategic --seeds 10          # the 8 published configurations (= --preset)
+  python cli.py sweep --design factorial --seeds 10          # all 16 cells of the 2^4 design
+  python cli.py sweep --grid network.lambda_reg=1e-5,1e-4,1e-3 --grid network.reg=l1,l2 --seeds 3
+  python cli.py sweep --design factorial --grid network.hidden_dim=9,12 --set sae.d_sae=32
+  python cli.py sweep --design my_study.toml                 # your own design file (see designs/)
+  python cli.py sweep --design factorial --seeds 3 --epochs 200 --sae-epochs 100   # a quick look
   python cli.py sweep --workers 2                            # each pass split by seed over 2 processes
   python cli.py sweep --executor dask --tracking-uri http://127.0.0.1:5000          # a local Dask cluster
-  python cli.py sweep --executor dask --scheduler tcp://10.0.0.5:8786 --tracking-uri http://10.0.0.5:5000
 Re-running a sweep reuses every configuration that already has a FINISHED run with the same config,
 seeds and code version; --force trains them again.
 """

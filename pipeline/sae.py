@@ -6,9 +6,10 @@ of tensors; with a leading `model` dimension they describe a batch of SAEs, with
 functions serve both (broadcasting matmuls). Inputs are standardized hidden activations (SCIENCE.md §1.3,
 defect 2 fixed: one standardization, train-split statistics, for training and evaluation alike).
 
-Add an architecture by writing a class like `LeakyReLUSAE` and decorating it with `@register("name")`;
-then add the name to `pipeline.config.SAE_ARCHITECTURES`. A class attribute `tied = True` asks the
-trainer to keep the encoder equal to the decoder's transpose (the published code's accidental tie).
+Add an architecture by writing a class like `LeakyReLUSAE` and decorating it with `@register("name")`:
+that is all. This registry is the only list of names; `sae.architecture`'s allowed values, the CLI's
+`--sae-architecture` choices and every error message are read from it. A class attribute `tied = True`
+asks the trainer to keep the encoder equal to the decoder's transpose (the published code's accidental tie).
 """
 
 from __future__ import annotations

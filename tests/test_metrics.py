@@ -386,3 +386,14 @@ def test_taming_metrics_returns_every_metric_finite():
     assert all(isinstance(value, float) and math.isfinite(value) for value in result.values())
     assert set(metrics.HEADLINE_METRICS) <= set(metrics.TAMING_METRIC_NAMES)
     assert result["macs_published_form"] == pytest.approx(result["macs"] * 15 / 16)
+
+
+def test_every_metric_has_a_direction_and_every_direction_a_metric():
+    """One list of metric names (pipeline.evaluation.METRIC_NAMES, built from metrics.TAMING_METRIC_NAMES,
+    which `taming_metrics` must fill key by key); the report's directions may not drift from it."""
+    from pipeline.conclusions import METRIC_DIRECTIONS
+    from pipeline.evaluation import METRIC_NAMES
+    from pipeline.metrics import HEADLINE_METRICS
+
+    assert set(METRIC_DIRECTIONS) == set(METRIC_NAMES)
+    assert set(HEADLINE_METRICS) <= set(METRIC_NAMES)
