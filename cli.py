@@ -442,46 +442,24 @@ def inspect(run_id, tracking_uri):
     seed, recomputes every metric and compares it with the logged value (exit 1 on a mismatch).
     An ablation run: prints its per-seed metrics table.
     """
-    import io
-
-    import pandas as pd
-    from mlflow.exceptions import MlflowException
-
-    from pipeline.evaluation import reevaluate
+    from orchestration.inspect import inspect_run
+    from orchestration.taming import InputError
     from pipeline.tables import markdown_table
-    from tracking.query import load_seed_checkpoint, logged_metrics
 
-    store = _store(tracking_uri)
     try:
-        run = store.client.get_run(run_id)
-    except MlflowException as error:
-        _fail_usage(f"RUN_ID {run_id!r} was not found in {store.uri}: {error.message.splitlines()[0]}")
-    kind = run.data.tags.get("kind")
-    name = run.data.tags.get("mlflow.runName", run_id)
-    click.echo(f"{kind or 'run'} {name} ({run.info.status})")
-    if kind == "seed":
-        if run.info.status != "FINISHED":
-            click.echo(f"failure reason: {run.data.tags.get('failure_reason', 'unknown')}")
-            sys.exit(1)
-        recomputed = reevaluate(load_seed_checkpoint(store, run_id))
-        logged = logged_metrics(run)
-        rows, mismatches = [], 0
-        for metric, value in recomputed.items():
-            stored = logged.get(metric, float("nan"))
-            equal = abs(stored - value) <= 1e-9 * max(1.0, abs(value))
-            mismatches += not equal
-            rows.append(
-                {"metric": metric, "logged": stored, "recomputed": value, "match": "yes" if equal else "NO"}
-            )
-        click.echo(markdown_table(pd.DataFrame(rows), digits=8))
-        click.echo(f"\n{len(rows) - mismatches}/{len(rows)} metrics reproduced from the checkpoint.")
-        sys.exit(1 if mismatches else 0)
-    if kind == "ablation":
-        text = store.client.download_artifacts(run_id, "seeds.csv")
-        with open(text) as handle:
-            click.echo(markdown_table(pd.read_csv(io.StringIO(handle.read()))))
-        return
-    click.echo(markdown_table(pd.DataFrame(sorted(run.data.metrics.items()), columns=["metric", "value"])))
+        inspection = inspect_run(tracking_uri, run_id)
+    except InputError as error:
+        _fail_usage(str(error))
+    click.echo(f"{inspection.kind} {inspection.name} ({inspection.status})")
+    if inspection.failure is not None:
+        click.echo(f"failure reason: {inspection.failure}")
+        sys.exit(1)
+    if inspection.kind == "seed":
+        click.echo(markdown_table(inspection.table, digits=8))
+        rows = len(inspection.table)
+        click.echo(f"\n{rows - inspection.mismatches}/{rows} metrics reproduced from the checkpoint.")
+        sys.exit(0 if inspection.reproduced else 1)
+    click.echo(markdown_table(inspection.table))
 
 
 EXAMPLES_REPORT = """
