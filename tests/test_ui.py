@@ -9,6 +9,7 @@ Skips, saying so, where either is missing. Screenshots of each step go to the te
 
 from __future__ import annotations
 
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -77,6 +78,38 @@ def sweep_runs(served_sweep):
     experiment_id = client.get_experiment_by_name(served_sweep.experiment).experiment_id
     runs = client.search_runs([experiment_id], "", max_results=1000)
     return experiment_id, {run.info.run_name: run for run in runs}
+
+
+def test_the_experiment_says_it_holds_training_runs(served_sweep, sweep_runs):
+    """The experiment tag by which MLflow's UI tells a training experiment from a GenAI one (which UI
+    versions heed it: see EXPERIMENT_KIND_TAG in tracking/store.py)."""
+    experiment_id, _ = sweep_runs
+    tags = MlflowClient(served_sweep.server.uri).get_experiment(experiment_id).tags
+    assert tags.get("mlflow.experimentKind") == "custom_model_development"
+
+
+def test_clicking_the_experiment_on_the_home_page_opens_its_runs_table(
+    served_sweep, sweep_runs, page, tmp_path
+):
+    experiment_id, _ = sweep_runs
+    page.goto(served_sweep.server.uri)  # the home page, which lists the experiments
+    experiment_link = page.get_by_role("link", name=served_sweep.experiment, exact=True).first
+    sync_api.expect(experiment_link).to_be_visible()
+    page.screenshot(path=tmp_path / "home.png")
+    # From MLflow 3.10 on, the sidebar's "GenAI | Model training" switch decides for every experiment which
+    # pages it opens on, whatever its tag, and a new browser starts on GenAI (an experiment's Overview page):
+    # a researcher picks "Model training" once, and the browser keeps it. Earlier UIs have no switch.
+    model_training = page.get_by_role("button", name="Model training", exact=True)
+    if model_training.count():
+        model_training.click()
+    experiment_link.click()
+    sync_api.expect(page).to_have_url(re.compile(rf"#/experiments/{experiment_id}/runs\b"))
+    sync_api.expect(page.get_by_role("columnheader", name="Run Name").first).to_be_visible()
+    for config in preset_configs("strategic"):
+        sync_api.expect(page.get_by_role("link", name=config.name, exact=True)).to_be_visible()
+    for genai_page in ("Overview", "Traces"):
+        sync_api.expect(page.get_by_role("heading", name=genai_page, exact=True)).to_have_count(0)
+    page.screenshot(path=tmp_path / "clicked-experiment.png")
 
 
 def test_experiment_page_lists_the_ablations_by_their_factors(served_sweep, sweep_runs, page, tmp_path):

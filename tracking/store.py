@@ -62,6 +62,17 @@ def check_access(client: MlflowClient, uri: str) -> None:
         ) from None
 
 
+# Experiment tag of MLflow 3's UI for an experiment's kind of work: "custom_model_development" ("Machine
+# learning": training runs, opened on the runs table) or "genai_development" (GenAI apps, opened on the
+# Overview/Traces pages). Ours hold training runs, so every experiment we create or write to says so. How
+# much the UI heeds it depends on its version (from its bundled code): 3.8 and 3.9 open a tagged experiment
+# on its runs table, and guess for an untagged one (traces: GenAI pages; runs: runs table; nothing yet: a
+# dialog asking the visitor); from 3.10 (checked up to 3.18) the sidebar's "GenAI | Model training" switch,
+# kept per browser and GenAI at first, decides for every experiment and the tag is only recorded.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 @dataclass(frozen=True)
 class Store:
     """A checked tracking store and a client bound to it."""
@@ -73,13 +84,17 @@ class Store:
         """Id of experiment `name` (or the one MLflow's environment names), created once if missing.
 
         Resolution when `name` is None: MLFLOW_EXPERIMENT_NAME, then MLFLOW_EXPERIMENT_ID (what
-        `mlflow run` hands over), then "taming".
+        `mlflow run` hands over), then "taming". Every caller writes runs there, so the experiment is
+        created with EXPERIMENT_KIND_TAG, and one found without it gets it: one that `mlflow run` created
+        before any of our code ran, or one made before the project set the tag.
         """
         if name is None:
             if os.environ.get("MLFLOW_EXPERIMENT_NAME"):
                 name = os.environ["MLFLOW_EXPERIMENT_NAME"]
             elif os.environ.get("MLFLOW_EXPERIMENT_ID"):
-                return os.environ["MLFLOW_EXPERIMENT_ID"]
+                experiment_id = os.environ["MLFLOW_EXPERIMENT_ID"]
+                self.declare_experiment_kind(experiment_id)
+                return experiment_id
             else:
                 name = DEFAULT_EXPERIMENT
         experiment = self.client.get_experiment_by_name(name)
@@ -88,17 +103,42 @@ class Store:
                 raise TrackingError(
                     f"--experiment {name!r} is deleted in this store; restore it or pick another name"
                 )
+            self._declare_kind(experiment)
             return experiment.experiment_id
         if not create:
             raise TrackingError(f"--experiment {name!r} does not exist in {self.uri}")
         try:
-            return self.client.create_experiment(name, artifact_location=self._artifact_location(name))
+            return self.client.create_experiment(
+                name,
+                artifact_location=self._artifact_location(name),
+                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+            )
         except mlflow.exceptions.MlflowException:
             # Another process created it between our lookup and create: use theirs.
             experiment = self.client.get_experiment_by_name(name)
             if experiment is None:
                 raise
+            self._declare_kind(experiment)
             return experiment.experiment_id
+
+    def declare_experiment_kind(self, experiment_id: str) -> None:
+        """Give experiment `experiment_id` EXPERIMENT_KIND_TAG if it lacks it (for a caller that found the
+        experiment some other way, e.g. from the run `mlflow run` created)."""
+        try:
+            experiment = self.client.get_experiment(experiment_id)
+        except mlflow.exceptions.MlflowException:
+            return  # no such experiment here: the caller's next request says so
+        self._declare_kind(experiment)
+
+    def _declare_kind(self, experiment) -> None:
+        """Best effort: a kind already set (by a person, in the UI) is kept, and a refused write (a user
+        who may only read there) fails nothing: the tag is only a hint to the UI."""
+        from contextlib import suppress
+
+        if experiment.lifecycle_stage != "active" or EXPERIMENT_KIND_TAG in experiment.tags:
+            return
+        with suppress(mlflow.exceptions.MlflowException):
+            self.client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
     def _artifact_location(self, name: str) -> str | None:
         """Beside the database for a SQLite store (MLflow's default is ./mlruns of whatever folder the
