@@ -671,6 +671,12 @@ def _training_options(*, instances: int, steps: int, optimizer: str, lr: float):
                 help="Steps between recorded curve points.",
             ),
             device_option(),
+            click.option(
+                "--force",
+                is_flag=True,
+                help="Retrain every point, even one with a FINISHED run of the same config and code version "
+                "(reused otherwise); the older run is deleted once the new one has finished.",
+            ),
         ]
         for option in reversed(options):
             function = option(function)
@@ -743,6 +749,11 @@ def _track_trained_points(command: str, configs, options: dict, sweep_params: di
     experiment_id = _study_experiment(store, options["experiment"], adopted)
     bar = _step_bar(sum(config.steps for config in configs), f"{command}: {len(configs)} point(s)")
 
+    def on_reuse(config, run_id: str) -> None:
+        # Told before anything trains: the bar then counts (and times) only the steps still to train.
+        bar.total -= config.steps
+        bar.refresh()
+
     def trainer(config):
         reported = 0
 
@@ -762,9 +773,18 @@ def _track_trained_points(command: str, configs, options: dict, sweep_params: di
             trainer=trainer,
             sweep_params=sweep_params,
             adopted_run_id=adopted.info.run_id if adopted is not None else None,
+            force=options["force"],
+            on_reuse=on_reuse,
         )
     finally:
         bar.close()
+    if tracked.reused:
+        click.echo(
+            f"\nReused {len(tracked.reused)} of {len(configs)} point(s) already FINISHED with the same config "
+            f"and code version (--force retrains them): {', '.join(tracked.reused)}."
+        )
+    if tracked.retired:
+        click.echo(f"\nDeleted {len(tracked.retired)} older point run(s) that --force retrained.")
     click.echo(
         f"\nSweep {tracked.sweep_id} ({command}) in experiment {experiment_id} at {store.uri}; "
         f"sweep run {tracked.sweep_run_id}.\n"
@@ -778,6 +798,7 @@ Examples:
   python cli.py incidental collisions                       # n = 64, m = 64…512, λ = 1e-3, 12k steps (~2 min on CPU)
   python cli.py incidental collisions --m 64,128 --l1 1e-3 --l1 1e-2 --instances 8
   python cli.py incidental collisions --n 256 --m 256:4096:256 --l1 1e-3,1e-2,1e-1 --device auto   # published
+  python cli.py incidental collisions --force               # retrain points that already have a FINISHED run
 """
 
 EXAMPLES_NOISE = """
@@ -815,6 +836,8 @@ def incidental():
       report      tables, t-tests, the fitted slope and figures from the tracking store
     Each point is an MLflow run (tags study=incidental, kind=point) nested under one sweep run per command
     invocation (kind=sweep, with its sweep_id), in experiment 'incidental' unless --experiment says otherwise.
+    Re-running collisions or noise resumes: a point with a FINISHED run of the same config hash and code
+    version is reused, not retrained (--force retrains it and deletes the older run).
     """
 
 

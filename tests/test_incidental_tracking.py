@@ -130,6 +130,9 @@ def test_collisions_points_land_with_documented_params_metrics_and_artifacts(stu
     assert {a.path for a in client.list_artifacts(sweep.info.run_id)} == {"collisions.csv", "collisions.png"}
     summary = artifact_csv(client, sweep.info.run_id, "collisions.csv", folder)
     assert set(summary["run_id"]) == {run.info.run_id for run in points}
+    # A first run reuses nothing (tests/test_incidental_resume.py covers re-runs).
+    assert not summary["reused"].any() and sweep.data.metrics["points_trained"] == 3
+    assert sweep.data.metrics["points_reused"] == sweep.data.metrics["points_retired"] == 0
     assert "loglog_slope" in sweep.data.metrics and "log–log slope" in outputs["collisions"]
     assert "nconverged" not in outputs["collisions"] and sweep.data.metrics["unconverged_points"] == 0
 

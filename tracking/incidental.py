@@ -3,8 +3,9 @@
 Run tree (experiment "incidental" unless told otherwise); every run is tagged study=incidental:
 
     sweep run    kind=sweep     one per command invocation; tags command (collisions | noise | dynamics) and
-                                sweep_id; the sweep's table (CSV) and figure (PNG); the fitted log–log slope
-                                as metrics (collisions)
+                                sweep_id; the sweep's table (CSV; first columns run_id, reused) and figure
+                                (PNG); the fitted log–log slope as metrics (collisions); points_trained,
+                                points_reused, points_retired
       point run  kind=point     nested under its sweep; params = the flattened config; metrics = means over
                                 instances (non-finite values are skipped, e.g. a std over one instance); curves
                                 as step series `curve.<name>`; per_instance.csv (collisions, noise) or
@@ -15,28 +16,38 @@ Run tree (experiment "incidental" unless told otherwise); every run is tagged st
 A run is FINISHED only after all its artifacts are logged; an exception marks the open runs FAILED with the
 reason in the `failure_reason` tag, then propagates. This module records and reads; it never trains: the
 caller passes the function that trains (or simulates) one point.
+
+Collisions and noise sweeps resume (`track_points`). A point's identity is its config hash, the code
+version and the command (tags, with study and kind). A config whose identity has a FINISHED point run in the
+experiment is not trained again: the new sweep reads that run back, lists it in its table (reused = True)
+and counts it in points_reused; the point keeps its own sweep_id, and `point_runs` finds it through the
+table. RUNNING points of a killed invocation are marked FAILED ("superseded by a re-run") and trained
+again, like FAILED ones. `force` trains everything and deletes the older FINISHED point of each identity,
+so one identity never has two FINISHED point runs. Dynamics sweeps (seconds of work) always simulate.
 """
 
 from __future__ import annotations
 
-import io
 import math
 import os
-import tempfile
-import time
+import shutil
 import typing
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+import torch
+from mlflow.entities import Param, Run, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from pipeline.configuration import config_hash, flatten, from_dict
 from pipeline.experiments.incidental import (
+    POINT_METRICS,
     DynamicsPoint,
     PointResult,
     collisions_table,
@@ -47,26 +58,40 @@ from pipeline.experiments.incidental import (
     summarize_points,
     unconverged_notes,
 )
-from pipeline.incidental import IncidentalConfig
+from pipeline.incidental import IncidentalConfig, assess_convergence
 from pipeline.plots.incidental import collisions_plot, fourth_norm_plot, sparsification_plot
-from tracking.query import search_all
-from tracking.store import Store, TrackingError, code_version, fail_run, git_commit, log_in_batches
-from tracking.taming import without_logged
+from tracking.recorder import (
+    CURVE_PREFIX,
+    FINISHED,
+    NOTE_TAG,
+    RUNNING,
+    SUPERSEDED_REASON,
+    create_child_run,
+    failing,
+    figure_writer,
+    find_units,
+    finished_units,
+    finite_metrics,
+    log_files,
+    now_ms,
+    read_csv_artifact,
+    read_step_series,
+    retire_runs,
+    search_all,
+    step_series,
+    supersede_runs,
+    without_logged,
+)
+from tracking.store import Store, TrackingError, code_version, git_commit, log_in_batches
 
 STUDY = "incidental"
 DEFAULT_EXPERIMENT = "incidental"
 COMMANDS = ("collisions", "noise", "dynamics")
-CURVE_PREFIX = "curve."
+POINT_KIND = "point"
 PER_INSTANCE_ARTIFACT = "per_instance.csv"
 SIMULATION_ARTIFACT = "simulation.csv"
 # Trajectories of a dynamics point, logged as step series (step = Euler step index t/dt) and in its CSV.
 SIMULATION_SERIES = ("l1_norm", "nonzeros", "l2_norm", "predicted_l1_norm", "predicted_nonzeros")
-NOTE_TAG = "mlflow.note.content"
-FINISHED = RunStatus.to_string(RunStatus.FINISHED)
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def study_experiment_id(store: Store, name: str | None, *, create: bool = True) -> str:
@@ -79,34 +104,6 @@ def study_experiment_id(store: Store, name: str | None, *, create: bool = True) 
     return store.experiment_id(name, create=create)
 
 
-def finite_metrics(
-    values: Mapping[str, float], timestamp: int, step: int = 0, prefix: str = ""
-) -> list[Metric]:
-    """One Metric per finite value; NaN and ±inf (undefined statistics) are left out, not logged."""
-    return [
-        Metric(prefix + name, float(value), timestamp, step)
-        for name, value in values.items()
-        if value is not None and math.isfinite(float(value))
-    ]
-
-
-def _series(name: str, steps: Iterable[int], values: Iterable[float], timestamp: int) -> list[Metric]:
-    return [
-        Metric(CURVE_PREFIX + name, float(value), timestamp, int(step))
-        for step, value in zip(steps, values, strict=True)
-        if math.isfinite(float(value))
-    ]
-
-
-def _log_figure(store: Store, run_id: str, figure, name: str) -> None:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / f"{name}.png"
-        path.write_bytes(buffer.getvalue())
-        store.client.log_artifact(run_id, str(path))
-
-
 # ------------------------------------------------------------------------------------------------------------
 # Recording
 
@@ -115,8 +112,11 @@ def _log_figure(store: Store, run_id: str, figure, name: str) -> None:
 class TrackedSweep:
     """What one command invocation recorded.
 
-    results: the trained points (PointResult) or simulations (DynamicsPoint), in order, with run_ids.
-    table: the sweep's summary table as logged (first column run_id); metrics: the sweep run's metrics.
+    results: the points (PointResult) or simulations (DynamicsPoint), in order, trained or read back.
+    run_ids: their point runs, in order; reused: the ids among them taken from earlier invocations;
+    retired: older FINISHED point runs deleted because `force` retrained their identity.
+    table: the sweep's summary table as logged (first columns run_id, reused); metrics: the sweep run's
+    metrics (with points_trained, points_reused, points_retired).
     """
 
     command: str
@@ -126,6 +126,8 @@ class TrackedSweep:
     results: list
     table: pd.DataFrame
     metrics: dict[str, float] = field(default_factory=dict)
+    reused: list[str] = field(default_factory=list)
+    retired: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -134,6 +136,58 @@ class _Summary:
     figures: dict[str, Any]
     metrics: dict[str, float]
     description: str
+
+
+@dataclass
+class _Resume:
+    """How a sweep finds finished points and reads them back (`_run_sweep` without one computes every job).
+
+    identity(job): the tags that say what a point computed (`point_identity`); read_back(store, run, job):
+    the job's result rebuilt from its FINISHED run; force: compute every job anyway and delete the older
+    FINISHED runs of its identity once the new one has finished; on_reuse(job, run_id): told of each reuse
+    before anything trains.
+    """
+
+    identity: Callable[[Any], dict[str, str]]
+    read_back: Callable[[Store, Run, Any], Any]
+    force: bool = False
+    on_reuse: Callable[[Any, str], None] | None = None
+
+
+def _plan(
+    store: Store,
+    experiment_id: str,
+    jobs: Sequence[Any],
+    resume: _Resume | None,
+    *,
+    sweep_id: str,
+    sweep_run_id: str,
+) -> list[Run | None]:
+    """The FINISHED point run to reuse for each job, None where the job must be computed.
+
+    A RUNNING point of a job's identity belongs to an invocation that was killed (SIGKILL leaves runs
+    RUNNING; an exception or Ctrl-C would have marked them FAILED): it is marked FAILED, superseded by this
+    sweep, and so is its sweep run, and the still-RUNNING sweep run a reused point hangs under. This assumes
+    one invocation per experiment at a time: MLflow has no heartbeat telling a dead run from a live one.
+    """
+    if resume is None:
+        return [None] * len(jobs)
+    plan: list[Run | None] = []
+    stale: list[str] = []
+    sweeps: set[str] = set()
+    for job in jobs:
+        identity = resume.identity(job)
+        existing = [] if resume.force else finished_units(store, experiment_id, POINT_KIND, identity)
+        plan.append(existing[0] if existing else None)
+        running = find_units(store, experiment_id, POINT_KIND, identity, RUNNING)
+        stale += [run.info.run_id for run in running]
+        sweeps |= {run.data.tags.get(MLFLOW_PARENT_RUN_ID) for run in [*existing[:1], *running]}
+        if existing and resume.on_reuse is not None:
+            resume.on_reuse(job, existing[0].info.run_id)
+    reason = f"{SUPERSEDED_REASON} (sweep {sweep_id})"
+    supersede_runs(store, stale, reason)
+    supersede_runs(store, sorted(run_id for run_id in sweeps - {None, sweep_run_id}), reason)
+    return plan
 
 
 def _run_sweep(
@@ -149,8 +203,10 @@ def _run_sweep(
     sweep_name: str,
     sweep_params: Mapping[str, Any],
     adopted_run_id: str | None,
+    resume: _Resume | None = None,
 ) -> TrackedSweep:
-    """The shared skeleton: a sweep run, then one nested point run per job, then the sweep's summary.
+    """The shared skeleton: a sweep run, then one nested point run per job (or the FINISHED point of an
+    earlier invocation, see `_Resume`), then the sweep's summary.
 
     describe(job) → (run name, params known before running, extra tags); run(job) → result;
     log_result(store, run_id, result) logs metrics, curves and artifacts (the point is closed here).
@@ -166,7 +222,9 @@ def _run_sweep(
     )
     run_ids: list[str] = []
     results: list = []
-    try:
+    reused: list[str] = []
+    retired: list[str] = []
+    with failing(store, sweep_run_id):
         params = [Param(name, str(value)) for name, value in {**sweep_params, "points": len(jobs)}.items()]
         log_in_batches(
             store,
@@ -183,44 +241,47 @@ def _run_sweep(
                 }.items()
             ],
         )
-        for job in jobs:
-            name, known_params, extra_tags = describe(job)
-            tags = {
-                "kind": "point",
-                **identity,
-                MLFLOW_PARENT_RUN_ID: sweep_run_id,
-                MLFLOW_RUN_NAME: name,
-                "code_version": code_version(),
-                **extra_tags,
-            }
-            run_id = store.client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
-            try:
-                log_in_batches(store, run_id, params=[Param(k, v) for k, v in known_params.items()])
-                result = run(job)
-                log_result(store, run_id, result)
-                store.client.set_terminated(run_id, FINISHED)
-            except BaseException as error:
-                fail_run(store, run_id, f"{type(error).__name__}: {error}")
-                raise
+        plan = _plan(store, experiment_id, jobs, resume, sweep_id=sweep_id, sweep_run_id=sweep_run_id)
+        for job, existing in zip(jobs, plan, strict=True):
+            if existing is not None:
+                run_id = existing.info.run_id
+                result = resume.read_back(store, existing, job)  # type: ignore[union-attr]
+                reused.append(run_id)
+            else:
+                name, known_params, extra_tags = describe(job)
+                tags = {"kind": POINT_KIND, **identity, "code_version": code_version(), **extra_tags}
+                run_id = create_child_run(store, experiment_id, sweep_run_id, name, tags)
+                with failing(store, run_id):
+                    log_in_batches(store, run_id, params=[Param(k, v) for k, v in known_params.items()])
+                    result = run(job)
+                    log_result(store, run_id, result)
+                    store.client.set_terminated(run_id, FINISHED)
+                if resume is not None and resume.force:
+                    older = finished_units(store, experiment_id, POINT_KIND, resume.identity(job))
+                    older_ids = [run.info.run_id for run in older if run.info.run_id != run_id]
+                    retired += retire_runs(store, older_ids, superseded_by=run_id)
             run_ids.append(run_id)
             results.append(result)
         summary = summarize(results)
         table = summary.table.copy()
         table.insert(0, "run_id", run_ids)
+        table.insert(1, "reused", [run_id in reused for run_id in run_ids])
+        metrics = summary.metrics | {
+            "points_trained": float(len(jobs) - len(reused)),
+            "points_reused": float(len(reused)),
+            "points_retired": float(len(retired)),
+        }
         log_in_batches(
             store,
             sweep_run_id,
-            metrics=finite_metrics(summary.metrics, _now_ms()),
+            metrics=finite_metrics(metrics, now_ms()),
             tags=[RunTag(NOTE_TAG, summary.description[:7900])],
         )
-        store.client.log_text(sweep_run_id, table.to_csv(index=False), f"{command}.csv")
-        for figure_name, figure in summary.figures.items():
-            _log_figure(store, sweep_run_id, figure, figure_name)
+        files = {f"{command}.csv": lambda path: table.to_csv(path, index=False)}
+        files |= {f"{name}.png": figure_writer(figure) for name, figure in summary.figures.items()}
+        log_files(store, sweep_run_id, files)
         store.client.set_terminated(sweep_run_id, FINISHED)
-    except BaseException as error:
-        fail_run(store, sweep_run_id, f"{type(error).__name__}: {error}")
-        raise
-    return TrackedSweep(command, sweep_id, sweep_run_id, run_ids, results, table, summary.metrics)
+    return TrackedSweep(command, sweep_id, sweep_run_id, run_ids, results, table, metrics, reused, retired)
 
 
 def _describe_config(
@@ -250,12 +311,12 @@ def convergence_tag(point: PointResult) -> str | None:
 def log_point_result(store: Store, run_id: str, point: PointResult) -> None:
     """Metrics (finite ones), curves as step series, the convergence tag (L1 points) and the per-instance
     table of one trained point."""
-    timestamp = _now_ms()
+    timestamp = now_ms()
     metrics = finite_metrics({**point.metrics, "wall_time_s": point.wall_time_s}, timestamp)
     steps = point.curves["step"]
     for name, values in point.curves.items():
         if name != "step":
-            metrics.extend(_series(name, steps, values, timestamp))
+            metrics.extend(step_series(name, steps, values, timestamp))
     tag = convergence_tag(point)
     tags = [RunTag(CONVERGENCE_TAG, tag)] if tag is not None else []
     log_in_batches(store, run_id, metrics=metrics, tags=tags)
@@ -298,6 +359,52 @@ def _summarize_noise(points: list[PointResult]) -> _Summary:
     return _Summary(table, {"fourth_norm": figure}, {}, "\n".join(lines))
 
 
+def point_identity(command: str, config: IncidentalConfig) -> dict[str, str]:
+    """What a point computed, as the tags a FINISHED point run is found by: the study, the command, the
+    config hash (every field, seed and device included) and the code version (a hash of the `pipeline/`
+    sources and the torch version, so results from changed science are never reused)."""
+    return {
+        "study": STUDY,
+        "command": command,
+        "config_hash": config_hash(config),
+        "code_version": code_version(),
+    }
+
+
+def _curves_of(store: Store, run: Run) -> dict[str, list[float]]:
+    """A point's curves from its step series, in `run_point`'s form: "step" then one list per curve (NaN
+    where a value was not finite and so was not logged)."""
+    names = sorted(key.removeprefix(CURVE_PREFIX) for key in run.data.metrics if key.startswith(CURVE_PREFIX))
+    series = {name: read_step_series(store, run.info.run_id, name) for name in names}
+    steps = sorted({step for values in series.values() for step in values})
+    return {
+        "step": steps,
+        **{name: [values.get(step, math.nan) for step in steps] for name, values in series.items()},
+    }
+
+
+def read_point(store: Store, run: Run, config: IncidentalConfig) -> PointResult:
+    """The PointResult of a FINISHED point run, rebuilt from what it logged: metrics (a metric left out as
+    non-finite comes back NaN), per_instance.csv, the curves and the convergence check (recomputed from the
+    per-instance sparsity, as `run_point` computes it). The weights are not stored: a point read back has
+    empty [0, n, m] tensors, which nothing downstream of a sweep reads."""
+    metrics = run.data.metrics
+    per_instance = read_csv_artifact(store, run.info.run_id, PER_INSTANCE_ARTIFACT)
+    convergence = assess_convergence(per_instance["encoding_sparsity"]) if config.noise == "none" else None
+    empty = torch.empty((0, config.n, config.m))
+    return PointResult(
+        config=config,
+        params=flatten(config),
+        metrics={name: metrics.get(name, math.nan) for name in POINT_METRICS},
+        per_instance=per_instance,
+        curves=_curves_of(store, run),
+        initial_weights=empty,
+        final_weights=empty,
+        wall_time_s=metrics.get("wall_time_s", math.nan),
+        convergence=convergence,
+    )
+
+
 def track_points(
     store: Store,
     experiment_id: str,
@@ -307,22 +414,35 @@ def track_points(
     trainer: Callable[[IncidentalConfig], PointResult],
     sweep_params: Mapping[str, Any] | None = None,
     adopted_run_id: str | None = None,
+    force: bool = False,
+    on_reuse: Callable[[IncidentalConfig, str], None] | None = None,
 ) -> TrackedSweep:
     """Record a collisions or noise sweep: `trainer(config)` trains one point (normally
     `pipeline.experiments.incidental.run_point`), each point is logged as soon as it has trained.
 
+    Resumes: a config whose identity (`point_identity`) has a FINISHED point run in the experiment is not
+    trained again; that run is read back (`read_point`) and listed in the sweep's table (reused = True),
+    and `on_reuse(config, run_id)` is told before anything trains. With `force` every config is trained
+    and the older FINISHED runs of its identity are deleted once the new one has finished, so one identity
+    never has two FINISHED point runs.
+
     The collisions sweep run gets collisions.csv (`collisions_table`), collisions.png and the log–log slope
-    metrics; the noise sweep run gets noise.csv (`summarize_points`) and fourth_norm.png.
-    `adopted_run_id` (the run `mlflow run` created) becomes the sweep run.
+    metrics; the noise sweep run gets noise.csv (`summarize_points`) and fourth_norm.png; both get the
+    metrics points_trained, points_reused and points_retired. `adopted_run_id` (the run `mlflow run`
+    created) becomes the sweep run.
     """
     if command not in ("collisions", "noise"):
         raise ValueError(f"track_points records collisions or noise sweeps; got {command!r}")
+    configs = list(configs)
+    hashes = [config_hash(config) for config in configs]
+    if len(set(hashes)) != len(hashes):
+        raise ValueError("configs repeat a configuration (same config hash); give each one once")
     summarize = _summarize_collisions if command == "collisions" else _summarize_noise
     return _run_sweep(
         store,
         experiment_id,
         command,
-        list(configs),
+        configs,
         describe=_describe_config(command),
         run=trainer,
         log_result=log_point_result,
@@ -330,17 +450,23 @@ def track_points(
         sweep_name=f"{command} ({len(configs)} points)",
         sweep_params=sweep_params or {},
         adopted_run_id=adopted_run_id,
+        resume=_Resume(
+            identity=lambda config: point_identity(command, config),
+            read_back=read_point,
+            force=force,
+            on_reuse=on_reuse,
+        ),
     )
 
 
 def log_dynamics_result(store: Store, run_id: str, point: DynamicsPoint) -> None:
     """Params, finite metrics, trajectories as step series (step = t/dt) and simulation.csv of one ODE run."""
-    timestamp = _now_ms()
+    timestamp = now_ms()
     simulation = point.simulation
     steps = [round(t / point.params["dt"]) for t in simulation["t"]]
     metrics = finite_metrics(point.metrics, timestamp)
     for name in SIMULATION_SERIES:
-        metrics.extend(_series(name, steps, simulation[name], timestamp))
+        metrics.extend(step_series(name, steps, simulation[name], timestamp))
     params = without_logged(store, run_id, [Param(k, str(v)) for k, v in point.params.items()])
     log_in_batches(store, run_id, metrics=metrics, params=params)
     frame = pd.DataFrame({"t": simulation["t"], **{name: simulation[name] for name in SIMULATION_SERIES}})
@@ -420,15 +546,45 @@ def sweep_commands(store: Store, experiment_id: str, sweep_ids: Sequence[str]) -
     return commands
 
 
-def point_runs(store: Store, experiment_id: str, sweep_id: str) -> list:
-    """FINISHED point runs of a sweep, oldest first."""
-    runs = search_all(
-        store,
+def _listed_run_ids(store: Store, experiment_id: str, sweep_id: str) -> list[str]:
+    """The run_id column of a sweep's table (<command>.csv), [] when the sweep has none (it failed or was
+    killed before its summary, which is written last)."""
+    sweeps = store.client.search_runs(
         [experiment_id],
-        f"tags.study = '{STUDY}' and tags.kind = 'point' and tags.sweep_id = '{sweep_id}' "
-        "and attributes.status = 'FINISHED'",
+        f"tags.study = '{STUDY}' and tags.kind = 'sweep' and tags.sweep_id = '{sweep_id}'",
+        max_results=1,
     )
-    return sorted(runs, key=lambda run: run.info.start_time)
+    if not sweeps:
+        return []
+    run_id, artifact = sweeps[0].info.run_id, f"{sweeps[0].data.tags.get('command')}.csv"
+    if artifact not in {entry.path for entry in store.client.list_artifacts(run_id)}:
+        return []
+    return [str(value) for value in read_csv_artifact(store, run_id, artifact)["run_id"]]
+
+
+def point_runs(store: Store, experiment_id: str, sweep_id: str) -> list[Run]:
+    """FINISHED point runs of a sweep, each once, oldest first: those it trained (tagged with its sweep_id)
+    and those it reused from earlier invocations (listed in its table, tagged with their own sweep's id).
+    A listed run deleted since (retired by a forced re-run) is left out."""
+    runs = {
+        run.info.run_id: run
+        for run in search_all(
+            store,
+            [experiment_id],
+            f"tags.study = '{STUDY}' and tags.kind = '{POINT_KIND}' and tags.sweep_id = '{sweep_id}' "
+            f"and attributes.status = '{FINISHED}'",
+        )
+    }
+    for run_id in _listed_run_ids(store, experiment_id, sweep_id):
+        if run_id in runs:
+            continue
+        try:
+            run = store.client.get_run(run_id)
+        except MlflowException:  # removed for good (`mlflow gc`)
+            continue
+        if run.info.status == FINISHED and run.info.lifecycle_stage == "active":
+            runs[run_id] = run
+    return sorted(runs.values(), key=lambda run: run.info.start_time)
 
 
 _CONFIG_HINTS = typing.get_type_hints(IncidentalConfig)
@@ -469,16 +625,11 @@ def _dynamics_params(run) -> dict[str, float | int]:
     }
 
 
-def _download_csv(store: Store, run_id: str, artifact: str) -> pd.DataFrame:
-    with tempfile.TemporaryDirectory() as folder:
-        return pd.read_csv(store.client.download_artifacts(run_id, artifact, folder))
-
-
 def per_instance_frame(store: Store, runs: Sequence) -> pd.DataFrame:
     """Every instance of the given point runs: run_id, sweep_id, the config fields, then per_instance.csv."""
     frames = []
     for run in runs:
-        table = _download_csv(store, run.info.run_id, PER_INSTANCE_ARTIFACT)
+        table = read_csv_artifact(store, run.info.run_id, PER_INSTANCE_ARTIFACT)
         identity = {
             "run_id": run.info.run_id,
             "sweep_id": run.data.tags.get("sweep_id"),
@@ -490,13 +641,13 @@ def per_instance_frame(store: Store, runs: Sequence) -> pd.DataFrame:
 
 def curve(store: Store, run_id: str, name: str) -> dict[str, list[float]]:
     """A logged step series as {"step": [...], name: [...]}, in step order."""
-    history = sorted(store.client.get_metric_history(run_id, CURVE_PREFIX + name), key=lambda m: m.step)
-    return {"step": [m.step for m in history], name: [m.value for m in history]}
+    series = read_step_series(store, run_id, name)
+    return {"step": list(series), name: list(series.values())}
 
 
 def simulation_of(store: Store, run) -> dict[str, Any]:
     """A dynamics point's trajectory from simulation.csv, in `simulate_sparsification`'s form (+ m, l1)."""
-    table = _download_csv(store, run.info.run_id, SIMULATION_ARTIFACT)
+    table = read_csv_artifact(store, run.info.run_id, SIMULATION_ARTIFACT)
     simulation: dict[str, Any] = {column: table[column].to_numpy() for column in table.columns}
     params = _dynamics_params(run)
     simulation["m"], simulation["l1"] = params["m"], params["l1"]
@@ -538,8 +689,13 @@ def load_study(store: Store, experiment_id: str, sweep_ids: Sequence[str] = ()) 
             "this experiment has no finished incidental sweep; run `python cli.py incidental collisions` "
             "(or noise, dynamics) first, or check --experiment and --sweep-id"
         )
+    # A point reused by a later sweep is listed by both: select both sweeps and it still counts once.
     runs = {
-        command: [run for sweep_id in ids for run in point_runs(store, experiment_id, sweep_id)]
+        command: list(
+            {
+                run.info.run_id: run for sweep_id in ids for run in point_runs(store, experiment_id, sweep_id)
+            }.values()
+        )
         for command, ids in by_command.items()
     }
     notes = []
@@ -592,11 +748,11 @@ def log_study_report(
             experiment_id, run_name="incidental report", tags={"kind": "analysis", "study": STUDY}
         ).info.run_id
     )
-    try:
+    with failing(store, run_id):
         log_in_batches(
             store,
             run_id,
-            metrics=finite_metrics(metrics, _now_ms()),
+            metrics=finite_metrics(metrics, now_ms()),
             params=without_logged(store, run_id, [Param(k, str(v)[:6000]) for k, v in params.items()]),
             tags=[
                 RunTag("kind", "analysis"),
@@ -607,10 +763,6 @@ def log_study_report(
                 RunTag(NOTE_TAG, description[:7900]),
             ],
         )
-        for path in files:
-            store.client.log_artifact(run_id, str(path))
+        log_files(store, run_id, {path.name: partial(shutil.copyfile, path) for path in files})
         store.client.set_terminated(run_id, FINISHED)
-    except BaseException as error:
-        fail_run(store, run_id, f"{type(error).__name__}: {error}")
-        raise
     return run_id
