@@ -14,7 +14,7 @@ import sys
 
 import click
 
-from pipeline.configuration import ConfigError
+from pipeline.config_tools import ConfigError
 from pipeline.experiments.incidental_defaults import COLLISIONS, DYNAMICS, NOISE
 
 # The sweep summary shows the headline metrics and the task loss beside them.
@@ -719,65 +719,23 @@ def _checked_configs(build):
     return configs
 
 
-def _step_bar(total: int, description: str):
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total, desc=description, unit="step", unit_scale=True, dynamic_ncols=True, mininterval=0.5
-    )
-
-
-def _study_experiment(store, experiment: str | None, adopted, *, create: bool = True) -> str:
-    from tracking.incidental import study_experiment_id
-    from tracking.store import TrackingError
-
-    if adopted is not None and experiment is None:
-        return adopted.info.experiment_id
-    try:
-        return study_experiment_id(store, experiment, create=create)
-    except TrackingError as error:
-        _fail_usage(str(error))
-
-
-def _track_trained_points(command: str, configs, options: dict, sweep_params: dict):
-    """Open the store, train every config with a progress bar over all steps, record each point."""
-    from pipeline.experiments.incidental import run_point
-    from tracking.incidental import track_points
-
-    store = _store(options["tracking_uri"])
-    adopted = _adopted_run(store)
-    experiment_id = _study_experiment(store, options["experiment"], adopted)
-    bar = _step_bar(sum(config.steps for config in configs), f"{command}: {len(configs)} point(s)")
-
-    def on_reuse(config, run_id: str) -> None:
-        # Told before anything trains: the bar then counts (and times) only the steps still to train.
-        bar.total -= config.steps
-        bar.refresh()
-
-    def trainer(config):
-        reported = 0
-
-        def progress(done: int) -> None:
-            nonlocal reported
-            bar.update(done - reported)
-            reported = done
-
-        return run_point(config, progress=progress)
+def _track_points(command: str, configs, options: dict, sweep_params: dict):
+    """Train and record the points (orchestration.incidental); say what was reused and where it went."""
+    from orchestration.incidental import train_and_track_points
+    from orchestration.taming import InputError
 
     try:
-        tracked = track_points(
-            store,
-            experiment_id,
+        recorded = train_and_track_points(
             command,
             configs,
-            trainer=trainer,
-            sweep_params=sweep_params,
-            adopted_run_id=adopted.info.run_id if adopted is not None else None,
+            tracking_uri=options["tracking_uri"],
+            experiment=options["experiment"],
             force=options["force"],
-            on_reuse=on_reuse,
+            sweep_params=sweep_params,
         )
-    finally:
-        bar.close()
+    except InputError as error:
+        _fail_usage(str(error))
+    tracked = recorded.tracked
     if tracked.reused:
         click.echo(
             f"\nReused {len(tracked.reused)} of {len(configs)} point(s) already FINISHED with the same config "
@@ -786,8 +744,8 @@ def _track_trained_points(command: str, configs, options: dict, sweep_params: di
     if tracked.retired:
         click.echo(f"\nDeleted {len(tracked.retired)} older point run(s) that --force retrained.")
     click.echo(
-        f"\nSweep {tracked.sweep_id} ({command}) in experiment {experiment_id} at {store.uri}; "
-        f"sweep run {tracked.sweep_run_id}.\n"
+        f"\nSweep {tracked.sweep_id} ({command}) in experiment '{recorded.experiment_name}' at "
+        f"{recorded.store_uri}; sweep run {tracked.sweep_run_id}.\n"
     )
     return tracked
 
@@ -888,9 +846,9 @@ def incidental_collisions(n, ms, l1_values, **options):
     rerun with more --steps.
     """
     from pipeline.experiments.incidental import (
+        collisions_display,
         collisions_points,
         collisions_table,
-        converged_column,
         slope_sentence,
         slope_table,
         unconverged_notes,
@@ -913,28 +871,9 @@ def incidental_collisions(n, ms, l1_values, **options):
         "l1": ",".join(f"{value:g}" for value in l1_values),
         **settings,
     }
-    tracked = _track_trained_points("collisions", configs, options, sweep_params)
+    tracked = _track_points("collisions", configs, options, sweep_params)
     table = collisions_table(tracked.results)
-    shown = table.assign(
-        ci=[
-            f"[{low:.3g}, {high:.3g}]" if high == high else "–"
-            for low, high in zip(
-                table["polysemantic_neurons_ci_low"], table["polysemantic_neurons_ci_high"], strict=True
-            )
-        ],
-        ratio=table["polysemantic_neurons"] / table["predicted_polysemantic_neurons"],
-        converged=converged_column(table),  # "yes"/"no" in place of the boolean column
-    ).rename(
-        columns={
-            "l1": "λ",
-            "polysemantic_neurons": "polysemantic (mean)",
-            "ci": "95 % CI",
-            "predicted_polysemantic_neurons": "n²/(4m)",
-            "ratio": "observed / predicted",
-        }
-    )
-    columns = ["n", "λ", "m", "instances", "polysemantic (mean)", "95 % CI", "n²/(4m)"]
-    click.echo(markdown_table(shown, [*columns, "observed / predicted", "converged"]))
+    click.echo(markdown_table(collisions_display(table)))
     notes = unconverged_notes(table)
     if notes:
         click.echo("")
@@ -1037,7 +976,7 @@ def incidental_noise(n, m, noise_types, sigmas, nu, noise_sharing, l1, **options
         "l1": l1,
         **settings,
     }
-    tracked = _track_trained_points("noise", configs, options, sweep_params)
+    tracked = _track_points("noise", configs, options, sweep_params)
     rows = [
         {
             "noise": point.config.noise,
@@ -1097,39 +1036,28 @@ def incidental_dynamics(m, l1_values, t_max_times_l1, dt, seed, experiment, trac
     (documented 2–2.7), l1_norm_ratio_median; trajectories as step series (step = t/dt) and simulation.csv.
     The sweep run holds dynamics.csv and the log–log plot.
     """
-    import math
-
     import pandas as pd
 
-    from pipeline.experiments.incidental import dynamics
+    from orchestration.incidental import simulate_and_track_dynamics
+    from orchestration.taming import InputError
     from pipeline.tables import markdown_table
-    from tracking.incidental import track_dynamics
-
-    l1_values = _flat(l1_values)
-    store = _store(tracking_uri)
-    adopted = _adopted_run(store)
-    experiment_id = _study_experiment(store, experiment, adopted)
-    bar = _step_bar(sum(math.ceil(t_max_times_l1 / l1 / dt) for l1 in l1_values), "dynamics")
-
-    def simulate(l1: float):
-        point = dynamics(m=m, l1_values=[l1], t_max_times_l1=t_max_times_l1, dt=dt, seed=seed)[0]
-        bar.update(math.ceil(t_max_times_l1 / l1 / dt))
-        return point
 
     try:
-        tracked = track_dynamics(
-            store,
-            experiment_id,
-            l1_values,
-            simulate=simulate,
-            sweep_params={"m": m, "l1": ",".join(f"{v:g}" for v in l1_values), "dt": dt, "seed": seed},
-            adopted_run_id=adopted.info.run_id if adopted is not None else None,
+        recorded = simulate_and_track_dynamics(
+            m=m,
+            l1_values=_flat(l1_values),
+            t_max_times_l1=t_max_times_l1,
+            dt=dt,
+            seed=seed,
+            tracking_uri=tracking_uri,
+            experiment=experiment,
         )
-    finally:
-        bar.close()
+    except InputError as error:
+        _fail_usage(str(error))
+    tracked = recorded.tracked
     click.echo(
-        f"\nSweep {tracked.sweep_id} (dynamics) in experiment {experiment_id} at {store.uri}; "
-        f"sweep run {tracked.sweep_run_id}.\n"
+        f"\nSweep {tracked.sweep_id} (dynamics) in experiment '{recorded.experiment_name}' at "
+        f"{recorded.store_uri}; sweep run {tracked.sweep_run_id}.\n"
     )
     columns = ["m", "l1", "completion_time_times_l1", "nonzeros_ratio_median", "nonzeros_ratio_min"]
     columns += ["nonzeros_ratio_max", "l1_norm_ratio_median"]
@@ -1167,54 +1095,26 @@ def incidental_report(experiment, tracking_uri, sweep_ids, baseline, paired, res
     and BH), the ODE against its prediction. Writes report.md, CSVs and PNGs to --out and logs them as an
     analysis run (kind=analysis, study=incidental).
     """
-    import time
-    from pathlib import Path
+    from orchestration.incidental import build_and_log_incidental_report
+    from orchestration.taming import InputError
 
-    from pipeline.experiments.incidental import build_report
-    from tracking.incidental import load_study, log_study_report, slope_metrics
-    from tracking.store import TrackingError, resolve_tracking_uri
-
-    uri = resolve_tracking_uri(tracking_uri)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        _fail_usage(f"--tracking-uri {uri}: no store there yet; run an incidental experiment first")
-    store = _store(tracking_uri)
-    adopted = _adopted_run(store)
-    experiment_id = _study_experiment(store, experiment, adopted, create=False)
     try:
-        records = load_study(store, experiment_id, sweep_ids)
-    except TrackingError as error:
-        _fail_usage(str(error))
-    built = build_report(
-        collisions_instances=records.collisions_instances,
-        noise_instances=records.noise_instances,
-        noise_curves=records.noise_curves,
-        dynamics_table=records.dynamics_table,
-        simulations=records.simulations,
-        baseline=baseline,
-        paired=paired,
-        n_resamples=resamples,
-        notes=records.notes,
-    )
-    folder = Path(out_dir or f"reports/incidental-{time.strftime('%Y%m%d-%H%M%S')}")
-    files = built.write(folder)
-    click.echo(built.markdown())
-    click.echo(f"\nReport files in {folder}/.")
-    if not no_log:
-        run_id = log_study_report(
-            store,
-            experiment_id,
-            files,
-            description=built.headline(),
-            params={
-                "sweeps": records.query(),
-                "baseline": baseline,
-                "paired": paired,
-                "resamples": resamples,
-            },
-            metrics=slope_metrics(built.slopes) if built.slopes is not None else {},
-            adopted_run_id=adopted.info.run_id if adopted is not None else None,
+        result = build_and_log_incidental_report(
+            tracking_uri=tracking_uri,
+            experiment=experiment,
+            sweep_ids=sweep_ids,
+            baseline=baseline,
+            paired=paired,
+            resamples=resamples,
+            out_dir=out_dir,
+            log=not no_log,
         )
-        click.echo(f"Logged as analysis run {run_id} in experiment {experiment_id}.")
+    except InputError as error:
+        _fail_usage(str(error))
+    click.echo(result.report.markdown())
+    click.echo(f"\nReport files in {result.folder}/.")
+    if result.run_id is not None:
+        click.echo(f"Logged as analysis run {result.run_id} in experiment '{result.experiment_name}'.")
 
 
 def main() -> None:
@@ -1226,7 +1126,9 @@ def main() -> None:
     # 1.5 s after a sweep, during which the shell waits. Frozen objects are skipped by that collection;
     # everything is still released by reference counting and atexit handlers still run.
     atexit.register(gc.freeze)
-    cli(prog_name="python cli.py")
+    # Help and errors show the command as it was typed: `python cli.py …` or the installed `polylab …`.
+    program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "polylab"
+    cli(prog_name="python cli.py" if program == "cli.py" else program)
 
 
 if __name__ == "__main__":

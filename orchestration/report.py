@@ -71,6 +71,7 @@ def build_and_log_report(request: ReportRequest, on_status=lambda text: None) ->
     adopted = adopted_run(store)
     if adopted is not None and request.experiment is None:
         experiment_id = adopted.info.experiment_id
+        store.declare_experiment_kind(experiment_id)  # `mlflow run` made it, without our tag
         experiment_name = store.client.get_experiment(experiment_id).name
     else:
         experiment_id, experiment_name = _experiment(store, request)

@@ -115,6 +115,7 @@ def experiment_and_adopted_run(store, name: str | None, *, create: bool = True):
     adopted = adopted_run(store)
     if adopted is not None and name is None:
         experiment_id = adopted.info.experiment_id
+        store.declare_experiment_kind(experiment_id)  # `mlflow run` made it, without our tag
         return experiment_id, store.client.get_experiment(experiment_id).name, adopted
     experiment_id, experiment_name = experiment_for(store, name, create=create)
     if adopted is not None and adopted.info.experiment_id != experiment_id:

@@ -25,7 +25,7 @@ from pipeline.config import (
     STRATEGIC_CONFIGURATIONS,
     AblationConfig,
 )
-from pipeline.configuration import flatten
+from pipeline.config_tools import flatten
 from pipeline.metrics import HEADLINE_METRICS
 from pipeline.plots.report import effects_forest_plot, interaction_grid, main_effects_plot, seed_strip_plot
 from pipeline.tables import format_number, markdown_table, mean_plus_minus

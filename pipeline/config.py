@@ -11,7 +11,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.configuration import (
+from pipeline.config_tools import (
     ConfigError,
     allowed_choices,
     check_choice,
@@ -314,7 +314,7 @@ def preset_configs(preset: str, base: AblationConfig | None = None) -> list[Abla
 def pass_key(config: AblationConfig) -> tuple:
     """Configurations with equal keys can share one batched pass.
 
-    Derived from the fields: every field not declared `per_model` (pipeline.configuration.setting) must be
+    Derived from the fields: every field not declared `per_model` (pipeline.config_tools.setting) must be
     equal within a pass, because the engine reads it from the pass's first configuration. A new field is
     therefore pass-splitting until someone teaches the engine to take it per model and marks it so.
     """

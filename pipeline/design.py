@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import FACTOR_LEVELS, AblationConfig
-from pipeline.configuration import ConfigError, allowed_choices, leaf_fields, leaf_values, replace_leaves
+from pipeline.config_tools import ConfigError, allowed_choices, leaf_fields, leaf_values, replace_leaves
 
 DESIGNS_FOLDER = Path(__file__).resolve().parent.parent / "designs"
 DESIGN_KEYS = ("name", "study", "description", "seeds", "fixed", "cases", "grid")

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.configuration import ConfigError, check_choice, check_integer, check_positive
+from pipeline.config_tools import ConfigError, check_choice, check_integer, check_positive
 
 NOISE_TYPES = ("none", "bipolar", "gaussian", "laplace", "student_t")
 NOISE_SHARING = ("per_sample", "per_step")

@@ -15,7 +15,7 @@ from pipeline.config import (
     pass_key,
     preset_configs,
 )
-from pipeline.configuration import leaf_values, replace_leaves
+from pipeline.config_tools import leaf_values, replace_leaves
 from pipeline.design import (
     Design,
     DesignError,

@@ -15,7 +15,7 @@ import scipy.stats
 import torch
 from matplotlib.figure import Figure
 
-from pipeline.configuration import ConfigError, config_hash, from_dict, to_dict
+from pipeline.config_tools import ConfigError, config_hash, from_dict, to_dict
 from pipeline.experiments.incidental import (
     POINT_METRICS,
     collisions_points,

@@ -136,3 +136,34 @@ def test_dependencies_are_read_from_requirements_txt_and_parse():
         except InvalidRequirement as error:
             pytest.fail(f"requirements.txt line {line!r} is no PEP 508 requirement for setuptools: {error}")
     assert {"torch", "mlflow", "click", "dask"} <= names
+
+
+def test_code_version_covers_exactly_the_sources_results_depend_on(tmp_path, monkeypatch):
+    """Every file under pipeline/ is placed in RESULT_SOURCES or OTHER_SOURCES; editing a result source
+    changes the code version (stored runs are no longer reused), editing a plot or the report does not."""
+    import shutil
+
+    from tracking import store
+
+    on_disk = {str(path.relative_to(ROOT)) for path in (ROOT / "pipeline").rglob("*.py")}
+    assert set(store.RESULT_SOURCES) | set(store.OTHER_SOURCES) == on_disk
+    assert not set(store.RESULT_SOURCES) & set(store.OTHER_SOURCES)
+
+    copy = tmp_path / "project"
+    shutil.copytree(ROOT / "pipeline", copy / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(store, "PROJECT_ROOT", copy)
+
+    def version() -> str:
+        store.code_version.cache_clear()
+        return store.code_version()
+
+    try:
+        original = version()
+        with (copy / "pipeline/plots/report.py").open("a") as handle:
+            handle.write("\n# a figure tweak\n")
+        assert version() == original
+        with (copy / "pipeline/train.py").open("a") as handle:
+            handle.write("\n# a training change\n")
+        assert version() != original
+    finally:
+        store.code_version.cache_clear()

@@ -45,7 +45,7 @@ from mlflow.entities import Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from pipeline.configuration import config_hash, flatten, from_dict
+from pipeline.config_tools import config_hash, flatten, from_dict
 from pipeline.experiments.incidental import (
     POINT_METRICS,
     DynamicsPoint,

@@ -32,7 +32,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from pipeline import stats
 from pipeline.config import AblationConfig, pass_key
-from pipeline.configuration import flatten
+from pipeline.config_tools import flatten
 from pipeline.evaluation import METRIC_NAMES, checkpoint
 from pipeline.plots.taming import overlap_grid_png, overlap_png, prepare_overlap_painters
 from tracking.store import Store, code_version, fail_run, git_commit, log_in_batches

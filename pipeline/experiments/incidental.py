@@ -22,7 +22,7 @@ import scipy.stats
 import torch
 
 from pipeline import stats
-from pipeline.configuration import flatten
+from pipeline.config_tools import flatten
 from pipeline.experiments.incidental_defaults import COLLISIONS, DYNAMICS, NOISE
 from pipeline.incidental import (
     CONVERGENCE_THRESHOLD,
@@ -562,6 +562,29 @@ def _intervals(frame: pd.DataFrame, low: str, high: str) -> list[str]:
     return [_interval(a, b) for a, b in zip(frame[low], frame[high], strict=True)]
 
 
+def collisions_display(table: pd.DataFrame) -> pd.DataFrame:
+    """The observed-against-predicted table as people read it, from `collisions_summary` (the report) or
+    `collisions_table` (a command's freshly trained points): one function, so both show the same thing."""
+    low, high = (
+        ("ci_low", "ci_high")
+        if "ci_low" in table
+        else ("polysemantic_neurons_ci_low", "polysemantic_neurons_ci_high")
+    )
+    return pd.DataFrame(
+        {
+            "n": table["n"],
+            "λ": table["l1"],
+            "m": table["m"],
+            "instances": table["instances"],
+            "polysemantic (mean)": table["polysemantic_neurons"],
+            "95 % CI": _intervals(table, low, high),
+            "predicted n²/(4m)": table["predicted_polysemantic_neurons"],
+            "observed / predicted": table["polysemantic_neurons"] / table["predicted_polysemantic_neurons"],
+            "converged": converged_column(table),
+        }
+    )
+
+
 @dataclass
 class IncidentalReport:
     """Tables, figures and notes of the incidental study; `write` puts them on disk. Absent parts are None."""
@@ -589,19 +612,7 @@ class IncidentalReport:
         sections = ["# Incidental polysemanticity report", ""]
         sections += [f"- {note}" for note in self.notes] + [""]
         if self.collisions is not None:
-            shown = pd.DataFrame(
-                {
-                    "n": self.collisions["n"],
-                    "λ": self.collisions["l1"],
-                    "m": self.collisions["m"],
-                    "instances": self.collisions["instances"],
-                    "polysemantic (mean)": self.collisions["polysemantic_neurons"],
-                    "95 % CI": _intervals(self.collisions, "ci_low", "ci_high"),
-                    "predicted n²/(4m)": self.collisions["predicted_polysemantic_neurons"],
-                    "observed / predicted": self.collisions["observed_over_predicted"],
-                    "converged": converged_column(self.collisions),
-                }
-            )
+            shown = collisions_display(self.collisions)
             sections += [
                 "## Polysemantic neurons against n²/(4m) (SCIENCE.md §2.2)",
                 "",

@@ -1,0 +1,198 @@
+"""Running the incidental study: points trained (`pipeline.experiments.incidental`) and recorded
+(`tracking.incidental`), with progress; the study's report built from the store. `cli.py` parses options
+into configs and prints what these functions return."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestration.taming import InputError, adopted_run, open_store
+
+
+@dataclass
+class Recorded:
+    tracked: object  # tracking.incidental.TrackedSweep
+    experiment_name: str
+    store_uri: str
+
+
+def _step_bar(total: int, description: str):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total, desc=description, unit="step", unit_scale=True, dynamic_ncols=True, mininterval=0.5
+    )
+
+
+def _experiment(store, name: str | None, *, create: bool = True):
+    """(experiment id, name, adopted run): the run `mlflow run` created decides when --experiment is not
+    given, else --experiment, else 'incidental'."""
+    from tracking.incidental import study_experiment_id
+    from tracking.store import TrackingError
+
+    adopted = adopted_run(store)
+    if adopted is not None and name is None:
+        experiment_id = adopted.info.experiment_id
+        store.declare_experiment_kind(experiment_id)
+    else:
+        try:
+            experiment_id = study_experiment_id(store, name, create=create)
+        except TrackingError as error:
+            raise InputError(str(error)) from None
+        if adopted is not None and adopted.info.experiment_id != experiment_id:
+            adopted = None
+    return experiment_id, store.client.get_experiment(experiment_id).name, adopted
+
+
+def train_and_track_points(
+    command: str,
+    configs: Sequence,
+    *,
+    tracking_uri: str | None,
+    experiment: str | None,
+    force: bool,
+    sweep_params: dict,
+) -> Recorded:
+    """Train every point not already FINISHED (one progress bar over all steps) and record each one."""
+    from pipeline.experiments.incidental import run_point
+    from tracking.incidental import track_points
+
+    store = open_store(tracking_uri)
+    experiment_id, experiment_name, adopted = _experiment(store, experiment)
+    bar = _step_bar(sum(config.steps for config in configs), f"{command}: {len(configs)} point(s)")
+
+    def on_reuse(config, run_id: str) -> None:
+        # Told before anything trains: the bar then counts (and times) only the steps still to train.
+        bar.total -= config.steps
+        bar.refresh()
+
+    def trainer(config):
+        reported = 0
+
+        def progress(done: int) -> None:
+            nonlocal reported
+            bar.update(done - reported)
+            reported = done
+
+        return run_point(config, progress=progress)
+
+    try:
+        tracked = track_points(
+            store,
+            experiment_id,
+            command,
+            configs,
+            trainer=trainer,
+            sweep_params=sweep_params,
+            adopted_run_id=adopted.info.run_id if adopted is not None else None,
+            force=force,
+            on_reuse=on_reuse,
+        )
+    finally:
+        bar.close()
+    return Recorded(tracked, experiment_name, store.uri)
+
+
+def simulate_and_track_dynamics(
+    *,
+    m: int,
+    l1_values: Sequence[float],
+    t_max_times_l1: float,
+    dt: float,
+    seed: int,
+    tracking_uri: str | None,
+    experiment: str | None,
+) -> Recorded:
+    """Integrate the sparsification ODE for every λ and record each as a point run."""
+    from pipeline.experiments.incidental import dynamics
+    from tracking.incidental import track_dynamics
+
+    store = open_store(tracking_uri)
+    experiment_id, experiment_name, adopted = _experiment(store, experiment)
+    bar = _step_bar(sum(math.ceil(t_max_times_l1 / l1 / dt) for l1 in l1_values), "dynamics")
+
+    def simulate(l1: float):
+        point = dynamics(m=m, l1_values=[l1], t_max_times_l1=t_max_times_l1, dt=dt, seed=seed)[0]
+        bar.update(math.ceil(t_max_times_l1 / l1 / dt))
+        return point
+
+    try:
+        tracked = track_dynamics(
+            store,
+            experiment_id,
+            list(l1_values),
+            simulate=simulate,
+            sweep_params={"m": m, "l1": ",".join(f"{v:g}" for v in l1_values), "dt": dt, "seed": seed},
+            adopted_run_id=adopted.info.run_id if adopted is not None else None,
+        )
+    finally:
+        bar.close()
+    return Recorded(tracked, experiment_name, store.uri)
+
+
+@dataclass
+class IncidentalReportResult:
+    report: object  # pipeline.experiments.incidental.IncidentalReport
+    folder: Path
+    experiment_name: str
+    run_id: str | None
+
+
+def build_and_log_incidental_report(
+    *,
+    tracking_uri: str | None,
+    experiment: str | None,
+    sweep_ids: Sequence[str],
+    baseline: str,
+    paired: bool,
+    resamples: int,
+    out_dir: str | None,
+    log: bool,
+) -> IncidentalReportResult:
+    from pipeline.experiments.incidental import build_report
+    from tracking.incidental import load_study, log_study_report, slope_metrics
+    from tracking.store import TrackingError, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise InputError(f"--tracking-uri {uri}: no store there yet; run an incidental experiment first")
+    store = open_store(tracking_uri)
+    experiment_id, experiment_name, adopted = _experiment(store, experiment, create=False)
+    try:
+        records = load_study(store, experiment_id, sweep_ids)
+    except TrackingError as error:
+        raise InputError(str(error)) from None
+    built = build_report(
+        collisions_instances=records.collisions_instances,
+        noise_instances=records.noise_instances,
+        noise_curves=records.noise_curves,
+        dynamics_table=records.dynamics_table,
+        simulations=records.simulations,
+        baseline=baseline,
+        paired=paired,
+        n_resamples=resamples,
+        notes=records.notes,
+    )
+    folder = Path(out_dir or f"reports/incidental-{time.strftime('%Y%m%d-%H%M%S')}")
+    files = built.write(folder)
+    run_id = None
+    if log:
+        run_id = log_study_report(
+            store,
+            experiment_id,
+            files,
+            description=built.headline(),
+            params={
+                "sweeps": records.query(),
+                "baseline": baseline,
+                "paired": paired,
+                "resamples": resamples,
+            },
+            metrics=slope_metrics(built.slopes) if built.slopes is not None else {},
+            adopted_run_id=adopted.info.run_id if adopted is not None else None,
+        )
+    return IncidentalReportResult(built, folder, experiment_name, run_id)
