@@ -123,6 +123,18 @@ def _field_destination(path: str) -> str:
     return "setting__" + path.replace(".", "__")
 
 
+class _LazyChoice(click.Choice):
+    """click.Choice over a field's allowed values, read on first use (see FieldSpec.choices)."""
+
+    def __init__(self, spec) -> None:
+        self.spec = spec
+        self.case_sensitive = True
+
+    @property
+    def choices(self):  # type: ignore[override]
+        return self.spec.choices
+
+
 def config_options(function):
     """One option per config field, derived from the dataclasses (pipeline.design.field_specs): the
     flag, help, choices and default all come from the field's `setting(...)`, so a new field is one line
@@ -133,13 +145,13 @@ def config_options(function):
     for spec in reversed(list(field_specs().values())):
         if spec.hint not in python_types:
             continue  # list-valued fields (data.group_sizes) are set with --set or in a design file
-        kind = click.Choice(spec.choices) if spec.choices else python_types[spec.hint]
+        kind = _LazyChoice(spec) if spec.choice_source is not None else python_types[spec.hint]
         function = click.option(
             spec.option,
             _field_destination(spec.path),
             type=kind,
             multiple=True,  # so that a repeated flag is an error instead of silently keeping the last one
-            metavar=None if spec.choices else spec.hint.__name__.upper(),
+            metavar=None if spec.choice_source is not None else spec.hint.__name__.upper(),
             help=f"{spec.help} [{spec.path}; default: {format_value(spec.default)}]",
         )(function)
     return function
@@ -252,6 +264,17 @@ def _build_design(design_source, preset, grid_texts, set_texts, settings):
         _design_problem(error, settings)
 
 
+def _browse_hint(store_uri: str, experiment_id: str) -> str:
+    """Where to look at the runs. The link names the runs table and the UI's "Model training" view:
+    from MLflow 3.10 the UI opens experiments on its GenAI pages unless the browser chose that view."""
+    page = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    if store_uri.startswith(("http://", "https://")):
+        return f"Browse the runs: {store_uri.rstrip('/')}/{page}"
+    return (
+        f"Browse the runs: mlflow ui --backend-store-uri {store_uri}, then open http://127.0.0.1:5000/{page}"
+    )
+
+
 def _run_configs(
     design, configs, options, *, adopt_as, labels_from, executor="local", scheduler=None, workers=None
 ):
@@ -298,6 +321,7 @@ def _run_configs(
         f"{result.store_uri} (mean ± std over finished seeds):\n"
     )
     click.echo(markdown_table(frame))
+    click.echo(f"\n{_browse_hint(result.store_uri, result.experiment_id)}")
     for outcome in result.failed:
         click.echo(f"FAILED {outcome.name or outcome.config.name}: {outcome.failure}", err=True)
     if result.failed:

@@ -311,6 +311,8 @@ def dose_response_section(
 
     varying = varying_settings(finished)
     candidates = [path for path in varying if path not in FACTOR_PATHS]
+    if not candidates:
+        return None
     axes = numeric_axes(finished.drop_duplicates("config_hash"), candidates, minimum_levels=3)
     if not axes:
         return None

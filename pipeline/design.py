@@ -19,6 +19,7 @@ line can stop with one sentence before anything is written.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import FACTOR_LEVELS, AblationConfig
-from pipeline.config_tools import ConfigError, allowed_choices, leaf_fields, leaf_values, replace_leaves
+from pipeline.config_tools import ConfigError, leaf_fields, leaf_values, replace_leaves
 
 DESIGNS_FOLDER = Path(__file__).resolve().parent.parent / "designs"
 DESIGN_KEYS = ("name", "study", "description", "seeds", "fixed", "cases", "grid")
@@ -50,10 +51,17 @@ class FieldSpec:
     hint: Any
     default: Any
     help: str
-    choices: tuple | None
+    choice_source: Any  # a tuple, a function returning one (a registry), or None
     per_model: bool
     option: str
     short: str
+
+    @property
+    def choices(self) -> tuple | None:
+        """The allowed values, read when asked: the SAE registry imports torch, which the command line
+        must not pay for before its worker processes have started."""
+        source = self.choice_source
+        return tuple(source()) if callable(source) else (tuple(source) if source is not None else None)
 
 
 def _option_name(path: str, item: dataclasses.Field) -> str:
@@ -75,17 +83,19 @@ def _short_name(path: str, item: dataclasses.Field, leaves: Mapping[str, Any]) -
     return path.removeprefix("network.") if ambiguous else leaf
 
 
+@functools.lru_cache(maxsize=1)
 def field_specs() -> dict[str, FieldSpec]:
     """Every leaf field of AblationConfig by dotted path, with its help, choices and flag."""
     leaves = leaf_fields(AblationConfig)
-    defaults = leaf_values(AblationConfig())
     specs = {
         path: FieldSpec(
             path=path,
             hint=hint,
-            default=defaults[path],
+            # The declared default, not AblationConfig()'s: building a config checks the SAE registry,
+            # which imports torch (see FieldSpec.choices).
+            default=item.default if item.default is not dataclasses.MISSING else item.default_factory(),
             help=item.metadata.get("help", ""),
-            choices=allowed_choices(item),
+            choice_source=item.metadata.get("choices"),
             per_model=bool(item.metadata.get("per_model")),
             option=_option_name(path, item),
             short=_short_name(path, item, leaves),

@@ -158,6 +158,7 @@ def test_every_option_is_derived_once_and_the_published_flags_survive():
     }
     assert {path: specs[path].option for path in published} == published
     assert all(spec.help for spec in specs.values()), "every field needs a help sentence"
+    assert {path: spec.default for path, spec in specs.items()} == leaf_values(AblationConfig())
     from pipeline.sae import ARCHITECTURES
 
     assert specs["sae.architecture"].choices == tuple(ARCHITECTURES)

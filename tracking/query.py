@@ -11,6 +11,7 @@ import torch
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from pipeline.config import FACTOR_LEVELS
+from tracking.recorder import search_all
 from tracking.store import Store
 from tracking.taming import CHECKPOINT_PATH
 
@@ -27,17 +28,6 @@ SEED_COLUMNS = (
     "failure_reason",
     "start_time",
 )
-
-
-def search_all(store: Store, experiment_ids: list[str], filter_string: str) -> list:
-    """Every run matching the filter, following MLflow's pagination."""
-    runs, token = [], None
-    while True:
-        page = store.client.search_runs(experiment_ids, filter_string, max_results=1000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
 
 
 def seed_frame(

@@ -18,12 +18,9 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
-import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pandas as pd
 import torch
@@ -35,6 +32,8 @@ from pipeline.config import AblationConfig, pass_key
 from pipeline.config_tools import flatten
 from pipeline.evaluation import METRIC_NAMES, checkpoint
 from pipeline.plots.taming import overlap_grid_png, overlap_png, prepare_overlap_painters
+from tracking import recorder
+from tracking.recorder import log_files, now_ms, without_logged
 from tracking.store import Store, code_version, fail_run, git_commit, log_in_batches
 
 NOTE_TAG = "mlflow.note.content"
@@ -87,10 +86,6 @@ class AblationOutcome:
     name: str = ""  # the run name (SweepNaming.label)
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 def _param_text(value) -> str:
     return json.dumps(value) if isinstance(value, list) else str(value)
 
@@ -108,13 +103,6 @@ def _params(config: AblationConfig, seeds: Sequence[int]) -> list[Param]:
     return [Param(name, value) for name, value in values.items()]
 
 
-def without_logged(store: Store, run_id: str, params: list[Param]) -> list[Param]:
-    """Params not yet on `run_id` (a run `mlflow run` created already carries its entry point's params;
-    logging one again with another value is an error in MLflow)."""
-    existing = store.client.get_run(run_id).data.params
-    return [param for param in params if param.key not in existing]
-
-
 def _identity_tags(config: AblationConfig, seeds: Sequence[int]) -> dict[str, str]:
     return {
         "config_hash": config.hash(),
@@ -124,32 +112,19 @@ def _identity_tags(config: AblationConfig, seeds: Sequence[int]) -> dict[str, st
     }
 
 
-def identity_filter(config: AblationConfig, seeds: Sequence[int], kind: str = "ablation") -> str:
+def identity(config: AblationConfig, seeds: Sequence[int]) -> dict[str, str]:
+    """The identity tags an ablation is found by: config hash, code version, seed list."""
     tags = _identity_tags(config, seeds)
-    return " and ".join(
-        [f"tags.kind = '{kind}'"]
-        + [f"tags.{name} = '{tags[name]}'" for name in ("config_hash", "code_version", "seeds")]
-    )
+    return {name: tags[name] for name in ("config_hash", "code_version", "seeds")}
+
+
+def identity_filter(config: AblationConfig, seeds: Sequence[int], kind: str = "ablation") -> str:
+    return recorder.identity_filter(kind, identity(config, seeds))
 
 
 def finished_runs_for(store: Store, experiment_id: str, config: AblationConfig, seeds: Sequence[int]) -> list:
-    """FINISHED ablation runs with this identity (normally zero or one)."""
-    return store.client.search_runs(
-        [experiment_id],
-        identity_filter(config, seeds) + " and attributes.status = 'FINISHED'",
-        max_results=100,
-    )
-
-
-def _log_files(store: Store, run_id: str, files: dict[str, Callable[[Path], None]]) -> None:
-    """Write each artifact (relative path → writer) into one temporary folder and log it in one call:
-    an artifact upload costs a few ms however small the file."""
-    with tempfile.TemporaryDirectory() as folder:
-        for relative, write in files.items():
-            path = Path(folder) / relative
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write(path)
-        store.client.log_artifacts(run_id, folder)
+    """FINISHED ablation runs with this identity (normally zero or one), newest first."""
+    return recorder.finished_units(store, experiment_id, "ablation", identity(config, seeds))
 
 
 def start_ablation_run(
@@ -223,7 +198,7 @@ def log_seed(
     }
     run_id = store.client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
     try:
-        timestamp = _now_ms()
+        timestamp = now_ms()
         metrics = [
             Metric(metric, float(value), timestamp, 0)
             for metric, value in seed_result.metrics.items()
@@ -260,7 +235,7 @@ def log_seed(
         if artifacts:
             saved = checkpoint(config, seed_result.seed, seed_result.network, seed_result.sae)
             png = overlap_png(seed_result.sae.decoder_directions.detach().cpu(), name)
-            _log_files(
+            log_files(
                 store,
                 run_id,
                 {
@@ -337,7 +312,7 @@ def log_ablation_summary(
     table = result.metrics_table()
     summary = summarize_seeds(table)
     finished, failed = len(result.finished), len(result.failed)
-    timestamp = _now_ms()
+    timestamp = now_ms()
     metrics = [Metric("seeds_finished", finished, timestamp, 0), Metric("seeds_failed", failed, timestamp, 0)]
     for metric, description in summary.items():
         metrics.extend(
@@ -353,7 +328,7 @@ def log_ablation_summary(
             [f"seed {seed.seed}" for seed in result.finished],
             suptitle=(naming or SweepNaming()).label(result.config),
         )
-        _log_files(store, run_id, {"overlap_grid.png": lambda path: path.write_bytes(png)})
+        log_files(store, run_id, {"overlap_grid.png": lambda path: path.write_bytes(png)})
     outcome = AblationOutcome(
         result.config,
         run_id,
@@ -447,16 +422,10 @@ def supersede_running_runs(
 
 def _retire_older_runs(store: Store, experiment_id: str, config, seeds, keep_run_id: str) -> None:
     """After a --force re-run, delete older FINISHED runs of the same identity (and their seed runs)."""
-    for run in finished_runs_for(store, experiment_id, config, seeds):
-        if run.info.run_id == keep_run_id:
-            continue
-        children = store.client.search_runs(
-            [experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run.info.run_id}'"
-        )
-        for child in children:
-            store.client.delete_run(child.info.run_id)
-        store.client.set_tag(run.info.run_id, "superseded_by", keep_run_id)
-        store.client.delete_run(run.info.run_id)
+    older = [run.info.run_id for run in finished_runs_for(store, experiment_id, config, seeds)]
+    recorder.retire_runs(
+        store, [run_id for run_id in older if run_id != keep_run_id], superseded_by=keep_run_id
+    )
 
 
 def reused_outcome(run, config: AblationConfig, naming: SweepNaming | None = None) -> AblationOutcome:
@@ -739,7 +708,7 @@ def finish_sweep_run(store: Store, run_id: str, outcomes: Sequence[AblationOutco
     frame = summary_frame(outcomes, METRIC_NAMES)
     frame.insert(1, "run_id", [outcome.run_id for outcome in outcomes])
     store.client.log_text(run_id, frame.to_csv(index=False), "summary.csv")
-    timestamp = _now_ms()
+    timestamp = now_ms()
     counts = {
         status: sum(outcome.status == status for outcome in outcomes)
         for status in ("finished", "reused", "failed")
