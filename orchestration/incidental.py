@@ -165,7 +165,7 @@ def build_and_log_incidental_report(
     try:
         records = load_study(store, experiment_id, sweep_ids)
     except TrackingError as error:
-        raise InputError(str(error)) from None
+        raise InputError(f"{error} (experiment '{experiment_name}')") from None
     built = build_report(
         collisions_instances=records.collisions_instances,
         noise_instances=records.noise_instances,
