@@ -48,21 +48,6 @@ def _fail_usage(message: str) -> None:
     raise click.UsageError(message)
 
 
-def _adopted_run(store, experiment_id: str | None = None):
-    from orchestration.taming import adopted_run
-
-    return adopted_run(store, experiment_id)
-
-
-def _store(tracking_uri: str | None):
-    from tracking.store import TrackingError, open_store
-
-    try:
-        return open_store(tracking_uri)
-    except TrackingError as error:
-        _fail_usage(str(error))
-
-
 def tracking_uri_option():
     return click.option(
         "--tracking-uri",
@@ -199,7 +184,7 @@ def run_options(function):
     return function
 
 
-def _given_settings(options: dict) -> dict:
+def _given_settings(options: dict, command: str = "sweep") -> dict:
     """{path: value} of the config options given on the command line (each at most once)."""
     from pipeline.design import coerce_value, field_specs
 
@@ -208,8 +193,9 @@ def _given_settings(options: dict) -> dict:
         values = options.pop(_field_destination(path), ())
         if len(values) > 1:
             _fail_usage(
-                f"{spec.option} was given {len(values)} times; to sweep several values use "
-                f"--grid {path}={','.join(map(str, values))}"
+                f"{spec.option} was given {len(values)} times; to train several values use "
+                f"`sweep --grid {path}={','.join(map(str, values))}`"
+                + (" instead of ablate" if command == "ablate" else "")
             )
         if values:
             try:
@@ -242,7 +228,8 @@ def _build_design(design_source, preset, grid_texts, set_texts, settings):
             raise DesignError("give --design or --preset, not both")
         if design_source or preset:
             design = load_design(design_source or preset)
-        elif grid_texts or set_texts:
+        elif grid_texts:
+            # Axes of their own: the configurations are the grid's, not the strategic 8 crossed with it.
             design = Design(name="custom")
         else:
             design = load_design("strategic")
@@ -252,12 +239,18 @@ def _build_design(design_source, preset, grid_texts, set_texts, settings):
             if path in grid:
                 raise DesignError(f"--grid {path} is given twice; list every value in one --grid")
             grid[path] = grid_axis(path, split_values(values), "--grid")
+        from pipeline.design import coerce_value, field_specs
+
         fixed = dict(settings)
         for text in set_texts:
             path, value = split_assignment(text, "--set")
-            from pipeline.design import coerce_value
-
-            fixed[path] = coerce_value(path, value, "--set")
+            value = coerce_value(path, value, "--set")
+            if path in fixed and fixed[path] != value:
+                raise DesignError(
+                    f"--set {path}={value} contradicts {field_specs()[path].option} {fixed[path]} "
+                    "(or an earlier --set); give the setting once"
+                )
+            fixed[path] = value
         design = design.with_overrides(fixed, grid)
         return design, design.configs()
     except (DesignError, ConfigError) as error:
@@ -280,14 +273,14 @@ def _run_configs(
 ):
     """Hand the configurations to the orchestration layer and print what happened."""
     from orchestration.taming import InputError, StoreUnavailable, SweepRequest, run_sweep, summary_table
-    from pipeline.design import configuration_label
+    from pipeline.design import configuration_labels
     from pipeline.metrics import HEADLINE_METRICS
     from pipeline.tables import markdown_table
 
     seeds = options["seeds"] or design.seeds or 10
     request = SweepRequest(
         configs=configs,
-        labels=[configuration_label(config, labels_from) for config in configs],
+        labels=configuration_labels(configs, labels_from),
         axes=tuple(labels_from),
         design_name=design.name,
         design=design.to_dict(),
@@ -339,7 +332,8 @@ def cli():
     \b
     Taming study (SCIENCE.md §1): an MLP trained under four binary factors, an SAE on its last hidden
     layer, entanglement metrics per seed, every run recorded in MLflow.
-      ablate    one configuration, N seeds          sweep     the 8 published or all 16 configurations
+      ablate    one configuration, N seeds          sweep     every configuration of a design (presets,
+      report    statistics from the store                     --grid axes over any setting, design files)
       inspect   check a logged run from its checkpoint
     Runs go to $MLFLOW_TRACKING_URI or sqlite:///mlflow.db; browse them with
       mlflow ui --backend-store-uri sqlite:///mlflow.db
@@ -356,16 +350,14 @@ def ablate(**options):
     published defaults. The run holds every config field as a param, the seed summary (mean, std, sem,
     95 % CI) as metrics, a per-seed table and the grid of overlap heatmaps; each seed is a nested run
     with the same params, its metrics, training curves, overlap heatmap and checkpoint. The run is named
-    by the four factors and every other setting that differs from the published defaults.
+    by the four factors and every other setting that differs from the published defaults (training
+    lengths, data size, curve spacing and null draws aside), e.g. 'random·bipolar·l1·relu · λ=0.001'.
     """
-    from pipeline.design import Design, non_default_paths
+    from pipeline.design import Design, label_paths
 
-    settings = _given_settings(options)
+    settings = _given_settings(options, "ablate")
     design, configs = _build_design_from(Design(name="ablate").with_overrides(settings), settings)
-    protocol = ("network.epochs", "sae.epochs", "data.samples", "curve_every", "metric_null_draws")
-    _run_configs(
-        design, configs, options, adopt_as="ablation", labels_from=non_default_paths(configs[0], protocol)
-    )
+    _run_configs(design, configs, options, adopt_as="ablation", labels_from=label_paths(configs))
 
 
 def _build_design_from(design, option_paths=()):
@@ -439,7 +431,7 @@ def sweep(design_source, preset, grid_texts, set_texts, executor, scheduler, wor
     a tag per axis. Finished configurations are reused on a re-run (same config, seeds and code
     version), so a sweep that died halfway picks up where it stopped. A summary table is printed at the end.
     """
-    from pipeline.design import varying_paths
+    from pipeline.design import label_paths
 
     settings = _given_settings(options)
     design, configs = _build_design(design_source, preset, grid_texts, set_texts, settings)
@@ -448,7 +440,7 @@ def sweep(design_source, preset, grid_texts, set_texts, executor, scheduler, wor
         configs,
         options,
         adopt_as="sweep",
-        labels_from=varying_paths(configs),
+        labels_from=label_paths(configs),
         executor=executor,
         scheduler=scheduler,
         workers=workers,

@@ -89,8 +89,9 @@ def build_and_log_report(request: ReportRequest, on_status=lambda text: None) ->
     dropped = frame.attrs.get("duplicates_dropped", 0)
     notes = (
         [
-            f"{dropped} duplicate FINISHED seed runs (same config hash and seed, e.g. from two sweeps started "
-            "at once) were counted once."
+            f"{dropped} duplicate FINISHED seed runs (same config hash and seed: two sweeps started at once, "
+            "or the same configuration trained again under another code version) were counted once, the "
+            "newest kept."
         ]
         if dropped
         else []

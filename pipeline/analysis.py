@@ -320,10 +320,30 @@ def dose_response_section(
     levels, tests, readings, plots = [], [], [], {}
     for axis in axes:
         groups = [path for path in varying if path != axis]
+        # Only groups (combinations of the other varying settings) that tested ≥ 3 levels of the axis: a
+        # preset sweep stored beside a λ sweep would otherwise add a row per preset cell with one level.
+        level_counts = (
+            finished.groupby(groups, dropna=False)[axis].nunique()
+            if groups
+            else pd.Series([finished[axis].nunique()])
+        )
+        enough = level_counts[level_counts >= 3]
+        if enough.empty:
+            continue
+        rows = finished
+        if groups:
+            keys = finished.set_index(groups).index
+            rows = finished[keys.isin(enough.index)]
+        left_out = len(level_counts) - len(enough)
+        if left_out:
+            readings.append(
+                f"{left_out} group(s) of configurations with fewer than 3 values of {specs[axis].short} "
+                "are left out of its dose–response."
+            )
         results = []
         for metric in metrics:
             result = dose_response(
-                finished,
+                rows,
                 axis,
                 metric,
                 group_columns=groups,
@@ -336,6 +356,8 @@ def dose_response_section(
             readings.extend(result.readings)
         if figures:
             plots[f"dose_response_{axis.rpartition('.')[2]}"] = dose_response_figures(results)
+    if not tests:
+        return None
     tests_frame = pd.concat(tests, ignore_index=True)
     # Many rows (metrics × groups × axes) are read at once: Holm across all of them, beside the raw p.
     from statsmodels.stats.multitest import multipletests
@@ -462,14 +484,37 @@ def published_definitions() -> pd.DataFrame:
 
 
 def factorial_is_complete(per_seed: pd.DataFrame, minimum_per_cell: int = 2) -> tuple[bool, list[str]]:
-    """Whether all 16 cells have >= minimum_per_cell finished seeds; else the names of the short cells."""
-    counts = per_seed.groupby("config").size()
+    """Whether all 16 factor cells have >= minimum_per_cell finished seeds; else the short cells' names.
+
+    Cells are found by the factor columns (init, noise, reg, act), not by configuration names, which may
+    carry other settings ('… · λ=0.001')."""
+    if per_seed.empty or not set(FACTOR_LEVELS) <= set(per_seed.columns):
+        return False, ["·".join(cell) for cell in FACTORIAL_CONFIGURATIONS]
+    counts = per_seed.groupby(list(FACTOR_LEVELS)).size()
     short = [
-        "·".join(cell)
-        for cell in FACTORIAL_CONFIGURATIONS
-        if counts.get("·".join(cell), 0) < minimum_per_cell
+        "·".join(cell) for cell in FACTORIAL_CONFIGURATIONS if counts.get(tuple(cell), 0) < minimum_per_cell
     ]
     return not short, short
+
+
+def factorial_scope(finished: pd.DataFrame, baseline: str) -> tuple[pd.DataFrame, str]:
+    """The seeds the 2⁴ factorial is analysed on, and a phrase saying where.
+
+    When other settings vary too (a λ sweep crossed with the factors), the factorial is analysed among the
+    configurations that share the baseline's other settings, so that each cell is one configuration;
+    the rest enter the pairwise comparisons only."""
+    from pipeline.design import FACTOR_PATHS, field_specs
+
+    others = [path for path in varying_settings(finished) if path not in FACTOR_PATHS]
+    if not others or baseline not in set(finished["config"]):
+        return finished, ""
+    reference = finished[finished["config"] == baseline].iloc[0]
+    mask = pd.Series(True, index=finished.index)
+    for path in others:
+        mask &= finished[path].astype(str) == str(reference[path])
+    specs = field_specs()
+    where = ", ".join(f"{specs[path].short}={reference[path]}" for path in others)
+    return finished[mask], where
 
 
 def build_report(
@@ -513,19 +558,29 @@ def build_report(
         paired=paired,
         n_resamples=n_resamples,
     )
-    complete, short = factorial_is_complete(finished)
+    factorial_rows, factorial_where = factorial_scope(finished, baseline)
+    complete, short = factorial_is_complete(factorial_rows)
     factorial = (
-        stats.factorial_effects(finished, factors=dict(FACTOR_LEVELS), metrics=metrics) if complete else None
+        stats.factorial_effects(factorial_rows, factors=dict(FACTOR_LEVELS), metrics=metrics)
+        if complete
+        else None
     )
     notes = _method_notes(finished, counts, comparisons, factorial, n_resamples)
+    if factorial is not None and factorial_where:
+        notes.append(
+            f"Other settings vary too: the 2⁴ factorial is analysed at the baseline's {factorial_where}; "
+            "configurations at other values enter the pairwise comparisons only."
+        )
     notes.extend(extra_notes)
     present = set(configs)
     strategic = {"·".join(cell) for cell in STRATEGIC_CONFIGURATIONS}
     factorial_names = {"·".join(cell) for cell in FACTORIAL_CONFIGURATIONS}
     if present <= strategic and present != strategic:
         notes.append(f"Missing from the strategic 8: {', '.join(sorted(strategic - present))}.")
-    if factorial is None and present & factorial_names and present - strategic:
-        notes.append(f"Factorial incomplete; cells with < 2 finished seeds: {', '.join(short)}.")
+    has_factorial_cells = bool(present & factorial_names) or bool(factorial_where)
+    if factorial is None and has_factorial_cells and present - strategic and len(short) < 16:
+        scope = f" at {factorial_where}" if factorial_where else ""
+        notes.append(f"Factorial incomplete{scope}; cells with < 2 finished seeds: {', '.join(short)}.")
 
     if factorial is not None:
         main_effects = factorial[factorial["effect"].isin(list(FACTOR_LEVELS))]
@@ -568,10 +623,10 @@ def build_report(
             report.figures[f"seeds_{metric}"] = seed_strip_plot(finished, "config", metric, baseline=baseline)
             if factorial is not None:
                 report.figures[f"main_effects_{metric}"] = main_effects_plot(
-                    finished, dict(FACTOR_LEVELS), metric
+                    factorial_rows, dict(FACTOR_LEVELS), metric
                 )
                 report.figures[f"interactions_{metric}"] = interaction_grid(
-                    finished, dict(FACTOR_LEVELS), metric
+                    factorial_rows, dict(FACTOR_LEVELS), metric
                 )
     return report
 
@@ -764,6 +819,15 @@ def derive_caveats(all_seeds, finished, counts, factorial, differing: Mapping[st
     caveats += conclusions.confounded_factors(design, FACTOR_LEVELS)
     caveats += conclusions.constant_factors(design, FACTOR_LEVELS)
     seeds = finished.groupby("config")["seed"].nunique()
+    if "code_version" in finished:
+        versions = finished.groupby("config")["code_version"].nunique()
+        mixed = versions[versions > 1].index.tolist()
+        if mixed:
+            caveats.append(
+                f"Seeds of {', '.join(mixed)} come from {int(versions.max())} code versions (runs made before "
+                "and after an edit of the training code); narrow the selection with --sweep-id or --filter to "
+                "compare one version."
+            )
     untestable = counts[counts["finished"] < 2]["configuration"].tolist()
     if untestable:
         caveats.append(f"Fewer than 2 finished seeds (listed with n, no test): {', '.join(untestable)}.")

@@ -219,7 +219,7 @@ class SAEConfig:
 
     def __post_init__(self) -> None:
         check_field_choices(self, "sae.")
-        check_integer("sae.d_sae", self.d_sae, minimum=1)
+        check_integer("sae.d_sae", self.d_sae, minimum=2)  # MACS and overlaps need two latents
         check_positive("sae.l1_coefficient", self.l1_coefficient, allow_zero=True)
         check_positive("sae.lr", self.lr)
         check_integer("sae.epochs", self.epochs, minimum=1)

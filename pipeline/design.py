@@ -215,6 +215,30 @@ def configuration_label(config: AblationConfig, varying: Sequence[str]) -> str:
     return " · ".join([config.name, *extras])
 
 
+def configuration_labels(configs: Sequence[AblationConfig], varying: Sequence[str]) -> list[str]:
+    """`configuration_label` of each configuration; where two would read alike (values equal to 6
+    significant digits) both get their config hash's first 6 characters, so a name never stands for two."""
+    labels = [configuration_label(config, varying) for config in configs]
+    return [
+        f"{label} · {config.hash()[:6]}" if labels.count(label) > 1 else label
+        for label, config in zip(labels, configs, strict=True)
+    ]
+
+
+# Settings that say how long or how finely to train and measure, not what is trained: a lone configuration
+# (an `ablate` run) is not named by them.
+PROTOCOL_PATHS = ("network.epochs", "sae.epochs", "data.samples", "curve_every", "metric_null_draws")
+
+
+def label_paths(configs: Sequence[AblationConfig]) -> list[str]:
+    """The settings that name the configurations of one design: those that vary between them, or, for a
+    design of one configuration, those it sets away from the published defaults (PROTOCOL_PATHS aside).
+    `ablate --lambda-reg 1e-3` and `sweep --set network.lambda_reg=1e-3` thus name the run alike."""
+    if len(configs) == 1:
+        return non_default_paths(configs[0], PROTOCOL_PATHS)
+    return varying_paths(configs)
+
+
 def varying_paths(configs: Sequence[AblationConfig]) -> list[str]:
     """The dotted paths whose values differ between the configurations, in field order."""
     if not configs:
@@ -367,6 +391,9 @@ def parse_design(data: Mapping[str, Any], *, name: str = "custom", source: str =
     for path in fixed:
         if path in grid or any(path in case for case in cases):
             raise DesignError(f"{path} in design {where} is both fixed and varied; keep one")
+    for path in grid:
+        if any(path in case for case in cases):
+            raise DesignError(f"{path} in design {where} is set by the cases and is a grid axis; keep one")
     return Design(
         name=str(data.get("name", name)),
         study=study,

@@ -46,6 +46,8 @@ LEVEL_COLUMNS = [
     "sem",
     "ci_low",
     "ci_high",
+    "within_ci_low",
+    "within_ci_high",
     "difference",
     "difference_ci_low",
     "difference_ci_high",
@@ -53,7 +55,10 @@ LEVEL_COLUMNS = [
     "difference_seeds",
 ]
 """Columns of :attr:`DoseResponse.levels` after the group columns: one row per (group, level). ``seeds``,
-``mean`` … ``ci_high`` describe the level's own per-seed values (t-interval); ``difference`` is the paired
+``mean`` … ``ci_high`` describe the level's own per-seed values (t-interval); ``within_ci_low/high`` is the
+seed-blocked interval the figures draw (Cousineau–Morey: each complete seed's mean over the levels removed,
+the grand mean added back, the t-interval widened by √(J/(J−1)) for J levels), which shows the differences
+between levels the paired tests see rather than the offset a seed shares across them; ``difference`` is the paired
 mean difference from the group's lowest level over the ``difference_seeds`` seeds that ran both, with its
 paired t-interval and p-value (0 and NaN at the lowest level itself)."""
 
@@ -510,6 +515,19 @@ def _level_rows(table: pd.DataFrame, tested: np.ndarray, x: np.ndarray, confiden
     """Per-level summaries of ``table: [seed, level]`` (NaN where a seed did not run a level)."""
     rows = []
     lowest = table.iloc[:, 0] if table.shape[1] else None
+    complete = table.dropna().to_numpy(dtype=float)  # [seed, level], seeds present at every level
+    levels_count = complete.shape[1]
+    if len(complete) >= 2 and levels_count >= 2:
+        normalized = complete - complete.mean(axis=1, keepdims=True) + complete.mean()
+        correction = math.sqrt(levels_count / (levels_count - 1))
+        within_half = (
+            scipy.stats.t.ppf(0.5 + confidence / 2, len(complete) - 1)
+            * normalized.std(axis=0, ddof=1)
+            / math.sqrt(len(complete))
+            * correction
+        )
+    else:
+        within_half = np.full(levels_count, math.nan)
     for index, level in enumerate(tested):
         column = table.iloc[:, index]
         summary = describe(column.to_numpy())
@@ -531,6 +549,8 @@ def _level_rows(table: pd.DataFrame, tested: np.ndarray, x: np.ndarray, confiden
                 "sem": summary["sem"],
                 "ci_low": summary["ci_low"],
                 "ci_high": summary["ci_high"],
+                "within_ci_low": summary["mean"] - within_half[index],
+                "within_ci_high": summary["mean"] + within_half[index],
                 "difference": difference["estimate"],
                 "difference_ci_low": difference["ci_low"],
                 "difference_ci_high": difference["ci_high"],

@@ -418,12 +418,11 @@ def test_the_figure_uses_a_log_axis_for_lambda_and_draws_one_line_per_group():
         x, y = container.lines[0].get_data()
         assert np.asarray(x) == pytest.approx(LAMBDAS)
         assert np.asarray(y) == pytest.approx(levels["mean"].to_numpy())
-    # l1 is U-shaped, its minimum drawn at the vertex; −values is concave and marks its lowest level.
+    # The marked minimum is the level the readings name (lowest mean), for the U-shaped and the concave group.
     minima = {container.get_label(): container for container in _minimum_containers(ax)}
-    x_vertex, _ = minima[f"{MINIMUM_LABEL_PREFIX} reg=l1"].lines[0].get_data()
-    assert x_vertex[0] == pytest.approx(result.tests.iloc[0]["vertex_level"])
-    x_lowest, _ = minima[f"{MINIMUM_LABEL_PREFIX} reg=l2"].lines[0].get_data()
-    assert x_lowest[0] == result.tests.iloc[1]["minimum_level"]
+    for position, group in enumerate(("reg=l1", "reg=l2")):
+        x_lowest, _ = minima[f"{MINIMUM_LABEL_PREFIX} {group}"].lines[0].get_data()
+        assert x_lowest[0] == result.tests.iloc[position]["minimum_level"]
     assert "minimum" in ax.get_legend().get_texts()[-1].get_text()
 
 
@@ -441,3 +440,26 @@ def test_the_figure_keeps_widths_on_a_linear_axis_and_makes_one_panel_per_metric
     assert all(ax.get_xscale() == "linear" for ax in panels.axes)
     with pytest.raises(ValueError, match="at least one"):
         dose_response_figures([])
+
+
+def test_within_seed_intervals_follow_cousineau_morey():
+    """The figure's error bars remove each seed's offset across levels: computed here by hand."""
+    generator = np.random.default_rng(3)
+    seeds, levels = 8, len(LAMBDAS)
+    offsets = generator.normal(0, 5.0, size=(seeds, 1))  # large shared per-seed offsets
+    values = offsets + np.linspace(0, 1, levels) + generator.normal(0, 0.1, size=(seeds, levels))
+    result = dose_response(frame_from(values, LAMBDAS), AXIS, "macs")
+    normalized = values - values.mean(axis=1, keepdims=True) + values.mean()
+    half = (
+        scipy.stats.t.ppf(0.975, seeds - 1)
+        * normalized.std(axis=0, ddof=1)
+        / np.sqrt(seeds)
+        * np.sqrt(levels / (levels - 1))
+    )
+    table = result.levels
+    assert (table["within_ci_high"] - table["mean"]).to_numpy() == pytest.approx(half)
+    assert (table["mean"] - table["within_ci_low"]).to_numpy() == pytest.approx(half)
+    # Far narrower than the levels' own intervals, which carry the shared offsets.
+    assert (
+        (table["within_ci_high"] - table["within_ci_low"]) < (table["ci_high"] - table["ci_low"]) / 5
+    ).all()

@@ -64,6 +64,18 @@ def select_seeds(
         sweep_id = latest_sweep_id(store, experiment_id)
     query = f"experiment {experiment_id}; tags.kind = 'seed'"
     frame = seed_frame(store, [experiment_id], filter_string, statuses=None)
+    if filter_string and "params." in filter_string:
+        # Seed runs recorded before they carried the config have no params: a filter on settings would
+        # drop them silently. Their ablation run has the params, so select those seeds through it.
+        matching_ablations = {
+            run.info.run_id
+            for run in search_all(store, [experiment_id], f"tags.kind = 'ablation' and {filter_string}")
+        }
+        everything = seed_frame(store, [experiment_id], None, statuses=None)
+        if not everything.empty:
+            without_params = everything["network.init"].isna() if "network.init" in everything else True
+            inherited = everything[without_params & everything["parent_run_id"].isin(matching_ablations)]
+            frame = pd.concat([frame, inherited]).drop_duplicates("run_id") if len(inherited) else frame
     if filter_string:
         query += f" and {filter_string}"
     if sweep_id is not None:

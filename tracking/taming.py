@@ -515,17 +515,43 @@ def partition_reused(
     naming: SweepNaming | None = None,
 ) -> list[int]:
     """Fill `outcomes` for configurations with a FINISHED run of the same identity (none when `force`);
-    return the indices still to train."""
+    return the indices still to train.
+
+    A reused run gets the axis tags of the design reusing it (tags only add), so a filter on an axis finds
+    it from either design. Ablation runs of a pending identity still RUNNING were left by a command that
+    died (SIGKILL, a lost machine): they are marked FAILED, with their RUNNING seed runs and sweep run,
+    since nothing else will ever close them; this one trains the configuration again.
+    """
+    naming = naming or SweepNaming()
     pending: list[int] = []
     for index, config in enumerate(configs):
         existing = [] if force else finished_runs_for(store, experiment_id, config, seeds)
         if not existing:
             pending.append(index)
+            _supersede_stale(store, experiment_id, config, seeds)
             continue
+        run_id = existing[0].info.run_id
         outcomes[index] = reused_outcome(existing[0], config, naming)
+        axis_tags = naming.axis_tags(config)
+        if axis_tags:
+            log_in_batches(store, run_id, tags=[RunTag(key, value) for key, value in axis_tags.items()])
         if on_reuse is not None:
-            on_reuse(config, existing[0].info.run_id)
+            on_reuse(config, run_id)
     return pending
+
+
+STALE_REASON = "superseded by a re-run: the command that started it ended without closing it"
+
+
+def _supersede_stale(store: Store, experiment_id: str, config: AblationConfig, seeds: Sequence[int]) -> None:
+    stale = recorder.find_units(store, experiment_id, "ablation", identity(config, seeds), recorder.RUNNING)
+    if not stale:
+        return
+    recorder.supersede_runs(store, [run.info.run_id for run in stale], STALE_REASON)
+    sweep_ids = {run.data.tags.get("sweep_id") for run in stale} - {None}
+    for sweep_id in sweep_ids:
+        sweeps = recorder.find_units(store, experiment_id, "sweep", {"sweep_id": sweep_id}, recorder.RUNNING)
+        recorder.supersede_runs(store, [run.info.run_id for run in sweeps], STALE_REASON)
 
 
 def run_tracked_sweep(

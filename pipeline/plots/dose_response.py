@@ -42,9 +42,9 @@ def _half_widths(centre: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.nd
 
 
 def draw_dose_response(ax: Axes, result: DoseResponse, metric: str | None = None) -> None:
-    """Draw ``result`` onto ``ax``: per group, the level means with their CIs joined by a line, and the
-    minimum (the quadratic vertex when the curvature estimate is positive, else the lowest level) as a
-    diamond at the height of the lowest mean with its bootstrap CI as a horizontal bar."""
+    """Draw ``result`` onto ``ax``: per group, the level means with their seed-blocked CIs joined by a
+    line, and the level with the lowest mean (as the readings name it) as a diamond with its bootstrap CI
+    over seeds as a horizontal bar."""
     for index, (group, levels) in enumerate(result.levels.groupby("group", sort=False)):
         color = _COLORS[index % len(_COLORS)]
         level = levels["level"].to_numpy(dtype=float)
@@ -52,19 +52,19 @@ def draw_dose_response(ax: Axes, result: DoseResponse, metric: str | None = None
         ax.errorbar(
             level,
             mean,
-            yerr=_half_widths(mean, levels["ci_low"].to_numpy(float), levels["ci_high"].to_numpy(float)),
+            # Seed-blocked intervals (Cousineau–Morey), the variation the paired tests see; a level's own
+            # t-interval would carry the offset each seed shares across levels and hide real differences.
+            yerr=_half_widths(
+                mean, levels["within_ci_low"].to_numpy(float), levels["within_ci_high"].to_numpy(float)
+            ),
             marker="o",
             capsize=3,
             color=color,
             label=group,
         )
         test = result.tests.loc[result.tests["group"] == group].iloc[0]
-        use_vertex = math.isfinite(test["vertex_level"])
-        where, low, high = (
-            (test["vertex_level"], test["vertex_ci_low"], test["vertex_ci_high"])
-            if use_vertex
-            else (test["minimum_level"], test["minimum_ci_low"], test["minimum_ci_high"])
-        )
+        # The level the readings name (lowest mean) with its bootstrap interval, so figure and text agree.
+        where, low, high = test["minimum_level"], test["minimum_ci_low"], test["minimum_ci_high"]
         if not math.isfinite(where) or not np.isfinite(mean).any():
             continue
         ax.errorbar(
@@ -98,9 +98,8 @@ def dose_response_figure(result: DoseResponse, metric: str | None = None) -> Fig
     """One panel: ``result``'s level means with 95 % CIs, one line per group, the minimum marked.
 
     ``metric`` labels the y-axis (default ``result.metric``). The x-axis is logarithmic when the analysis
-    used log10 of the axis. The error bars are each level's own t-interval, so they include the offset a
-    seed shares across levels; the paired trend and curvature tests remove it and can be decisive where the
-    bars overlap.
+    used log10 of the axis. The error bars are seed-blocked (Cousineau–Morey) intervals: each seed's offset
+    across levels is removed, as in the paired trend and curvature tests.
     """
     figure = Figure(figsize=(_PANEL_WIDTH, _PANEL_HEIGHT), layout="constrained")
     draw_dose_response(figure.add_subplot(), result, metric)
