@@ -861,9 +861,9 @@ def incidental_collisions(n, ms, l1_values, **options):
     tagged convergence=unconverged with metric converged=0, and left out of the slope fit, with a hint to
     rerun with more --steps.
     """
-    from pipeline.experiments.incidental import (
+    from pipeline.experiments.incidental import collisions_points
+    from pipeline.incidental_analysis import (
         collisions_display,
-        collisions_points,
         collisions_table,
         slope_sentence,
         slope_table,

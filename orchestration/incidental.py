@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestration.taming import InputError, adopted_run, open_store
+from orchestration.taming import InputError, experiment_and_adopted_run, open_store
 
 
 @dataclass
@@ -28,24 +28,20 @@ def _step_bar(total: int, description: str):
     )
 
 
-def _experiment(store, name: str | None, *, create: bool = True):
-    """(experiment id, name, adopted run): the run `mlflow run` created decides when --experiment is not
-    given, else --experiment, else 'incidental'."""
+def _study_experiment(store, name: str | None, create: bool = True) -> tuple[str, str]:
     from tracking.incidental import study_experiment_id
     from tracking.store import TrackingError
 
-    adopted = adopted_run(store)
-    if adopted is not None and name is None:
-        experiment_id = adopted.info.experiment_id
-        store.declare_experiment_kind(experiment_id)
-    else:
-        try:
-            experiment_id = study_experiment_id(store, name, create=create)
-        except TrackingError as error:
-            raise InputError(str(error)) from None
-        if adopted is not None and adopted.info.experiment_id != experiment_id:
-            adopted = None
-    return experiment_id, store.client.get_experiment(experiment_id).name, adopted
+    try:
+        experiment_id = study_experiment_id(store, name, create=create)
+    except TrackingError as error:
+        raise InputError(str(error)) from None
+    return experiment_id, store.client.get_experiment(experiment_id).name
+
+
+def _experiment(store, name: str | None, *, create: bool = True):
+    """(experiment id, name, adopted run): as every command, with 'incidental' as the default experiment."""
+    return experiment_and_adopted_run(store, name, create=create, lookup=_study_experiment)
 
 
 def train_and_track_points(
@@ -153,7 +149,7 @@ def build_and_log_incidental_report(
     out_dir: str | None,
     log: bool,
 ) -> IncidentalReportResult:
-    from pipeline.experiments.incidental import build_report
+    from pipeline.incidental_analysis import build_report
     from tracking.incidental import load_study, log_study_report, slope_metrics
     from tracking.store import TrackingError, resolve_tracking_uri
 

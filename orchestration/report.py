@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestration.taming import InputError, adopted_run, open_store
+from orchestration.taming import InputError, experiment_and_adopted_run, open_store
 
 
 @dataclass(frozen=True)
@@ -38,13 +38,13 @@ class ReportResult:
     ladder_networks: int = 0
 
 
-def _experiment(store, request: ReportRequest) -> tuple[str, str]:
-    """(id, name) of the experiment to read: --experiment, else the one `mlflow run` hands over, else
-    'taming'. A missing experiment is an InputError that lists the experiments holding taming sweeps."""
+def _existing_experiment(store, name: str | None, create: bool = False) -> tuple[str, str]:
+    """(id, name) of the experiment to read: --experiment, else 'taming'. A missing experiment is an
+    InputError that lists the experiments holding taming runs."""
     from tracking.store import TrackingError
 
     try:
-        experiment_id = store.existing_experiment_id(request.experiment)
+        experiment_id = store.existing_experiment_id(name)
     except TrackingError as error:
         holding = [
             experiment.name
@@ -68,15 +68,9 @@ def build_and_log_report(request: ReportRequest, on_status=lambda text: None) ->
     from tracking.store import TrackingError
 
     store = open_store(request.tracking_uri)
-    adopted = adopted_run(store)
-    if adopted is not None and request.experiment is None:
-        experiment_id = adopted.info.experiment_id
-        store.declare_experiment_kind(experiment_id)  # `mlflow run` made it, without our tag
-        experiment_name = store.client.get_experiment(experiment_id).name
-    else:
-        experiment_id, experiment_name = _experiment(store, request)
-        if adopted is not None and adopted.info.experiment_id != experiment_id:
-            adopted = None
+    experiment_id, experiment_name, adopted = experiment_and_adopted_run(
+        store, request.experiment, create=False, lookup=_existing_experiment
+    )
     try:
         frame, query = select_seeds(
             store, experiment_id, sweep_id=request.sweep_id, filter_string=request.filter_string
@@ -85,6 +79,13 @@ def build_and_log_report(request: ReportRequest, on_status=lambda text: None) ->
     except TrackingError as error:
         raise InputError(f"{error} (experiment '{experiment_name}')") from None
     baseline = request.baseline or default_baseline(frame)
+    names = set(frame["config"])
+    if request.baseline and baseline not in names:
+        # Names carry the settings that vary ('random·bipolar·l1·relu · λ=0.001'): a factor name that
+        # starts exactly one of them names it.
+        candidates = sorted(name for name in names if name.startswith(f"{baseline} · "))
+        if len(candidates) == 1:
+            baseline = candidates[0]
     paired = {"auto": None, "paired": True, "welch": False}[request.test]
     dropped = frame.attrs.get("duplicates_dropped", 0)
     notes = (

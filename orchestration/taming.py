@@ -109,15 +109,19 @@ def experiment_for(store, name: str | None, *, create: bool = True) -> tuple[str
     return experiment_id, store.client.get_experiment(experiment_id).name
 
 
-def experiment_and_adopted_run(store, name: str | None, *, create: bool = True):
-    """(experiment id, name, adopted run or None): the run `mlflow run` created decides the experiment
-    when --experiment is not given; with --experiment naming another one it is not adopted."""
+def experiment_and_adopted_run(store, name: str | None, *, create: bool = True, lookup=None):
+    """(experiment id, name, adopted run or None) for every command: the run `mlflow run` created decides
+    the experiment when --experiment is not given; with --experiment naming another one it is not adopted.
+
+    `lookup(store, name, create)` → (id, name) resolves --experiment (default: `experiment_for`, whose
+    default experiment is 'taming'); the incidental study passes its own.
+    """
     adopted = adopted_run(store)
     if adopted is not None and name is None:
         experiment_id = adopted.info.experiment_id
         store.declare_experiment_kind(experiment_id)  # `mlflow run` made it, without our tag
         return experiment_id, store.client.get_experiment(experiment_id).name, adopted
-    experiment_id, experiment_name = experiment_for(store, name, create=create)
+    experiment_id, experiment_name = (lookup or experiment_for)(store, name, create=create)
     if adopted is not None and adopted.info.experiment_id != experiment_id:
         adopted = None
     return experiment_id, experiment_name, adopted

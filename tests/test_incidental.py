@@ -19,16 +19,9 @@ from pipeline.config_tools import ConfigError, config_hash, from_dict, to_dict
 from pipeline.experiments.incidental import (
     POINT_METRICS,
     collisions_points,
-    collisions_summary,
-    collisions_table,
-    curves_by_label,
     dynamics,
-    loglog_slope,
     noise_points,
     run_point,
-    slope_sentence,
-    slope_table,
-    unconverged_notes,
 )
 from pipeline.incidental import (
     CONVERGENCE_THRESHOLD,
@@ -54,6 +47,15 @@ from pipeline.incidental import (
     simulate_sparsification,
     train_incidental,
     winner_was_initial_argmax,
+)
+from pipeline.incidental_analysis import (
+    collisions_summary,
+    collisions_table,
+    curves_by_label,
+    loglog_slope,
+    slope_sentence,
+    slope_table,
+    unconverged_notes,
 )
 from pipeline.plots.incidental import (
     ZERO_COUNT_HEIGHT,

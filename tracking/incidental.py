@@ -46,10 +46,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from pipeline.config_tools import config_hash, flatten, from_dict
-from pipeline.experiments.incidental import (
-    POINT_METRICS,
-    DynamicsPoint,
-    PointResult,
+from pipeline.experiments.incidental import POINT_METRICS, DynamicsPoint, PointResult
+from pipeline.incidental import IncidentalConfig, assess_convergence
+from pipeline.incidental_analysis import (
     collisions_table,
     curves_by_label,
     noise_label,
@@ -58,7 +57,6 @@ from pipeline.experiments.incidental import (
     summarize_points,
     unconverged_notes,
 )
-from pipeline.incidental import IncidentalConfig, assess_convergence
 from pipeline.plots.incidental import collisions_plot, fourth_norm_plot, sparsification_plot
 from tracking.recorder import (
     CURVE_PREFIX,

@@ -244,6 +244,7 @@ OTHER_SOURCES = (
     "pipeline/dose_response.py",
     "pipeline/experiments/__init__.py",
     "pipeline/experiments/incidental_defaults.py",
+    "pipeline/incidental_analysis.py",
     "pipeline/plots/__init__.py",
     "pipeline/plots/dose_response.py",
     "pipeline/plots/incidental.py",

@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from pipeline.experiments.incidental import confidence_halfwidth
 from pipeline.incidental import NOISE_TYPES, predicted_l1_norm, predicted_nonzeros
+from pipeline.incidental_analysis import confidence_halfwidth
 
 # One colour family per noise type; σ picks the shade within it (darker = larger σ), as in the published figure.
 _NOISE_COLORMAPS = {"bipolar": "Reds", "gaussian": "Blues", "laplace": "Greens", "student_t": "Purples"}
