@@ -9,12 +9,22 @@ from __future__ import annotations
 
 import atexit
 import gc
+import math
 import os
+import re
 import sys
 
 import click
 
-from pipeline.config_tools import ConfigError
+from pipeline.config_tools import (
+    DYNAMICS_MAX_M,
+    DYNAMICS_MAX_STEPS,
+    INCIDENTAL_MAXIMA,
+    OVERRIDE_FLAG,
+    ConfigError,
+    size_limits_lifted,
+)
+from pipeline.design import DESIGN_MAX_SEEDS
 from pipeline.experiments.incidental_defaults import COLLISIONS, DYNAMICS, NOISE
 
 # The sweep summary shows the headline metrics and the task loss beside them.
@@ -48,9 +58,191 @@ def _fail_usage(message: str) -> None:
     raise click.UsageError(message)
 
 
+# ------------------------------------------------------------------------------------------------------------
+# Checked option types: every value is refused at parse time with one sentence naming the option (click
+# prefixes "Invalid value for '--x'") and exit code 2, before any command touches the tracking store.
+
+# ctx.meta key set by OVERRIDE_FLAG (an eager option, so it is known before any other value is converted).
+_LIMITS_LIFTED = "polylab.limits_lifted"
+# MLflow's own limit on experiment names is far above this; 250 keeps names usable in the UI and in paths.
+NAME_MAX_LENGTH = 250
+URI_MAX_LENGTH = 2000
+# Worker processes: more than 4 per core (or 64) only adds start-up time and memory.
+MAX_WORKERS = min(64, 4 * (os.cpu_count() or 1))
+# The largest seed index a generator is seeded with (numpy and torch both take 32-bit seeds comfortably).
+MAX_SEED = 2**31 - 1
+# Values one list option (--m, --l1, --sigma, --noise) may expand to: each is a point that trains.
+MAX_LIST_ITEMS = 1000
+
+
+def _lift_limits(ctx: click.Context, _param, value: bool) -> bool:
+    if value:
+        ctx.meta[_LIMITS_LIFTED] = True
+        # Lifted for this command only (the context closes it), also inside the config dataclasses.
+        ctx.with_resource(size_limits_lifted())
+    return value
+
+
+def override_option():
+    return click.option(
+        OVERRIDE_FLAG,
+        is_flag=True,
+        is_eager=True,
+        expose_value=False,
+        callback=_lift_limits,
+        help="Lift the documented maxima of the numeric options (the upper ends of their ranges) and of "
+        "the sweep's total size, which keep a run within memory and time on a 2-core, 24 GB machine.",
+    )
+
+
+class _Limited:
+    """A click IntRange/FloatRange whose maximum OVERRIDE_FLAG lifts and which refuses NaN and ±inf.
+
+    The range shows in --help (click prints it beside the default). Values are parsed first and compared
+    after, so a 30-digit integer is refused by its range instead of overflowing later.
+    """
+
+    def convert(self, value, param, ctx):
+        number = self._parse(value, param, ctx)
+        if isinstance(number, float) and not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number; allowed: {self._describe_range()}", param, ctx)
+        lifted = ctx is not None and ctx.meta.get(_LIMITS_LIFTED, False)
+        low = self.min is not None and (number <= self.min if self.min_open else number < self.min)
+        high = (
+            not lifted
+            and self.max is not None
+            and (number >= self.max if self.max_open else number > self.max)
+        )
+        if low or high:
+            hint = f" ({OVERRIDE_FLAG} lifts the maximum)" if high else ""
+            self.fail(f"{number} is not in the range {self._describe_range()}{hint}", param, ctx)
+        return number
+
+
+class LimitedInt(_Limited, click.IntRange):
+    def _parse(self, value, param, ctx):
+        return click.INT.convert(value, param, ctx)
+
+
+class LimitedFloat(_Limited, click.FloatRange):
+    def _parse(self, value, param, ctx):
+        return click.FLOAT.convert(value, param, ctx)
+
+
+class Text(click.ParamType):
+    """A string that must not be empty or only whitespace, and at most `max_length` characters.
+
+    allow_empty: '' itself is accepted and means "the default" (documented where used: MLproject passes
+    an empty parameter for a default); whitespace-only is still refused.
+    """
+
+    name = "text"
+
+    def __init__(self, what: str = "a value", max_length: int = NAME_MAX_LENGTH, allow_empty: bool = False):
+        self.what, self.max_length, self.allow_empty = what, max_length, allow_empty
+
+    def convert(self, value, param, ctx):
+        value = str(value)
+        if value == "" and self.allow_empty:
+            return value
+        if not value.strip():
+            self.fail(f"{value!r} is empty; give {self.what}", param, ctx)
+        if len(value) > self.max_length:
+            self.fail(
+                f"{self.what} of {len(value)} characters; at most {self.max_length} allowed", param, ctx
+            )
+        return value
+
+
+class OutFolder(Text):
+    """A folder to write into: not empty, not under an existing file, and inside a writable folder.
+
+    Checked at parse time, so the report's statistics are never computed only to fail at the write.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("a folder path", max_length=4096)
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        path = os.path.abspath(value)
+        if os.path.exists(path) and not os.path.isdir(path):
+            self.fail(f"{value!r} is an existing file; give a folder", param, ctx)
+        existing = path
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            self.fail(f"{value!r} lies under the file {existing}; give a folder", param, ctx)
+        if not os.access(existing, os.W_OK | os.X_OK):
+            self.fail(f"{value!r}: the folder {existing} is not writable", param, ctx)
+        return value
+
+
+class SweepId(click.ParamType):
+    """A sweep id: 12 hexadecimal characters (as printed by sweep), or 'latest' where allowed."""
+
+    name = "sweep_id"
+
+    def __init__(self, latest: bool = True) -> None:
+        self.latest = latest
+
+    def convert(self, value, param, ctx):
+        if (self.latest and value == "latest") or re.fullmatch(r"[0-9a-f]{12}", str(value)):
+            return value
+        allowed = "12 hexadecimal characters" + (" or 'latest'" if self.latest else "")
+        self.fail(f"{value!r} is not a sweep id ({allowed}, as printed by the sweep)", param, ctx)
+
+
+class SearchFilter(Text):
+    """An MLflow search filter, parsed by MLflow's own parser so a malformed one stops before any query."""
+
+    def __init__(self) -> None:
+        super().__init__("a search filter", max_length=URI_MAX_LENGTH)
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        from mlflow.exceptions import MlflowException
+        from mlflow.utils.search_utils import SearchUtils
+
+        try:
+            SearchUtils.parse_search_filter(value)
+        except MlflowException as error:
+            self.fail(
+                f"{value!r} is not a valid MLflow search filter: {error.message.splitlines()[0]}", param, ctx
+            )
+        return value
+
+
+class MetricName(click.Choice):
+    """A taming metric (pipeline.evaluation.METRIC_NAMES), read on first use: that module imports torch."""
+
+    def __init__(self) -> None:
+        self.case_sensitive = True
+
+    @property
+    def choices(self):  # type: ignore[override]
+        from pipeline.evaluation import METRIC_NAMES
+
+        return METRIC_NAMES
+
+
+class RunId(click.ParamType):
+    """An MLflow run id: what MLflow itself accepts (letters, digits, _ and -, starting alphanumeric)."""
+
+    name = "run_id"
+
+    def convert(self, value, param, ctx):
+        if not re.fullmatch(r"[a-zA-Z0-9][\w\-]{0,255}", str(value)):
+            self.fail(
+                f"{value!r} is not an MLflow run id (32 hexadecimal characters, as the UI shows)", param, ctx
+            )
+        return value
+
+
 def tracking_uri_option():
     return click.option(
         "--tracking-uri",
+        type=Text("a tracking URI", max_length=URI_MAX_LENGTH),
         default=None,
         help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db].",
     )
@@ -59,6 +251,7 @@ def tracking_uri_option():
 def experiment_option(study_default: str):
     return click.option(
         "--experiment",
+        type=Text("an experiment name"),
         default=None,
         help=f"MLflow experiment name [default: the one `mlflow run` hands over, else '{study_default}'].",
     )
@@ -81,7 +274,7 @@ def report_output_options(files: str, default_folder: str):
         options = [
             click.option(
                 "--resamples",
-                type=click.IntRange(min=100),
+                type=LimitedInt(min=100, max=100_000),
                 default=9999,
                 show_default=True,
                 help="Bootstrap resamples for the CI of each difference.",
@@ -89,13 +282,14 @@ def report_output_options(files: str, default_folder: str):
             click.option(
                 "--out",
                 "out_dir",
-                type=click.Path(file_okay=False),
+                type=OutFolder(),
                 default=None,
                 help=f"Folder for {files} [default: {default_folder}].",
             ),
             click.option(
                 "--no-log", is_flag=True, help="Write the report files only; do not log an analysis run."
             ),
+            override_option(),
         ]
         for option in reversed(options):
             function = option(function)
@@ -137,9 +331,24 @@ def config_options(function):
             type=kind,
             multiple=True,  # so that a repeated flag is an error instead of silently keeping the last one
             metavar=None if spec.choice_source is not None else spec.hint.__name__.upper(),
-            help=f"{spec.help} [{spec.path}; default: {format_value(spec.default)}]",
+            help=f"{spec.help} [{spec.path}; default: {format_value(spec.default)}{_range_text(spec)}]",
         )(function)
     return function
+
+
+def _range_text(spec) -> str:
+    """'; range: 1 to 1024' from the field's setting(minimum=..., maximum=...): the dataclass enforces
+    both (the maximum unless OVERRIDE_FLAG is given), so --help states what a value may be."""
+    from pipeline.config import AblationConfig
+    from pipeline.config_tools import leaf_fields
+
+    metadata = leaf_fields(AblationConfig)[spec.path][0].metadata
+    low, high = metadata.get("minimum"), metadata.get("maximum")
+    if low is None and high is None:
+        return ""
+    if high is None:
+        return f"; range: >= {low:g}"
+    return f"; range: {low:g} to {high:g}" if low is not None else f"; range: <= {high:g}"
 
 
 def run_options(function):
@@ -147,13 +356,13 @@ def run_options(function):
     options = [
         click.option(
             "--seeds",
-            type=click.IntRange(min=1),
+            type=LimitedInt(min=1, max=DESIGN_MAX_SEEDS),
             default=None,
             help="Seeds per configuration, trained together in one batched pass [default: the design's, else 10].",
         ),
         click.option(
             "--first-seed",
-            type=click.IntRange(min=0),
+            type=LimitedInt(min=0, max=MAX_SEED - 1000),
             default=0,
             show_default=True,
             help="Seeds are first-seed … first-seed+seeds−1.",
@@ -178,6 +387,7 @@ def run_options(function):
             is_flag=True,
             help="Skip PNGs and checkpoints (metrics only); for quick looks and benchmarks.",
         ),
+        override_option(),
     ]
     for option in reversed(options):
         function = option(function)
@@ -206,42 +416,57 @@ def _given_settings(options: dict, command: str = "sweep") -> dict:
 
 
 def _design_problem(error: Exception, option_paths=()) -> None:
-    """A DesignError/ConfigError as one sentence, naming the option when the value came from one."""
+    """A DesignError/ConfigError as one sentence, naming the option when the value came from one.
+
+    option_paths: the paths given on the command line; a mapping {path: option text} names --set/--grid
+    for the paths they gave, a plain collection means the field's own option."""
     from pipeline.design import field_specs
 
     message = str(error)
     for path, spec in field_specs().items():
-        position = message.find(f"{path} must")
-        if position >= 0 and path in option_paths:
+        # The field's own sentence starts at its path ("network.lr must …", "data.strength_low and
+        # data.strength_high must …"); what precedes it names the design part, not what the user typed.
+        position = message.find(f"{path} ")
+        if position >= 0 and " must " in message[position:] and path in option_paths:
             # A value given by option (or --set): the option, then the field's own sentence.
-            _fail_usage(f"{spec.option}: {message[position:]}")
+            option = option_paths[path] if isinstance(option_paths, dict) else spec.option
+            _fail_usage(f"{option}: {message[position:]}")
     _fail_usage(message)
 
 
 def _build_design(design_source, preset, grid_texts, set_texts, settings):
     """The sweep's Design: a shipped or given design (default: strategic, unless only --grid/--set are
     given), with --set and the config options as fixed settings and --grid as more axes."""
-    from pipeline.design import Design, DesignError, grid_axis, load_design, split_assignment, split_values
+    from pipeline.design import (
+        Design,
+        DesignError,
+        coerce_value,
+        field_specs,
+        grid_axis,
+        load_design,
+        split_assignment,
+        split_values,
+    )
 
+    grid, fixed = {}, dict(settings)  # before `try`: the error handler names where a value came from
     try:
         if design_source and preset:
             raise DesignError("give --design or --preset, not both")
         if design_source or preset:
-            design = load_design(design_source or preset)
+            try:
+                design = load_design(design_source or preset)
+            except DesignError as error:
+                _fail_usage(f"--design: {error}")
         elif grid_texts:
             # Axes of their own: the configurations are the grid's, not the strategic 8 crossed with it.
             design = Design(name="custom")
         else:
             design = load_design("strategic")
-        grid = {}
         for text in grid_texts:
             path, values = split_assignment(text, "--grid")
             if path in grid:
                 raise DesignError(f"--grid {path} is given twice; list every value in one --grid")
             grid[path] = grid_axis(path, split_values(values), "--grid")
-        from pipeline.design import coerce_value, field_specs
-
-        fixed = dict(settings)
         for text in set_texts:
             path, value = split_assignment(text, "--set")
             value = coerce_value(path, value, "--set")
@@ -254,7 +479,10 @@ def _build_design(design_source, preset, grid_texts, set_texts, settings):
         design = design.with_overrides(fixed, grid)
         return design, design.configs()
     except (DesignError, ConfigError) as error:
-        _design_problem(error, settings)
+        given = {path: field_specs()[path].option for path in settings}
+        given |= {path: f"--set {path}" for path in fixed if path not in settings}
+        given |= {path: f"--grid {path}" for path in grid}
+        _design_problem(error, given)
 
 
 def _browse_hint(store_uri: str, experiment_id: str) -> str:
@@ -273,11 +501,16 @@ def _run_configs(
 ):
     """Hand the configurations to the orchestration layer and print what happened."""
     from orchestration.taming import InputError, StoreUnavailable, SweepRequest, run_sweep, summary_table
+    from pipeline.config import check_sweep_size
     from pipeline.design import configuration_labels
     from pipeline.metrics import HEADLINE_METRICS
     from pipeline.tables import markdown_table
 
     seeds = options["seeds"] or design.seeds or 10
+    try:
+        check_sweep_size(configs, seeds)
+    except ConfigError as error:
+        _fail_usage(f"--seeds × the design's configurations: {error}")
     request = SweepRequest(
         configs=configs,
         labels=configuration_labels(configs, labels_from),
@@ -308,6 +541,11 @@ def _run_configs(
         )
         for line in result.reused:
             click.echo(f"  {line}")
+    if getattr(result, "retired", None):
+        click.echo(
+            f"Deleted {len(result.retired)} older ablation run(s) (and their seed runs) that --force replaced: "
+            f"{', '.join(result.retired)}"
+        )
     frame = summary_table(result, (*HEADLINE_METRICS, TASK_LOSS_COLUMN))
     click.echo(
         f"\nSweep {result.sweep_id} ({design.name}) in experiment '{result.experiment_name}' at "
@@ -356,7 +594,7 @@ def ablate(**options):
     from pipeline.design import Design, label_paths
 
     settings = _given_settings(options, "ablate")
-    design, configs = _build_design_from(Design(name="ablate").with_overrides(settings), settings)
+    design, configs = _build_design_from(Design(name="ablate").with_overrides(settings), list(settings))
     _run_configs(design, configs, options, adopt_as="ablation", labels_from=label_paths(configs))
 
 
@@ -373,6 +611,7 @@ def _build_design_from(design, option_paths=()):
 @click.option(
     "--design",
     "design_source",
+    type=Text("a design name or file"),
     default=None,
     metavar="NAME|FILE",
     help="A design: a shipped name (strategic, factorial, lambda: see designs/) or a .toml/.yaml file "
@@ -387,6 +626,7 @@ def _build_design_from(design, option_paths=()):
 @click.option(
     "--grid",
     "grid_texts",
+    type=Text("FIELD=V1,V2,...", max_length=URI_MAX_LENGTH),
     multiple=True,
     metavar="FIELD=V1,V2,...",
     help="Another axis, crossed with the design's (repeatable), e.g. --grid network.lambda_reg=1e-5,1e-4,1e-3.",
@@ -394,6 +634,7 @@ def _build_design_from(design, option_paths=()):
 @click.option(
     "--set",
     "set_texts",
+    type=Text("FIELD=VALUE", max_length=URI_MAX_LENGTH),
     multiple=True,
     metavar="FIELD=VALUE",
     help="Fix any config field for every configuration (repeatable), e.g. --set sae.d_sae=32.",
@@ -410,13 +651,14 @@ def _build_design_from(design, option_paths=()):
 )
 @click.option(
     "--scheduler",
+    type=Text("a scheduler address", max_length=URI_MAX_LENGTH),
     default=None,
     metavar="ADDRESS",
     help="Dask scheduler to use, e.g. tcp://10.0.0.5:8786 [default: start a LocalCluster of --workers processes].",
 )
 @click.option(
     "--workers",
-    type=click.IntRange(min=1),
+    type=LimitedInt(min=1, max=MAX_WORKERS),
     default=None,
     help="Processes of one torch thread each: the local executor splits every batched pass by seed over "
     "them; the Dask LocalCluster gets that many workers [default: local, one per core when the sweep is "
@@ -448,7 +690,7 @@ def sweep(design_source, preset, grid_texts, set_texts, executor, scheduler, wor
 
 
 @cli.command()
-@click.argument("run_id")
+@click.argument("run_id", type=RunId())
 @tracking_uri_option()
 def inspect(run_id, tracking_uri):
     """Check a logged run against its stored artifacts.
@@ -460,12 +702,18 @@ def inspect(run_id, tracking_uri):
     """
     from orchestration.inspect import inspect_run
     from orchestration.taming import InputError
+    from pipeline.evaluation import CheckpointError
     from pipeline.tables import markdown_table
 
     try:
         inspection = inspect_run(tracking_uri, run_id)
     except InputError as error:
         _fail_usage(str(error))
+    except CheckpointError as error:
+        # A stored checkpoint that fails verification is a failed check (exit 1), like a metric that does
+        # not reproduce; exit 2 stays for bad usage.
+        click.echo(f"Error: {error}", err=True)
+        sys.exit(1)
     click.echo(f"{inspection.kind} {inspection.name} ({inspection.status})")
     if inspection.failure is not None:
         click.echo(f"failure reason: {inspection.failure}")
@@ -493,24 +741,28 @@ Examples:
 @tracking_uri_option()
 @click.option(
     "--sweep-id",
+    type=SweepId(latest=True),
     default=None,
-    help="Analyse only the ablations of this sweep ('latest' = the newest sweep run).",
+    help="Analyse only the ablations of this sweep: its 12-character id, or 'latest' (the newest sweep run).",
 )
 @click.option(
     "--filter",
     "filter_string",
+    type=SearchFilter(),
     default=None,
     help="Extra MLflow search filter on the seed runs, e.g. \"tags.reg = 'l2'\".",
 )
 @click.option(
     "--baseline",
+    type=Text("a configuration name", allow_empty=True),
     default=None,
-    help="Configuration every other is compared with [default: random·bipolar·l1·relu when present, else "
-    "the configuration closest to the published defaults].",
+    help="Configuration every other is compared with [default (also when given as '', as MLproject does): "
+    "random·bipolar·l1·relu when present, else the configuration closest to the published defaults].",
 )
 @click.option(
     "--metric",
     "metrics",
+    type=MetricName(),
     multiple=True,
     help="Metric to compare (repeatable) [default: the headline metrics].",
 )
@@ -566,7 +818,7 @@ def report(
         experiment=experiment,
         sweep_id=sweep_id,
         filter_string=filter_string,
-        baseline=baseline,
+        baseline=baseline or None,  # '' is the documented "default" (MLproject passes it empty)
         metrics=metrics,
         test="paired" if paired_flag else pairing,
         published_ladder=published_ladder,
@@ -600,6 +852,12 @@ class _ListOf(click.ParamType):
         self.ranges = ranges
         self.name = f"{item.name}[,...]"
 
+    def get_metavar(self, param, ctx):
+        # click shows a range type's range in --help, but not one wrapped in a list: show it here.
+        describe = getattr(self.item, "_describe_range", None)
+        kind = "INTEGER" if isinstance(self.item, click.IntRange) else "FLOAT"
+        return f"{kind}[,...] ({describe()})" if describe else None
+
     def convert(self, value, param, ctx):
         if isinstance(value, tuple):
             return value
@@ -615,17 +873,40 @@ class _ListOf(click.ParamType):
                     self.fail(f"{text!r} is not an integer range START:STOP:STEP", param, ctx)
                 if step < 1 or stop < start:
                     self.fail(f"{text!r} needs STEP >= 1 and STOP >= START", param, ctx)
+                # Both ends and the count are checked before the range is expanded: 1:100000000:1 must
+                # be refused at once, not after building a hundred million values.
+                self.item.convert(str(start), param, ctx)
+                self.item.convert(str(stop), param, ctx)
+                if (stop - start) // step + 1 + len(values) > MAX_LIST_ITEMS:
+                    self.fail(f"{text!r} gives more than {MAX_LIST_ITEMS} values", param, ctx)
                 values.extend(
                     self.item.convert(str(item), param, ctx) for item in range(start, stop + 1, step)
                 )
             else:
                 values.append(self.item.convert(text, param, ctx))
+            if len(values) > MAX_LIST_ITEMS:
+                self.fail(f"more than {MAX_LIST_ITEMS} values in {value!r}", param, ctx)
         return tuple(values)
 
 
 def _flat(groups) -> list:
     """The values of a multiple=True `_ListOf` option, in order, duplicates dropped."""
     return list(dict.fromkeys(value for group in groups for value in group))
+
+
+def _check_dynamics_steps(l1_values, t_max_times_l1: float, dt: float) -> None:
+    """The ODE integrates t_max_times_l1 / λ / dt Euler steps per λ: refuse more than DYNAMICS_MAX_STEPS
+    (unless OVERRIDE_FLAG), naming the options that set it."""
+    if click.get_current_context().meta.get(_LIMITS_LIFTED):
+        return
+    for l1 in l1_values:
+        steps = math.ceil(t_max_times_l1 / l1 / dt)
+        if steps > DYNAMICS_MAX_STEPS:
+            _fail_usage(
+                f"--l1/--dt/--t-max-times-l1: λ = {l1:g} with --dt {dt:g} and --t-max-times-l1 "
+                f"{t_max_times_l1:g} needs {steps:.3g} Euler steps, more than the documented "
+                f"{DYNAMICS_MAX_STEPS:g}; raise λ or --dt, or give {OVERRIDE_FLAG}"
+            )
 
 
 def _study_store_options(function):
@@ -639,14 +920,14 @@ def _training_options(*, instances: int, steps: int, optimizer: str, lr: float):
         options = [
             click.option(
                 "--instances",
-                type=click.IntRange(min=1),
+                type=LimitedInt(min=1, max=INCIDENTAL_MAXIMA["instances"]),
                 default=instances,
                 show_default=True,
                 help="Independent models per point (trained together in one batched pass).",
             ),
             click.option(
                 "--steps",
-                type=click.IntRange(min=1),
+                type=LimitedInt(min=1, max=INCIDENTAL_MAXIMA["steps"]),
                 default=steps,
                 show_default=True,
                 help="Training steps.",
@@ -660,28 +941,28 @@ def _training_options(*, instances: int, steps: int, optimizer: str, lr: float):
             ),
             click.option(
                 "--lr",
-                type=click.FloatRange(min=0, min_open=True),
+                type=LimitedFloat(min=0, min_open=True, max=INCIDENTAL_MAXIMA["lr"]),
                 default=lr,
                 show_default=True,
                 help="Learning rate.",
             ),
             click.option(
                 "--weight-decay",
-                type=click.FloatRange(min=0),
+                type=LimitedFloat(min=0, max=INCIDENTAL_MAXIMA["weight_decay"]),
                 default=None,
                 help="AdamW's decoupled weight decay [default: 0.01 (torch's, active in the published run) "
                 "with adamw, 0 with sgd].",
             ),
             click.option(
                 "--seed",
-                type=click.IntRange(min=0),
+                type=LimitedInt(min=0, max=MAX_SEED),
                 default=0,
                 show_default=True,
                 help="Base seed; instance k draws its init and noise from (seed, k).",
             ),
             click.option(
                 "--curve-every",
-                type=click.IntRange(min=1),
+                type=LimitedInt(min=1, max=INCIDENTAL_MAXIMA["curve_every"]),
                 default=100,
                 show_default=True,
                 help="Steps between recorded curve points.",
@@ -693,12 +974,34 @@ def _training_options(*, instances: int, steps: int, optimizer: str, lr: float):
                 help="Retrain every point, even one with a FINISHED run of the same config and code version "
                 "(reused otherwise); the older run is deleted once the new one has finished.",
             ),
+            override_option(),
         ]
         for option in reversed(options):
             function = option(function)
         return _study_store_options(function)
 
     return decorate
+
+
+# IncidentalConfig fields that are also options of `incidental collisions`/`noise` (first_instance and the
+# polysemantic thresholds are not).
+_INCIDENTAL_OPTION_FIELDS = [
+    "n",
+    "m",
+    "instances",
+    "steps",
+    "l1",
+    "noise",
+    "sigma",
+    "nu",
+    "noise_sharing",
+    "optimizer",
+    "lr",
+    "weight_decay",
+    "seed",
+    "curve_every",
+    "device",
+]
 
 
 def _training_settings(options: dict) -> dict:
@@ -725,9 +1028,12 @@ def _checked_configs(build):
     try:
         configs = build()
     except ConfigError as error:
-        # ConfigError messages start with the config field, which is the option's name with dashes.
+        # A ConfigError message that starts with a config field names the option with the same name (with
+        # dashes); the others (the total size, instances × n × m) name their options themselves.
         field, _, rest = str(error).partition(" ")
-        _fail_usage(f"--{field.replace('_', '-')} {rest}")
+        if field in _INCIDENTAL_OPTION_FIELDS:
+            _fail_usage(f"--{field.replace('_', '-')}: {field} {rest}")
+        _fail_usage(str(error).replace("instances × n × m", "--instances × --n × --m", 1))
     try:
         resolve_device(configs[0].device)
     except ValueError as error:
@@ -818,7 +1124,7 @@ def incidental():
 @incidental.command("collisions", epilog=EXAMPLES_COLLISIONS)
 @click.option(
     "--n",
-    type=click.IntRange(min=1),
+    type=LimitedInt(min=1, max=INCIDENTAL_MAXIMA["n"]),
     default=COLLISIONS["n"],
     show_default=True,
     help="Features.",
@@ -826,7 +1132,7 @@ def incidental():
 @click.option(
     "--m",
     "ms",
-    type=_ListOf(click.IntRange(min=1), ranges=True),
+    type=_ListOf(LimitedInt(min=1, max=INCIDENTAL_MAXIMA["m"]), ranges=True),
     multiple=True,
     default=list(COLLISIONS["ms"]),
     show_default=True,
@@ -835,7 +1141,7 @@ def incidental():
 @click.option(
     "--l1",
     "l1_values",
-    type=_ListOf(click.FloatRange(min=0)),
+    type=_ListOf(LimitedFloat(min=0, max=INCIDENTAL_MAXIMA["l1"])),
     multiple=True,
     default=list(COLLISIONS["l1_values"]),
     show_default=True,
@@ -902,14 +1208,14 @@ def incidental_collisions(n, ms, l1_values, **options):
 @incidental.command("noise", epilog=EXAMPLES_NOISE)
 @click.option(
     "--n",
-    type=click.IntRange(min=1),
+    type=LimitedInt(min=1, max=INCIDENTAL_MAXIMA["n"]),
     default=NOISE["n"],
     show_default=True,
     help="Features.",
 )
 @click.option(
     "--m",
-    type=click.IntRange(min=1),
+    type=LimitedInt(min=1, max=INCIDENTAL_MAXIMA["m"]),
     default=NOISE["m"],
     show_default=True,
     help="Hidden neurons.",
@@ -926,7 +1232,7 @@ def incidental_collisions(n, ms, l1_values, **options):
 @click.option(
     "--sigma",
     "sigmas",
-    type=_ListOf(click.FloatRange(min=0, min_open=True)),
+    type=_ListOf(LimitedFloat(min=0, min_open=True, max=INCIDENTAL_MAXIMA["sigma"])),
     multiple=True,
     default=list(NOISE["sigmas"]),
     show_default=True,
@@ -934,7 +1240,7 @@ def incidental_collisions(n, ms, l1_values, **options):
 )
 @click.option(
     "--nu",
-    type=click.FloatRange(min=2, min_open=True),
+    type=LimitedFloat(min=2, min_open=True, max=INCIDENTAL_MAXIMA["nu"]),
     default=5.0,
     show_default=True,
     help="Student-t degrees of freedom (κ = 6/(ν−4) for ν > 4).",
@@ -948,7 +1254,7 @@ def incidental_collisions(n, ms, l1_values, **options):
 )
 @click.option(
     "--l1",
-    type=click.FloatRange(min=0),
+    type=LimitedFloat(min=0, max=INCIDENTAL_MAXIMA["l1"]),
     default=NOISE["l1"],
     show_default=True,
     help="L1 strength λ (0: noise is the only winner-take-all force).",
@@ -1013,7 +1319,7 @@ def incidental_noise(n, m, noise_types, sigmas, nu, noise_sharing, l1, **options
 @incidental.command("dynamics", epilog=EXAMPLES_DYNAMICS)
 @click.option(
     "--m",
-    type=click.IntRange(min=1),
+    type=LimitedInt(min=1, max=DYNAMICS_MAX_M),
     default=DYNAMICS["m"],
     show_default=True,
     help="Length of the encoding w.",
@@ -1021,7 +1327,7 @@ def incidental_noise(n, m, noise_types, sigmas, nu, noise_sharing, l1, **options
 @click.option(
     "--l1",
     "l1_values",
-    type=_ListOf(click.FloatRange(min=0, min_open=True)),
+    type=_ListOf(LimitedFloat(min=0, min_open=True, max=INCIDENTAL_MAXIMA["l1"])),
     multiple=True,
     default=list(DYNAMICS["l1_values"]),
     show_default=True,
@@ -1029,22 +1335,27 @@ def incidental_noise(n, m, noise_types, sigmas, nu, noise_sharing, l1, **options
 )
 @click.option(
     "--t-max-times-l1",
-    type=click.FloatRange(min=1),
+    type=LimitedFloat(min=1, max=1000),
     default=DYNAMICS["t_max_times_l1"],
     show_default=True,
     help="Simulate up to t = this / λ (≥ 1 so the comparison window t·λ ∈ [0.05, 1] is covered).",
 )
 @click.option(
     "--dt",
-    type=click.FloatRange(min=0, min_open=True),
+    type=LimitedFloat(min=0, min_open=True, max=1),
     default=DYNAMICS["dt"],
     show_default=True,
-    help="Euler step.",
+    help=f"Euler step (with --t-max-times-l1 / λ / dt at most {DYNAMICS_MAX_STEPS:g} steps per λ).",
 )
 @click.option(
-    "--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the initial w."
+    "--seed",
+    type=LimitedInt(min=0, max=MAX_SEED),
+    default=0,
+    show_default=True,
+    help="Seed of the initial w.",
 )
 @_study_store_options
+@override_option()
 def incidental_dynamics(m, l1_values, t_max_times_l1, dt, seed, experiment, tracking_uri):
     """Integrate dw/dt = (1 − ‖w‖²)·w − λ·sign(w) and compare with ‖w‖₁ ≈ 1/(1/√m + λt), m′ ≈ ‖w‖₁².
 
@@ -1058,6 +1369,7 @@ def incidental_dynamics(m, l1_values, t_max_times_l1, dt, seed, experiment, trac
     from orchestration.taming import InputError
     from pipeline.tables import markdown_table
 
+    _check_dynamics_steps(_flat(l1_values), t_max_times_l1, dt)
     try:
         recorded = simulate_and_track_dynamics(
             m=m,
@@ -1086,6 +1398,7 @@ def incidental_dynamics(m, l1_values, t_max_times_l1, dt, seed, experiment, trac
 @click.option(
     "--sweep-id",
     "sweep_ids",
+    type=SweepId(latest=False),
     multiple=True,
     help="Sweep(s) to read (repeatable) [default: the newest finished sweep of each command].",
 )
@@ -1144,7 +1457,9 @@ def main() -> None:
     atexit.register(gc.freeze)
     # Help and errors show the command as it was typed: `python cli.py …` or the installed `polylab …`.
     program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "polylab"
-    cli(prog_name="python cli.py" if program == "cli.py" else program)
+    from orchestration.signals import run_cli
+
+    sys.exit(run_cli(cli, "python cli.py" if program == "cli.py" else program))
 
 
 if __name__ == "__main__":

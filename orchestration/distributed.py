@@ -19,7 +19,8 @@ refused connections and 5xx answers with exponential backoff (MLFLOW_HTTP_REQUES
 MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR; set on the client, they are handed to the workers), so a tracking
 server restarted within that window costs nothing; past it the task fails, and a re-run of the sweep
 resumes: FINISHED work is reused, never lost. Two sweeps of one identity at once can both train it (each
-checks before either finishes); the report counts such duplicates once.
+checks before either finishes; the local executor's claim, tracking/taming.py `_contest`, is not used
+here, since a task that waited would hold a worker); the report counts such duplicates once.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 from mlflow import MlflowClient
 
 from pipeline.config import AblationConfig
+from tracking.recorder import reason_of, recover_experiment
 from tracking.store import Store, TrackingError, code_version, fail_run
 from tracking.taming import (
     AblationOutcome,
@@ -94,12 +96,18 @@ def train_and_record(task: SweepTask, config: AblationConfig) -> AblationOutcome
     store = Store(task.tracking_uri, MlflowClient(tracking_uri=task.tracking_uri))
     seeds = list(task.seeds)
     if not task.force:
-        existing = finished_runs_for(store, task.experiment_id, config, seeds)
+        existing = finished_runs_for(store, task.experiment_id, config, seeds, task.artifacts)
         if existing:
             return reused_outcome(existing[0], config, task.naming)
     supersede_running_runs(store, task.experiment_id, config, seeds, task.sweep_id)
     run_id = start_ablation_run(
-        store, task.experiment_id, config, seeds, sweep_id=task.sweep_id, naming=task.naming
+        store,
+        task.experiment_id,
+        config,
+        seeds,
+        sweep_id=task.sweep_id,
+        naming=task.naming,
+        artifacts=task.artifacts,
     )
     try:
         result = run_ablations([config], seeds, device=task.device)[0]
@@ -116,7 +124,7 @@ def train_and_record(task: SweepTask, config: AblationConfig) -> AblationOutcome
             naming=task.naming,
         )
     except BaseException as error:
-        fail_run(store, run_id, f"{type(error).__name__}: {error}")
+        fail_run(store, run_id, reason_of(error))
         raise
 
 
@@ -177,7 +185,11 @@ def run_dask_sweep(
     naming = naming or SweepNaming()
     sweep_id = new_sweep_id()
     outcomes: list[AblationOutcome | None] = [None] * len(configs)
-    pending = partition_reused(store, experiment_id, configs, seeds, outcomes, force, on_reuse, naming)
+    # What dead commands left open is closed first (runs of live sweeps are left alone).
+    recover_experiment(store, experiment_id)
+    pending = partition_reused(
+        store, experiment_id, configs, seeds, outcomes, force, on_reuse, naming, artifacts
+    )
     # Connect (and check the workers) before the first write, so a bad --scheduler leaves nothing behind.
     client, cluster = _connect(scheduler, workers) if pending else (None, None)
     try:
@@ -204,7 +216,7 @@ def run_dask_sweep(
                 _submit_and_collect(client, task, configs, pending, outcomes, on_done)
             finish_sweep_run(store, sweep_run_id, outcomes)  # type: ignore[arg-type]
         except BaseException as error:
-            fail_run(store, sweep_run_id, f"{type(error).__name__}: {error}")
+            fail_run(store, sweep_run_id, reason_of(error))
             raise
     finally:
         if client is not None:

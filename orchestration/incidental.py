@@ -156,7 +156,7 @@ def build_and_log_incidental_report(
     uri = resolve_tracking_uri(tracking_uri)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise InputError(f"--tracking-uri {uri}: no store there yet; run an incidental experiment first")
-    store = open_store(tracking_uri)
+    store = open_store(tracking_uri, writing=log)
     experiment_id, experiment_name, adopted = _experiment(store, experiment, create=False)
     try:
         records = load_study(store, experiment_id, sweep_ids)

@@ -2,6 +2,11 @@
 
 A seed run's checkpoint is loaded, its data regenerated from the stored config and seed, every metric
 recomputed (`pipeline.evaluation.reevaluate`) and compared with the logged value.
+
+The checkpoint is verified against the run before anything is sized from it (`load_seed_checkpoint`): a
+missing, unreadable or edited checkpoint raises `pipeline.evaluation.CheckpointError` (imported where it is
+caught, so importing this module stays free of torch) with one sentence, which the CLI reports
+with exit code 1 (a failed verification, like a metric that does not reproduce; 2 is for bad usage).
 """
 
 from __future__ import annotations
@@ -34,12 +39,17 @@ class Inspection:
 
 
 def inspect_run(tracking_uri: str | None, run_id: str) -> Inspection:
+    """The run's stored state checked against its artifacts.
+
+    Raises InputError (exit 2) for a run id the store does not have, and CheckpointError (exit 1) for a
+    seed run whose checkpoint is missing, unreadable or disagrees with what the run recorded.
+    """
     from mlflow.exceptions import MlflowException
 
     from pipeline.evaluation import reevaluate
     from tracking.query import load_seed_checkpoint, logged_metrics
 
-    store = open_store(tracking_uri)
+    store = open_store(tracking_uri, writing=False)
     try:
         run = store.client.get_run(run_id)
     except MlflowException as error:
@@ -52,7 +62,7 @@ def inspect_run(tracking_uri: str | None, run_id: str) -> Inspection:
         if run.info.status != "FINISHED":
             inspection.failure = run.data.tags.get("failure_reason", "unknown")
             return inspection
-        recomputed = reevaluate(load_seed_checkpoint(store, run_id))
+        recomputed = reevaluate(load_seed_checkpoint(store, run_id, run))
         logged = logged_metrics(run)
         rows = []
         for metric, value in recomputed.items():

@@ -60,6 +60,18 @@ def _existing_experiment(store, name: str | None, create: bool = False) -> tuple
     return experiment_id, store.client.get_experiment(experiment_id).name
 
 
+def _blamed(message: str, request: ReportRequest) -> str:
+    """What a report error is about: an option only when the user gave it (build_report's messages start
+    with "baseline" or "metric"); otherwise the runs selected, whose contents did not fit the defaults."""
+    if message.startswith("baseline") and request.baseline:
+        return "--baseline"
+    if message.startswith("metric") and request.metrics:
+        return "--metric"
+    scope = [f"--sweep-id {request.sweep_id}"] if request.sweep_id else []
+    scope += [f"--filter {request.filter_string!r}"] if request.filter_string else []
+    return "the selected runs" + (f" ({', '.join(scope)})" if scope else "")
+
+
 def build_and_log_report(request: ReportRequest, on_status=lambda text: None) -> ReportResult:
     """The report of the selected seed runs; InputError (exit 2) for a selection or option that does not
     fit the store."""
@@ -67,10 +79,15 @@ def build_and_log_report(request: ReportRequest, on_status=lambda text: None) ->
     from tracking.analysis import log_report, select_seeds, stored_networks, study_context
     from tracking.store import TrackingError
 
-    store = open_store(request.tracking_uri)
+    store = open_store(request.tracking_uri, writing=request.log)
     experiment_id, experiment_name, adopted = experiment_and_adopted_run(
         store, request.experiment, create=False, lookup=_existing_experiment
     )
+    if request.log:
+        from tracking.recorder import recover_experiment
+
+        # Seeds left RUNNING under a FINISHED ablation by a crash between the two are completed first.
+        recover_experiment(store, experiment_id)
     try:
         frame, query = select_seeds(
             store, experiment_id, sweep_id=request.sweep_id, filter_string=request.filter_string
@@ -108,10 +125,7 @@ def build_and_log_report(request: ReportRequest, on_status=lambda text: None) ->
             context=context,
         )
     except ValueError as error:
-        option = "--baseline" if request.baseline and "baseline" in str(error) else "--metric"
-        if "baseline" in str(error) and not request.baseline:
-            option = "the selection"
-        raise InputError(f"{option}: {error}") from None
+        raise InputError(f"{_blamed(str(error), request)}: {error}") from None
     networks = 0
     if request.published_ladder:
         from pipeline.published import published_ladder as train_ladder

@@ -57,6 +57,12 @@ class SweepResult:
     def failed(self) -> list:
         return [outcome for outcome in self.outcomes if outcome.status == "failed"]
 
+    @property
+    def retired(self) -> list[str]:
+        """Ablation run ids deleted (with their seed runs) because this sweep replaced them: older runs of
+        an identity it retrained with --force, and --no-artifacts runs of one it recorded with artifacts."""
+        return [run_id for outcome in self.outcomes for run_id in getattr(outcome, "retired", [])]
+
 
 def _progress_bar(total: int, description: str, unit: str = "epoch"):
     from tqdm import tqdm
@@ -66,13 +72,14 @@ def _progress_bar(total: int, description: str, unit: str = "epoch"):
     )
 
 
-def open_store(tracking_uri: str | None):
-    """The checked store, or InputError with the store's one-sentence problem."""
+def open_store(tracking_uri: str | None, *, writing: bool = True):
+    """The checked store, or InputError with the store's one-sentence problem. `writing=False` for
+    commands that only read: a missing store is an error (none is created), and a read-only one works."""
     from tracking.store import TrackingError
     from tracking.store import open_store as open_tracking_store
 
     try:
-        return open_tracking_store(tracking_uri)
+        return open_tracking_store(tracking_uri, writing=writing)
     except TrackingError as error:
         raise InputError(str(error)) from None
 

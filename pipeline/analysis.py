@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
@@ -517,6 +518,22 @@ def factorial_scope(finished: pd.DataFrame, baseline: str) -> tuple[pd.DataFrame
     return finished[mask], where
 
 
+def _missing_value_notes(finished: pd.DataFrame, metrics: Sequence[str]) -> list[str]:
+    """One note per metric that is NaN (or ±inf) for some finished seeds: the statistics leave those seeds
+    out, and a reader must be told so rather than see a mean over fewer seeds than the counts say."""
+    notes = []
+    for metric in metrics:
+        values = pd.to_numeric(finished[metric], errors="coerce")
+        missing = ~np.isfinite(values.to_numpy(dtype=float))
+        if missing.any():
+            where = sorted(pd.unique(finished.loc[missing, "config"]))
+            notes.append(
+                f"{metric} is NaN or infinite for {int(missing.sum())} of {len(finished)} finished seeds "
+                f"({', '.join(map(str, where))}); its statistics use the other seeds only."
+            )
+    return notes
+
+
 def build_report(
     all_seeds: pd.DataFrame,
     *,
@@ -571,6 +588,7 @@ def build_report(
             f"Other settings vary too: the 2⁴ factorial is analysed at the baseline's {factorial_where}; "
             "configurations at other values enter the pairwise comparisons only."
         )
+    notes.extend(_missing_value_notes(finished, metrics))
     notes.extend(extra_notes)
     present = set(configs)
     strategic = {"·".join(cell) for cell in STRATEGIC_CONFIGURATIONS}

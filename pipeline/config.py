@@ -15,6 +15,7 @@ from pipeline.config_tools import (
     ConfigError,
     allowed_choices,
     check_choice,
+    check_field_maxima,
     check_fraction,
     check_integer,
     check_positive,
@@ -85,14 +86,25 @@ def check_field_choices(config: Any, prefix: str) -> None:
 class DataConfig:
     """Correlated feature groups (SCIENCE.md §1.1)."""
 
-    group_sizes: tuple[int, ...] = setting((3, 2, 3), "Sizes of the correlated feature groups.")
-    group_probability: float = setting(0.6, "Probability that a group is active in a sample.")
-    strength_low: float = setting(0.5, "Lower bound of an active feature's strength.")
-    strength_high: float = setting(1.0, "Upper bound of an active feature's strength.")
-    keep_probability: float = setting(0.5, "Probability that a feature of an active group is kept.")
-    samples: int = setting(1024, "Data set size (80 % train, 20 % validation).")
-    validation_fraction: float = setting(0.2, "Fraction of the samples held out for validation.")
-    importance_decay: float = setting(0.9, "Feature importance I_i = decay^i (interference weights).")
+    group_sizes: tuple[int, ...] = setting(
+        (3, 2, 3), "Sizes of the correlated feature groups.", minimum=1, maximum=64
+    )
+    group_probability: float = setting(
+        0.6, "Probability that a group is active in a sample.", minimum=0, maximum=1
+    )
+    strength_low: float = setting(0.5, "Lower bound of an active feature's strength.", minimum=0, maximum=1)
+    strength_high: float = setting(1.0, "Upper bound of an active feature's strength.", minimum=0, maximum=1)
+    keep_probability: float = setting(
+        0.5, "Probability that a feature of an active group is kept.", minimum=0, maximum=1
+    )
+    # 100 000 samples: 100× the published data set; the activations of a pass grow with it.
+    samples: int = setting(1024, "Data set size (80 % train, 20 % validation).", minimum=4, maximum=100_000)
+    validation_fraction: float = setting(
+        0.2, "Fraction of the samples held out for validation.", minimum=0, maximum=1
+    )
+    importance_decay: float = setting(
+        0.9, "Feature importance I_i = decay^i (interference weights).", minimum=0, maximum=1
+    )
     targets: str = setting(
         "published", "Task targets: the published non-linear ones, or pairwise products.", choices=TARGETS
     )
@@ -127,6 +139,8 @@ class DataConfig:
                 "data.targets 'published' is defined only for data.group_sizes (3, 2, 3); "
                 f"got {self.group_sizes!r}: use data.targets 'pairwise' for other layouts"
             )
+        # Last: the field's own checks word a fraction's or a minimum's problem better.
+        check_field_maxima(self, "data.")
 
     @property
     def features(self) -> int:
@@ -164,11 +178,24 @@ class NetworkConfig:
     )
     reg: str = setting("l1", "Regularization.", per_model=True, choices=REGULARIZATIONS)
     act: str = setting("relu", "Hidden activation.", per_model=True, choices=ACTIVATIONS)
-    hidden_dim: int = setting(12, "Width of each hidden layer.", short="hidden")
-    hidden_layers: int = setting(4, "Number of hidden layers (activations).", short="layers")
-    sigma: float = setting(0.1, "Noise scale σ on the last hidden layer.", per_model=True, short="σ")
+    # Maxima: a pass holds [model, sample, hidden_dim] activations per layer; 1024 × 64 is far past any
+    # network the study needs and still fits one seed in memory at the published sample count.
+    hidden_dim: int = setting(12, "Width of each hidden layer.", short="hidden", minimum=1, maximum=1024)
+    hidden_layers: int = setting(
+        4, "Number of hidden layers (activations).", short="layers", minimum=1, maximum=64
+    )
+    # No maximum: σ costs no memory or time, and a σ large enough to blow the loss up makes a FAILED seed
+    # with the reason (pipeline.train's divergence check), which the engine's tests rely on.
+    sigma: float = setting(
+        0.1, "Noise scale σ on the last hidden layer.", per_model=True, short="σ", minimum=0
+    )
     lambda_reg: float = setting(
-        1e-4, "Regularization strength λ (L1 penalty or L2 decay/penalty).", per_model=True, short="λ"
+        1e-4,
+        "Regularization strength λ (L1 penalty or L2 decay/penalty).",
+        per_model=True,
+        short="λ",
+        minimum=0,
+        maximum=1000,
     )
     # "decay": the published L2, Adam's coupled weight_decay on every parameter (biases included).
     # "penalty": lambda * sum W^2 over weight matrices in the loss, the same footing as the L1 penalty.
@@ -179,8 +206,9 @@ class NetworkConfig:
         per_model=True,
         choices=L2_FORMS,
     )
-    lr: float = setting(1e-3, "Network Adam learning rate.", per_model=True)
-    epochs: int = setting(2000, "Network training epochs (full batch).")
+    lr: float = setting(1e-3, "Network Adam learning rate.", per_model=True, minimum=0, maximum=100)
+    # 100 000 epochs: 50× the published training, about an hour for one seed of a wide network on 2 cores.
+    epochs: int = setting(2000, "Network training epochs (full batch).", minimum=1, maximum=100_000)
 
     def __post_init__(self) -> None:
         check_field_choices(self, "network.")
@@ -190,6 +218,7 @@ class NetworkConfig:
         check_positive("network.lambda_reg", self.lambda_reg, allow_zero=True)
         check_positive("network.lr", self.lr)
         check_integer("network.epochs", self.epochs, minimum=1)
+        check_field_maxima(self, "network.")
 
 
 @dataclass(frozen=True)
@@ -202,12 +231,16 @@ class SAEConfig:
         "bug-compatible, the encoder a view of the decoder as in the published code).",
         choices=_sae_architectures,
     )
-    d_sae: int = setting(16, "SAE latents.", option="--d-sae", short="d_sae")
-    l1_coefficient: float = setting(1e-4, "SAE sparsity coefficient.", option="--sae-l1", short="sae λ")
-    lr: float = setting(1e-3, "SAE Adam learning rate.", per_model=True)
-    epochs: int = setting(1000, "SAE training epochs.")
-    encoder_bias_high: float = setting(0.1, "Encoder biases start uniform in [0, this].")
-    leaky_slope: float = setting(0.01, "Negative slope of the LeakyReLU SAE.")
+    d_sae: int = setting(16, "SAE latents.", option="--d-sae", short="d_sae", minimum=2, maximum=4096)
+    l1_coefficient: float = setting(
+        1e-4, "SAE sparsity coefficient.", option="--sae-l1", short="sae λ", minimum=0, maximum=1000
+    )
+    lr: float = setting(1e-3, "SAE Adam learning rate.", per_model=True, minimum=0, maximum=100)
+    epochs: int = setting(1000, "SAE training epochs.", minimum=1, maximum=100_000)
+    encoder_bias_high: float = setting(
+        0.1, "Encoder biases start uniform in [0, this].", minimum=0, maximum=100
+    )
+    leaky_slope: float = setting(0.01, "Negative slope of the LeakyReLU SAE.", minimum=0, maximum=1)
     # Added after stores existed: left out of the config hash at its default, so old results keep their ids.
     train_on: str = setting(
         "standardized",
@@ -225,6 +258,7 @@ class SAEConfig:
         check_integer("sae.epochs", self.epochs, minimum=1)
         check_positive("sae.encoder_bias_high", self.encoder_bias_high, allow_zero=True)
         check_fraction("sae.leaky_slope", self.leaky_slope)
+        check_field_maxima(self, "sae.")
 
 
 @dataclass(frozen=True)
@@ -234,14 +268,23 @@ class AblationConfig:
     data: DataConfig = field(default_factory=DataConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     sae: SAEConfig = field(default_factory=SAEConfig)
-    curve_every: int = setting(50, "Epochs between two points of the logged training curves.")
+    curve_every: int = setting(
+        50, "Epochs between two points of the logged training curves.", minimum=1, maximum=100_000
+    )
+    # Each draw is a MACS of a random decoder, O(d_sae²): 10 000 draws is 50× the published null.
     metric_null_draws: int = setting(
-        200, "Random decoders drawn for the calibrated-MACS null.", per_model=True, short="null draws"
+        200,
+        "Random decoders drawn for the calibrated-MACS null.",
+        per_model=True,
+        short="null draws",
+        minimum=2,
+        maximum=10_000,
     )
 
     def __post_init__(self) -> None:
         check_integer("curve_every", self.curve_every, minimum=1)
         check_integer("metric_null_draws", self.metric_null_draws, minimum=2)
+        check_field_maxima(self, "")
 
     @property
     def factors(self) -> dict[str, str]:
@@ -329,3 +372,47 @@ def pass_key(config: AblationConfig) -> tuple:
 def total_epochs(config: AblationConfig) -> int:
     """Progress units one model of this config takes in a pass (network epochs + SAE epochs)."""
     return config.network.epochs + config.sae.epochs
+
+
+# The size of a whole sweep (configurations × seeds × what one model holds and computes), checked before
+# anything trains. The per-field maxima bound one model; these bound their product. Memory counts every
+# model at once, as when all configurations share one batched pass; the work limit is about two hours of
+# the 2-core reference machine (the published strategic sweep, 80 models, is 9e11 multiply-adds).
+SWEEP_MEMORY_LIMIT_BYTES = 8 * 2**30
+SWEEP_WORK_LIMIT = 1e14
+
+
+def model_footprint(config: AblationConfig) -> tuple[float, float]:
+    """(bytes, multiply-adds) of training one seed of `config`, to within a small factor.
+
+    Parameters count five times (value, gradient, two Adam moments, the flat copy); activations three
+    times per layer (forward, trace, gradient); the SAE likewise over its latents.
+    """
+    dims = [config.data.features, *([config.network.hidden_dim] * config.network.hidden_layers)]
+    dims.append(config.data.features)
+    parameters = sum(d_in * d_out + d_out for d_in, d_out in itertools.pairwise(dims))
+    hidden, latents, samples = config.network.hidden_dim, config.sae.d_sae, config.data.samples
+    sae_parameters = 2 * hidden * latents + hidden + latents
+    floats = 5 * (parameters + sae_parameters) + samples * (
+        4 * config.data.features + 3 * hidden * config.network.hidden_layers + 3 * (hidden + latents)
+    )
+    work = 6 * samples * (config.network.epochs * parameters + config.sae.epochs * 2 * hidden * latents)
+    return 4.0 * floats, float(work)
+
+
+def check_sweep_size(configs: list[AblationConfig], seeds: int) -> None:
+    """ConfigError when the sweep as a whole exceeds the documented memory or work limit."""
+    from pipeline.config_tools import OVERRIDE_FLAG, size_limits_active
+
+    if not size_limits_active():
+        return
+    footprints = [model_footprint(config) for config in configs]
+    memory = seeds * sum(bytes_ for bytes_, _ in footprints)
+    work = seeds * sum(work for _, work in footprints)
+    if memory > SWEEP_MEMORY_LIMIT_BYTES or work > SWEEP_WORK_LIMIT:
+        raise ConfigError(
+            f"the sweep is too big: {len(configs)} configuration(s) × {seeds} seed(s) need about "
+            f"{memory / 2**30:.3g} GB and {work:.2g} multiply-adds, beyond the documented limits of "
+            f"{SWEEP_MEMORY_LIMIT_BYTES / 2**30:g} GB and {SWEEP_WORK_LIMIT:g} (about two hours on 2 cores); "
+            f"use fewer configurations or seeds, fewer epochs or samples, smaller widths, or {OVERRIDE_FLAG}"
+        )

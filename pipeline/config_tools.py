@@ -7,13 +7,14 @@ that a typo in a stored config cannot silently fall back to a default.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -21,6 +22,68 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A configuration value is invalid. The message names the field and what is allowed."""
+
+
+# The flag that lifts the documented maxima (setting(maximum=...), the incidental limits, the sweep size).
+OVERRIDE_FLAG = "--i-know-it-is-big"
+# The maxima are checked while this is False. A module-level switch rather than a config field: the
+# maxima protect the machine a command runs on, they are not part of what a configuration means (and so
+# of its hash); configs that travel to worker processes are unpickled, which skips __post_init__.
+_limits_lifted = False
+
+
+# Incidental study (pipeline/incidental.py): kept here, a module without torch, so that cli.py can show
+# them in --help without importing torch.
+# Documented maxima of the numeric fields (OVERRIDE_FLAG lifts them): they keep one point within memory and
+# sane time on a 2-core, 24 GB machine. The published collisions figure (n = 256, m ≤ 4096, 16 instances,
+# 12 000 steps) is inside them; `--help` shows them.
+INCIDENTAL_MAXIMA: dict[str, float] = {
+    "n": 4096,
+    "m": 65_536,
+    "instances": 1024,
+    "first_instance": 1_000_000,
+    "steps": 1_000_000,
+    "seed": 2**32 - 1,
+    "curve_every": 1_000_000,
+    "l1": 1000.0,
+    "sigma": 100.0,
+    "nu": 1e6,
+    "lr": 100.0,
+    "weight_decay": 100.0,
+}
+# Weights, gradients, two AdamW moments and the noise of a pass are each [instance, n, m]: 2^27 floats
+# (0.5 GB) per tensor keeps the whole pass under about 3 GB.
+INCIDENTAL_MAX_WEIGHTS = 2**27
+# The sparsification ODE (`incidental dynamics`): the encoding length and the Euler steps per λ.
+DYNAMICS_MAX_M = 10_000_000
+DYNAMICS_MAX_STEPS = 10_000_000
+
+
+@contextlib.contextmanager
+def size_limits_lifted(lifted: bool = True) -> Iterator[None]:
+    """Within this block the documented maxima are not enforced (the command line's OVERRIDE_FLAG)."""
+    global _limits_lifted
+    previous, _limits_lifted = _limits_lifted, lifted or _limits_lifted
+    try:
+        yield
+    finally:
+        _limits_lifted = previous
+
+
+def size_limits_active() -> bool:
+    return not _limits_lifted
+
+
+def check_maximum(name: str, value: Any, maximum: float, why: str = "") -> None:
+    """Raise ConfigError when `value` exceeds the documented `maximum` (unless the limits are lifted)."""
+    if _limits_lifted or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if value > maximum:
+        reason = f" ({why})" if why else ""
+        raise ConfigError(
+            f"{name} must be <= {maximum:g}{reason}; got {value!r} (the documented range keeps a run within "
+            f"memory and time on a 2-core, 24 GB machine; {OVERRIDE_FLAG} lifts it)"
+        )
 
 
 def setting(
@@ -33,6 +96,8 @@ def setting(
     option: str | None = None,
     short: str | None = None,
     hash_omit_default: bool = False,
+    minimum: float | None = None,
+    maximum: float | None = None,
 ) -> Any:
     """A config field that says what it is, so that everything else can be derived from the dataclass.
 
@@ -45,6 +110,11 @@ def setting(
     short: the name used in run names when the field varies in a design (e.g. "λ" for lambda_reg).
     hash_omit_default: left out of the config hash at its default value (fields added after results were
         stored, so old results keep their identity).
+    minimum: the smallest allowed value, shown in --help (the dataclass's own checks enforce it, with
+        their exact wording: some bounds are exclusive).
+    maximum: the largest allowed value (for a list, of each item), shown in --help and enforced by
+        `check_field_maxima`: it keeps one run within memory and time on a 2-core, 24 GB machine.
+        OVERRIDE_FLAG lifts it.
     """
     metadata = {
         "help": help,
@@ -53,6 +123,8 @@ def setting(
         "option": option,
         "short": short,
         "hash_omit_default": hash_omit_default,
+        "minimum": minimum,
+        "maximum": maximum,
     }
     return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
@@ -61,6 +133,17 @@ def allowed_choices(item: dataclasses.Field) -> tuple | None:
     """The allowed values of a field made with `setting(choices=...)`, or None when any value of its type goes."""
     choices = item.metadata.get("choices")
     return tuple(choices()) if callable(choices) else (tuple(choices) if choices is not None else None)
+
+
+def check_field_maxima(config: Any, prefix: str) -> None:
+    """Check every field declared with `setting(maximum=...)`; a list's items are checked one by one."""
+    for item in dataclasses.fields(config):
+        maximum = item.metadata.get("maximum")
+        if maximum is None:
+            continue
+        value = getattr(config, item.name)
+        for one in value if isinstance(value, (tuple, list)) else (value,):
+            check_maximum(f"{prefix}{item.name}", one, maximum)
 
 
 def check_choice(name: str, value: Any, allowed: Iterable[str]) -> None:
@@ -180,7 +263,10 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, _prefix: str = "") -> T:
         )
     hints = _resolve_hints(cls)
     values = {name: _coerce(_prefix + name, hints[name], value) for name, value in data.items()}
-    return cls(**values)  # type: ignore[call-arg]
+    # Stored configs were checked when they were made, possibly with the maxima lifted: reading one back
+    # (inspect, report, resume) must not refuse it for its size.
+    with size_limits_lifted():
+        return cls(**values)  # type: ignore[call-arg]
 
 
 def leaf_fields(cls: type, prefix: str = "") -> dict[str, tuple[dataclasses.Field, Any]]:

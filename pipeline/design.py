@@ -32,11 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import FACTOR_LEVELS, AblationConfig
-from pipeline.config_tools import ConfigError, leaf_fields, leaf_values, replace_leaves
+from pipeline.config_tools import ConfigError, check_maximum, leaf_fields, leaf_values, replace_leaves
 
 DESIGNS_FOLDER = Path(__file__).resolve().parent.parent / "designs"
 DESIGN_KEYS = ("name", "study", "description", "seeds", "fixed", "cases", "grid")
 FACTOR_PATHS = tuple(f"network.{factor}" for factor in FACTOR_LEVELS)
+# Seeds per configuration a design may ask for (cli.py's --seeds has the same maximum).
+DESIGN_MAX_SEEDS = 1000
 
 
 class DesignError(ValueError):
@@ -366,6 +368,12 @@ def parse_design(data: Mapping[str, Any], *, name: str = "custom", source: str =
     seeds = data.get("seeds")
     if seeds is not None and (isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1):
         raise DesignError(f"seeds in design {where} must be an integer >= 1; got {seeds!r}")
+    if seeds is not None:
+        # The command line's --seeds maximum, so a design file cannot ask for more than the option may.
+        try:
+            check_maximum(f"seeds in design {where}", seeds, DESIGN_MAX_SEEDS)
+        except ConfigError as error:
+            raise DesignError(str(error)) from None
 
     def values_of(mapping: Any, part: str) -> dict[str, Any]:
         if not isinstance(mapping, Mapping):

@@ -7,15 +7,17 @@ logged metrics exactly.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from pipeline import metrics
 from pipeline.config import AblationConfig
+from pipeline.config_tools import ConfigError
 from pipeline.data import Dataset, make_dataset
-from pipeline.models import MLP
-from pipeline.sae import SparseAutoencoder
+from pipeline.models import MLP, layer_dims
+from pipeline.sae import SparseAutoencoder, architecture
 
 METRIC_NAMES: tuple[str, ...] = ("train_mse", "val_mse", *metrics.TAMING_METRIC_NAMES)
 
@@ -24,7 +26,7 @@ METRIC_NAMES: tuple[str, ...] = ("train_mse", "val_mse", *metrics.TAMING_METRIC_
 def evaluate_seed(
     config: AblationConfig, network: MLP, sae: SparseAutoencoder, dataset: Dataset
 ) -> dict[str, float]:
-    """Every metric of SCIENCE.md §1.4 for one trained seed.
+    """Every metric of docs/science.md §1.4 for one trained seed.
 
     The network's train/val MSE are on its splits (clean forward, no noise). SAE and polysemanticity
     metrics are over all samples (train then validation), standardized with the SAE's train-split
@@ -56,10 +58,21 @@ def evaluate_seed(
     return {name: values[name] for name in METRIC_NAMES}
 
 
+CHECKPOINT_FORMAT = "polysemanticity-lab/taming-seed/1"
+
+
+class CheckpointError(RuntimeError):
+    """A stored checkpoint that cannot be trusted or read, told in one sentence.
+
+    Not an input error: the command was well formed, but what is stored for the run fails verification, the
+    same outcome as metrics that do not reproduce (the CLI exits 1 for both, and 2 only for bad usage).
+    """
+
+
 def checkpoint(config: AblationConfig, seed: int, network: MLP, sae: SparseAutoencoder) -> dict[str, Any]:
     """A dict of plain types and tensors, loadable with `torch.load(path, weights_only=True)`."""
     return {
-        "format": "polysemanticity-lab/taming-seed/1",
+        "format": CHECKPOINT_FORMAT,
         "config": config.to_dict(),
         "seed": seed,
         "network": {name: value.detach().clone() for name, value in network.state_dict().items()},
@@ -67,9 +80,82 @@ def checkpoint(config: AblationConfig, seed: int, network: MLP, sae: SparseAutoe
     }
 
 
+def _expected_shapes(config: AblationConfig) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """The tensor shapes `checkpoint(...)` stores for `config`: (network state, SAE state)."""
+    dims = layer_dims(config.data.features, config.network.hidden_dim, config.network.hidden_layers)
+    network: dict[str, tuple[int, ...]] = {}
+    for index, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+        network[f"layers.{index}.weight"] = (d_out, d_in)
+        network[f"layers.{index}.bias"] = (d_out,)
+    hidden = config.network.hidden_dim
+    # The architecture's own initializer says which parameters it has and their shapes; it allocates only
+    # the config's (already verified) SAE sizes, a few hundred floats for the study's.
+    initial = architecture(config.sae.architecture).initial_parameters(
+        hidden, config.sae.d_sae, config.sae, torch.Generator().manual_seed(0)
+    )
+    sae = {"mean": (hidden,), "std": (hidden,)}
+    sae.update({f"weights.{name}": tuple(value.shape) for name, value in initial.items()})
+    return network, sae
+
+
+def _check_state(part: str, state: Any, expected: dict[str, tuple[int, ...]]) -> None:
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"the checkpoint's {part} state is a {type(state).__name__}, not a mapping")
+    if set(state) != set(expected):
+        missing = sorted(set(expected) - set(state))
+        extra = sorted(set(state) - set(expected))
+        raise CheckpointError(
+            f"the checkpoint's {part} state does not match its config (missing {missing or 'none'}, "
+            f"unexpected {extra or 'none'})"
+        )
+    for name, shape in expected.items():
+        value = state[name]
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            raise CheckpointError(f"the checkpoint's {part} entry {name!r} is not a floating-point tensor")
+        if tuple(value.shape) != shape:
+            raise CheckpointError(
+                f"the checkpoint's {part} entry {name!r} has shape {tuple(value.shape)} but its config "
+                f"implies {shape}"
+            )
+
+
+def check_checkpoint(saved: Any, expected_hash: str | None = None) -> AblationConfig:
+    """The checkpoint's config, once the dict is known to be safe to rebuild modules and data from.
+
+    Checks, in an order that never allocates more than the config describes: the format marker, the config
+    (valid, and hashing to `expected_hash` when given, e.g. the run's `config_hash` tag), the seed, then
+    every tensor's name, dtype kind and shape against the shapes the config implies. A checkpoint edited to
+    claim larger sizes than its run was trained with fails the hash check before anything is sized from it.
+    Raises CheckpointError with one sentence.
+    """
+    if not isinstance(saved, Mapping) or saved.get("format") != CHECKPOINT_FORMAT:
+        found = saved.get("format") if isinstance(saved, Mapping) else type(saved).__name__
+        raise CheckpointError(f"the file is not a taming seed checkpoint (format {found!r})")
+    try:
+        config = AblationConfig.from_dict(saved["config"])
+    except (ConfigError, KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"the checkpoint's config is invalid: {error}") from None
+    if expected_hash is not None and config.hash() != expected_hash:
+        raise CheckpointError(
+            f"the checkpoint's config hashes to {config.hash()} but the run was recorded with config_hash "
+            f"{expected_hash}, so the file was edited or belongs to another run"
+        )
+    seed = saved.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise CheckpointError(f"the checkpoint's seed is {seed!r}, not a non-negative integer")
+    network_shapes, sae_shapes = _expected_shapes(config)
+    _check_state("network", saved.get("network"), network_shapes)
+    _check_state("SAE", saved.get("sae"), sae_shapes)
+    return config
+
+
 def load_checkpoint(saved: dict[str, Any]) -> tuple[AblationConfig, int, MLP, SparseAutoencoder]:
-    """Rebuild (config, seed, network, sae) from `checkpoint(...)`'s dict."""
-    config = AblationConfig.from_dict(saved["config"])
+    """Rebuild (config, seed, network, sae) from `checkpoint(...)`'s dict.
+
+    The dict is checked first (`check_checkpoint`), so a malformed one raises CheckpointError in one sentence
+    instead of failing inside a module constructor.
+    """
+    config = check_checkpoint(saved)
     network = MLP(
         config.data.features, config.network.hidden_dim, config.network.hidden_layers, config.network.act
     )

@@ -29,7 +29,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config_tools import ConfigError, check_choice, check_integer, check_positive
+from pipeline.config_tools import (  # the maxima live there so the command line shows them without torch
+    DYNAMICS_MAX_M,  # noqa: F401 - part of this study's documented limits
+    DYNAMICS_MAX_STEPS,  # noqa: F401
+    INCIDENTAL_MAX_WEIGHTS,
+    INCIDENTAL_MAXIMA,
+    OVERRIDE_FLAG,
+    ConfigError,
+    check_choice,
+    check_integer,
+    check_maximum,
+    check_positive,
+    size_limits_active,
+)
 
 NOISE_TYPES = ("none", "bipolar", "gaussian", "laplace", "student_t")
 NOISE_SHARING = ("per_sample", "per_step")
@@ -149,6 +161,15 @@ class IncidentalConfig:
                 f"got {self.polysemantic_high!r}"
             )
         check_choice("device", self.device, DEVICES)
+        for name, maximum in INCIDENTAL_MAXIMA.items():
+            check_maximum(name, getattr(self, name), maximum)
+        weights = self.instances * self.n * self.m
+        if size_limits_active() and weights > INCIDENTAL_MAX_WEIGHTS:
+            raise ConfigError(
+                f"the weights instances × n × m must be <= {INCIDENTAL_MAX_WEIGHTS} per point (about 3 GB with "
+                f"its gradients, optimizer state and noise); got {self.instances} × {self.n} × {self.m} = "
+                f"{weights} ({OVERRIDE_FLAG} lifts the limit)"
+            )
 
     def replace(self, **changes: Any) -> IncidentalConfig:
         """A copy with some fields changed (validated again)."""

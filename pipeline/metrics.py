@@ -8,8 +8,8 @@ Conventions used throughout:
   `nn.Linear(latent, hidden)` stores its weight as `[hidden, latent]`, so pass `linear.weight.T`.
 - `latents: [sample, latent]`, `features: [sample, feature]`, `hidden: [sample, hidden]`.
 
-Definitions follow SCIENCE.md §1.4 (taming study metrics) and §3 (explained variance); the published
-forms that SCIENCE.md §1.3/§1.4 call defective are kept under explicit names, for comparison only.
+Definitions follow docs/science.md §1.4 (taming study metrics) and §3 (explained variance); the published
+forms that docs/science.md §1.3/§1.4 call defective are kept under explicit names, for comparison only.
 """
 
 from __future__ import annotations
@@ -51,6 +51,59 @@ HEADLINE_METRICS: tuple[str, ...] = (
     "sae_fvu",
 )
 
+# The values each metric can take, (low, high), inf where a side is open. Summaries clip confidence
+# intervals to these (pipeline.stats.describe(bounds=...)): a t-interval is symmetric, so near a bound it
+# spills into impossible values (a negative fraction of dead latents); clipping cannot lower its coverage,
+# because the true mean lies inside the range. One entry per name of pipeline.evaluation.METRIC_NAMES
+# (tests/test_metric_ranges.py checks the two agree; this module cannot import that one, which imports it).
+_UNBOUNDED_ABOVE = math.inf
+METRIC_RANGES: dict[str, tuple[float, float]] = {
+    # Network task loss: a mean of squares.
+    "train_mse": (0.0, _UNBOUNDED_ABOVE),
+    "val_mse": (0.0, _UNBOUNDED_ABOVE),
+    # Means of |cos| between distinct directions (the published form is that times (N−1)/N).
+    "macs": (0.0, 1.0),
+    "macs_published_form": (0.0, 1.0),
+    # A normal CDF value: a probability.
+    "calibrated_macs": (0.0, 1.0),
+    # Sums of cos² times products of importances (all ≥ 0); the ceiling grows with the latent count.
+    "interference": (0.0, _UNBOUNDED_ABOVE),
+    "interference_seed": (0.0, _UNBOUNDED_ABOVE),
+    # Fractions of latents.
+    "l0_sparsity": (0.0, 1.0),
+    "dead_latents": (0.0, 1.0),
+    # Mean fourth power of the weights.
+    "sparsity_w4": (0.0, _UNBOUNDED_ABOVE),
+    # Reconstruction error; FVU exceeds 1 when the SAE does worse than predicting the mean.
+    "sae_mse": (0.0, _UNBOUNDED_ABOVE),
+    "sae_fvu": (0.0, _UNBOUNDED_ABOVE),
+    # Counts of units (the ceiling is the layer's width, which is a setting), fractions of responsive units,
+    # and participation ratios, which are at least 1 (one feature) for a non-negative attribution row.
+    "neuron_polysemantic": (0.0, _UNBOUNDED_ABOVE),
+    "neuron_polysemantic_fraction": (0.0, 1.0),
+    "neuron_participation_ratio": (1.0, _UNBOUNDED_ABOVE),
+    "latent_polysemantic": (0.0, _UNBOUNDED_ABOVE),
+    "latent_polysemantic_fraction": (0.0, 1.0),
+    "latent_participation_ratio": (1.0, _UNBOUNDED_ABOVE),
+    # MMCS takes the largest *signed* cosine, so a feature whose best latent points away from it is negative;
+    # MCC averages |cos| over the matching.
+    "feature_mmcs": (-1.0, 1.0),
+    "feature_mcc": (0.0, 1.0),
+}
+
+
+def metric_bounds(name: str) -> tuple[float, float]:
+    """(low, high) of a taming metric, from METRIC_RANGES; KeyError naming the metric when it has none.
+
+    Strict on purpose: a metric added without a range should fail where its summary is computed, not be
+    summarized with an unclipped interval.
+    """
+    try:
+        return METRIC_RANGES[name]
+    except KeyError:
+        raise KeyError(f"metric {name!r} has no documented range in pipeline.metrics.METRIC_RANGES") from None
+
+
 # A column whose standard deviation is below this fraction of its largest magnitude is treated as constant.
 # Exact zero is not enough: the float mean of n copies of c is not always c, which leaves ~1e-17 residues
 # whose "correlation" with anything is arbitrary.
@@ -80,7 +133,7 @@ def unit_directions(decoder: torch.Tensor) -> torch.Tensor:
     """Decoder directions scaled to unit length: u_k = d_k / ‖d_k‖.
 
     decoder: [latent, hidden] -> [latent, hidden] (float64). Rows of zeros stay zero, so a latent without a
-    direction has cosine 0 with every other latent instead of NaN. Source: SCIENCE.md §1.4 (notation).
+    direction has cosine 0 with every other latent instead of NaN. Source: docs/science.md §1.4 (notation).
     """
     directions = _matrix("decoder", decoder)
     lengths = directions.norm(dim=1, keepdim=True)
@@ -91,7 +144,7 @@ def cosine_matrix(decoder: torch.Tensor) -> torch.Tensor:
     """Pairwise cosine similarities C_kl = cos(d_k, d_l) of the decoder rows.
 
     decoder: [latent, hidden] -> [latent, latent] (float64). Zero rows give 0 (also on the diagonal).
-    Source: SCIENCE.md §1.4.
+    Source: docs/science.md §1.4.
     """
     unit = unit_directions(decoder)
     return unit @ unit.T
@@ -116,7 +169,7 @@ def macs(decoder: torch.Tensor) -> float:
         macs = 1/(N(N−1)) · Σ_{k≠l} |cos(d_k, d_l)|
 
     decoder: [latent, hidden], N = latent ≥ 2. 0 for orthogonal rows, 1 when all rows are parallel.
-    Zero rows count as zero overlap. Source: SCIENCE.md §1.4 (`macs`).
+    Zero rows count as zero overlap. Source: docs/science.md §1.4 (`macs`).
     """
     unit = unit_directions(decoder)
     _check_pairs(unit)
@@ -129,7 +182,7 @@ def macs_published_form(decoder: torch.Tensor) -> float:
         macs_published = 1/N² · Σ_{k≠l} |cos(d_k, d_l)| = macs · (N−1)/N
 
     decoder: [latent, hidden]. Biased low by the factor (N−1)/N; kept only to compare with published
-    numbers. Source: SCIENCE.md §1.4 (notes on `macs`), seed 002.
+    numbers. Source: docs/science.md §1.4 (published forms), §1.5.
     """
     unit = unit_directions(decoder)
     _check_pairs(unit)
@@ -146,7 +199,7 @@ def random_direction_null(latents: int, hidden: int, draws: int = 200, seed: int
     uniform on the sphere. Draws come from a `torch.Generator` seeded with `seed`, so the result depends
     only on the arguments (and is cached). For reference, two random unit vectors in R^d have
     E|cos| = Γ(d/2) / (√π · Γ((d+1)/2)) ≈ √(2/(πd)), 0.235 for d = 12, which mu0 estimates.
-    Source: SCIENCE.md §1.4 (`calibrated_macs`, sound null).
+    Source: docs/science.md §1.4 (`calibrated_macs`, sound null).
     """
     if latents < 2 or hidden < 1 or draws < 2:
         raise ValueError(f"need latents >= 2, hidden >= 1, draws >= 2; got {latents}, {hidden}, {draws}")
@@ -164,7 +217,7 @@ def calibrated_macs(decoder: torch.Tensor, draws: int = 200, seed: int = 0) -> f
 
     decoder: [latent, hidden]. Φ is the standard normal CDF. 0.5: overlap at chance level for random
     directions; near 1: more overlap than chance; near 0: less (e.g. orthogonal rows with N ≤ d). For a
-    decoder drawn like the null the value is roughly uniform on [0, 1]. Source: SCIENCE.md §1.4
+    decoder drawn like the null the value is roughly uniform on [0, 1]. Source: docs/science.md §1.4
     (`calibrated_macs` with a non-degenerate null; the published permutation null is degenerate, see
     `published_permutation_null`).
     """
@@ -184,7 +237,7 @@ def published_permutation_null(decoder: torch.Tensor, draws: int = 200, seed: in
 
     Each draw permutes the latents (rows) and the hidden coordinates (columns) of `decoder: [latent, hidden]`.
     Both leave every pairwise cosine unchanged, so the spread is rounding noise (≈ 0) and a z-score against it
-    is meaningless. Kept to document the defect, never for calibration. Source: SCIENCE.md §1.4.
+    is meaningless. Kept to document the defect, never for calibration. Source: docs/science.md §1.4.
     """
     matrix = _matrix("decoder", decoder)
     _check_pairs(matrix)
@@ -207,7 +260,7 @@ def absolute_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
     a: [sample, p], b: [sample, q] -> [p, q] (float64, values in [0, 1]). A column with zero variance
     (constant over the samples, up to rounding) correlates 0 with everything, so the result has no NaN.
-    Source: SCIENCE.md §1.4 (latent-to-feature assignment and attribution by |corr|).
+    Source: docs/science.md §1.4 (latent-to-feature assignment and attribution by |corr|).
     """
     first, second = _matrix("a", a), _matrix("b", b)
     _same_samples(a=first, b=second)
@@ -230,7 +283,7 @@ def latent_feature_assignment(latents: torch.Tensor, features: torch.Tensor) -> 
 
     latents: [sample, latent], features: [sample, feature] -> LongTensor [latent]. A latent whose
     correlations are all 0 (constant over the samples, i.e. dead, or facing only constant features) gets −1:
-    it tracks no feature. Ties go to the lowest feature index. Source: SCIENCE.md §1.4 (`interference`).
+    it tracks no feature. Ties go to the lowest feature index. Source: docs/science.md §1.4 (`interference`).
     """
     correlation = absolute_correlation(latents, features)
     best_value, best_feature = correlation.max(dim=1)
@@ -260,7 +313,7 @@ def interference(
     importances: [feature]. A latent with f_k = −1 contributes 0: it tracks no feature, so no feature's
     importance is at stake when its direction overlaps another, and a latent that never varies adds the
     same vector to every reconstruction (a bias), so its overlap interferes with nothing.
-    Source: SCIENCE.md §1.4 (`interference`).
+    Source: docs/science.md §1.4 (`interference`).
     """
     weights_by_feature = _importance_vector(importances)
     assignment = latent_feature_assignment(latents, features)
@@ -281,7 +334,7 @@ def interference_seed(decoder: torch.Tensor, importances: torch.Tensor) -> float
 
     decoder: [latent, hidden], importances: [feature] (F entries). The weighting depends on the arbitrary
     order of the latents, so the value changes under a relabelling that changes nothing else; kept only to
-    compare with published numbers. Source: SCIENCE.md §1.4, seed 002.
+    compare with published numbers. Source: docs/science.md §1.4 (published forms).
     """
     weights_by_feature = _importance_vector(importances)
     latent_count = decoder.shape[0]
@@ -297,7 +350,7 @@ def l0_sparsity(latents: torch.Tensor) -> float:
     """Mean over inputs of the fraction of latents that are active (z > 0).
 
     latents: [sample, latent]. Negative LeakyReLU outputs count as inactive. Evaluate on the same
-    standardized inputs the SAE was trained on. Source: SCIENCE.md §1.4 (`l0_sparsity`).
+    standardized inputs the SAE was trained on. Source: docs/science.md §1.4 (`l0_sparsity`).
     """
     return float((_matrix("latents", latents) > 0).double().mean())
 
@@ -305,7 +358,7 @@ def l0_sparsity(latents: torch.Tensor) -> float:
 def dead_latents(latents: torch.Tensor) -> float:
     """Fraction of latents never active (z > 0) on any of the given inputs.
 
-    latents: [sample, latent]. Source: SCIENCE.md §1.4 (`dead_latents`).
+    latents: [sample, latent]. Source: docs/science.md §1.4 (`dead_latents`).
     """
     return float((~(_matrix("latents", latents) > 0).any(dim=0)).double().mean())
 
@@ -313,7 +366,7 @@ def dead_latents(latents: torch.Tensor) -> float:
 def sparsity_w4(weights: Sequence[torch.Tensor]) -> float:
     """Fourth power of the weights per entry: Σ_matrices Σ W⁴ / (total number of entries).
 
-    weights: the network's weight matrices (biases excluded), any shapes. Source: SCIENCE.md §1.4
+    weights: the network's weight matrices (biases excluded), any shapes. Source: docs/science.md §1.4
     (`sparsity_w4`).
     """
     if len(weights) == 0:
@@ -326,7 +379,7 @@ def sparsity_w4(weights: Sequence[torch.Tensor]) -> float:
 def reconstruction_mse(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     """Mean squared reconstruction error over all entries: mean((x − x̂)²).
 
-    x, x_hat: [sample, hidden]. Source: SCIENCE.md §1.4 (`sae_mse`).
+    x, x_hat: [sample, hidden]. Source: docs/science.md §1.4 (`sae_mse`).
     """
     target, estimate = _matrix("x", x), _matrix("x_hat", x_hat)
     if target.shape != estimate.shape:
@@ -340,7 +393,8 @@ def fraction_of_variance_unexplained(x: torch.Tensor, x_hat: torch.Tensor) -> fl
     x, x_hat: [sample, hidden]. Both sums are accumulated over every sample before dividing (never a mean of
     per-batch or per-dimension ratios). Predicting the mean gives exactly 1, a perfect reconstruction 0;
     explained variance is 1 − FVU. The denominator is computed as E‖x − E x‖², which equals it exactly but
-    avoids cancellation when the mean is large. NaN when x has no variance. Source: SCIENCE.md §3, §1.4.
+    avoids cancellation when the mean is large. NaN when x has no variance.
+    Source: docs/science.md §3, §1.4.
     """
     target, estimate = _matrix("x", x), _matrix("x_hat", x_hat)
     if target.shape != estimate.shape:
@@ -361,7 +415,7 @@ def attribution_matrix(units: torch.Tensor, features: torch.Tensor) -> torch.Ten
 
     units: [sample, unit] (hidden neurons or SAE latents), features: [sample, feature] -> [unit, feature].
     Correlation is invariant to per-unit affine rescaling, so raw and standardized activations give the same
-    matrix. Source: SCIENCE.md §1.4 (neuron attribution, |corr| option).
+    matrix. Source: docs/science.md §1.4 (neuron attribution, |corr| option).
     """
     return absolute_correlation(units, features)
 
@@ -371,7 +425,7 @@ def participation_ratio(attribution: torch.Tensor) -> torch.Tensor:
 
     attribution: [unit, feature] (non-negative) -> [unit] (float64). 1 when one feature carries all the
     attribution, F when F features share it equally. Rows of zeros give NaN; exclude them from means.
-    Source: SCIENCE.md §1.4.
+    Source: docs/science.md §1.4.
     """
     matrix = _matrix("attribution", attribution)
     numerator = matrix.sum(dim=1).square()
@@ -418,12 +472,12 @@ def polysemantic_units(
       some feature's variance; below that a unit is treated as silent, not as polysemantic.
     - polysemantic: responsive, and the features with A_ki ≥ max(relative_threshold · m_k, min_attribution)
       belong to ≥ 2 groups. A quarter of the unit's strongest attribution is a substantial share
-      (SCIENCE.md's example threshold); the absolute floor keeps a weakly responsive unit's sampling noise
-      (|corr| ≈ 1/√samples ≈ 0.03 for 1000 samples) from counting as a second feature.
+      (the threshold of docs/science.md §1.4); the absolute floor keeps a weakly responsive unit's
+      sampling noise (|corr| ≈ 1/√samples ≈ 0.03 for 1000 samples) from counting as a second feature.
     Features of one group are correlated by construction (a shared component), so a unit tracking one
     feature also correlates with its group mates; only sharing across unrelated groups counts.
-    Source: SCIENCE.md §1.4 (neuron attribution, threshold choice) and the introduction (polysemantic =
-    several unrelated features).
+    Source: docs/science.md §1.4 (neuron attribution, threshold choice) and its opening vocabulary
+    (polysemantic = several unrelated features).
     """
     matrix = _matrix("attribution", attribution)
     labels = _group_of_feature(groups, matrix.shape[1])
@@ -448,7 +502,7 @@ def polysemanticity_summary(
     - `{prefix}_polysemantic`: number of polysemantic units (float),
     - `{prefix}_polysemantic_fraction`: that number / number of responsive units (0 when none respond),
     - `{prefix}_participation_ratio`: mean PR over responsive units (NaN when none respond).
-    Thresholds as in `polysemantic_units`. Source: SCIENCE.md §1.4.
+    Thresholds as in `polysemantic_units`. Source: docs/science.md §1.4.
     """
     attribution = attribution_matrix(units, features)
     responsive = responsive_units(attribution, min_attribution)
@@ -473,7 +527,7 @@ def feature_directions(hidden: torch.Tensor, features: torch.Tensor) -> torch.Te
     Solves hidden ≈ [features, 1] · B for B: [feature + 1, hidden] with `torch.linalg.lstsq`; the intercept
     row absorbs the mean so the directions are not biased by the features' non-zero means.
     hidden: [sample, hidden], features: [sample, feature] -> [feature, hidden] (row i = g_i).
-    Source: SCIENCE.md §1.4 (feature recovery).
+    Source: docs/science.md §1.4 (feature recovery).
     """
     target, design = _matrix("hidden", hidden), _matrix("features", features)
     _same_samples(hidden=target, features=design)
@@ -492,7 +546,7 @@ def feature_recovery(decoder: torch.Tensor, hidden: torch.Tensor, features: torc
 
     decoder: [latent, hidden] in the same space as `hidden: [sample, hidden]`; features: [sample, feature].
     The matching may be rectangular; the mean runs over its min(feature, latent) pairs.
-    Source: SCIENCE.md §1.4 (feature recovery).
+    Source: docs/science.md §1.4 (feature recovery).
     """
     directions = unit_directions(feature_directions(hidden, features))
     decoder_unit = unit_directions(decoder)
@@ -537,7 +591,7 @@ def taming_metrics(
     features: [sample, feature], the network's inputs; groups: the feature groups;
     importances: [feature]; network_weights: the network's weight matrices (no biases).
     Feature directions for recovery come from standardized_hidden, the space the decoder lives in.
-    Source: SCIENCE.md §1.4.
+    Source: docs/science.md §1.4.
     """
     results = {
         "macs": macs(decoder),

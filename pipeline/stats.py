@@ -11,7 +11,7 @@ Conventions shared by every function:
 - Thin data never raises: where a statistic is undefined (too few values, zero variance) it is NaN.
 - Two-sided tests throughout.
 
-Methods (SCIENCE.md §4). The design shares random numbers: seed k of every configuration sees the same
+Methods (docs/science.md §4). The design shares random numbers: seed k of every configuration sees the same
 data, SAE initialization, network initialization (per init level) and noise draws (per noise kind), so
 every inference here treats the seed as the unit of replication:
 
@@ -109,7 +109,9 @@ def _finite_sample(values: ArrayLike, name: str = "values") -> np.ndarray:
     return array[~np.isnan(array)]
 
 
-def describe(values: ArrayLike, confidence: float = 0.95) -> dict[str, float]:
+def describe(
+    values: ArrayLike, confidence: float = 0.95, bounds: tuple[float, float] | None = None
+) -> dict[str, float]:
     """Summary of one configuration's per-seed values.
 
     ``values: [seed]``; NaNs are dropped first. Returns ``n, mean, std, sem, ci_low, ci_high`` with
@@ -121,8 +123,15 @@ def describe(values: ArrayLike, confidence: float = 0.95) -> dict[str, float]:
     The t-interval assumes the seed values are i.i.d. and roughly normal; with few seeds it is the
     standard choice (e.g. Wasserman, *All of Statistics*, §10.4). ``std``, ``sem`` and the CI are NaN for
     n < 2; ``mean`` is NaN for n = 0.
+
+    ``bounds = (low, high)``, the values the metric can take (``pipeline.metrics.metric_bounds``; ±inf for an
+    open side), clips the interval to that range. The symmetric t-interval of a metric near its bound
+    otherwise reaches impossible values (a fraction below 0); since the true mean lies in the range,
+    clipping removes only impossible values and the interval's coverage is unchanged. The mean, SD and SEM
+    are not touched.
     """
     _check_confidence(confidence)
+    low, high = _check_bounds(bounds)
     sample = _finite_sample(values)
     n = sample.size
     mean = float(sample.mean()) if n > 0 else math.nan
@@ -143,9 +152,19 @@ def describe(values: ArrayLike, confidence: float = 0.95) -> dict[str, float]:
         "mean": mean,
         "std": std,
         "sem": sem,
-        "ci_low": mean - half_width,
-        "ci_high": mean + half_width,
+        "ci_low": min(max(mean - half_width, low), high),
+        "ci_high": max(min(mean + half_width, high), low),
     }
+
+
+def _check_bounds(bounds: tuple[float, float] | None) -> tuple[float, float]:
+    """(low, high) of a metric's range; (−inf, inf) when none is given."""
+    if bounds is None:
+        return -math.inf, math.inf
+    low, high = (float(bound) for bound in bounds)
+    if math.isnan(low) or math.isnan(high) or low > high:
+        raise ValueError(f"bounds must be (low, high) with low <= high; got {bounds!r}")
+    return low, high
 
 
 def _check_confidence(confidence: float) -> None:
@@ -198,7 +217,7 @@ def hedges_correction(df: float) -> float:
 def cohen_d(a: ArrayLike, b: ArrayLike, *, paired: bool = False) -> float:
     """Standardised mean difference of ``a`` minus ``b``.
 
-    Unpaired (Cohen 1988, *Statistical Power Analysis*, §2.2; pooled SD as in SCIENCE.md §4):
+    Unpaired (Cohen 1988, *Statistical Power Analysis*, §2.2; pooled SD as in docs/science.md §4):
 
         d = (x̄_a − x̄_b) / s_p,   s_p² = ((n_a − 1)s_a² + (n_b − 1)s_b²) / (n_a + n_b − 2)
 
@@ -771,6 +790,7 @@ def factorial_cell_means(
     factors: dict[str, tuple[Any, Any]],
     metric: str,
     confidence: float = 0.95,
+    bounds: tuple[float, float] | None = None,
 ) -> pd.DataFrame:
     """Per-cell summary of one metric over the cells of ``factors``.
 
@@ -778,7 +798,8 @@ def factorial_cell_means(
     with the factor columns holding the level labels, then ``n, mean, std, sem, ci_low, ci_high`` from
     :func:`describe` (NaN metric values dropped). Factors of the data not named in ``factors`` are pooled
     over, so passing one or two factors gives the marginal means of main-effect and interaction plots.
-    A cell without runs has n = 0 and NaN statistics; no completeness is required here.
+    A cell without runs has n = 0 and NaN statistics; no completeness is required here. ``bounds`` is the
+    metric's range, passed to :func:`describe` to clip each cell's interval.
     """
     _check_factors(per_seed, factors)
     _require_columns(per_seed, [metric], "factorial_cell_means")
@@ -787,7 +808,9 @@ def factorial_cell_means(
         mask = np.ones(len(per_seed), dtype=bool)
         for column, level in zip(factors, cell, strict=True):
             mask &= (per_seed[column] == level).to_numpy()
-        summary = describe(per_seed.loc[mask, metric].to_numpy(dtype=float), confidence=confidence)
+        summary = describe(
+            per_seed.loc[mask, metric].to_numpy(dtype=float), confidence=confidence, bounds=bounds
+        )
         rows.append({**dict(zip(factors, cell, strict=True)), **summary})
     return pd.DataFrame(rows, columns=[*factors, "n", "mean", "std", "sem", "ci_low", "ci_high"])
 

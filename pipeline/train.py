@@ -31,6 +31,31 @@ NOISE_CHUNK_EPOCHS = 10
 
 Progress = Callable[[int], None]
 
+# Divergence (a FAILED seed, with the reason): a training loss that stops being finite, or that rises
+# above DIVERGENCE_FACTOR × the same model's loss at its first epoch while also above DIVERGENCE_FLOOR. The
+# floor keeps a model that starts near zero loss from failing on a harmless rise; the factor is far beyond
+# any wobble of Adam on this problem (the engine's reference cases never exceed 2× their initial loss),
+# while `--lr 10` climbs to 10⁶× and ends with NaN SAE metrics.
+DIVERGENCE_FACTOR = 1e3
+DIVERGENCE_FLOOR = 10.0
+# After evaluation: the loss-like metrics must be finite, and the SAE's fraction of variance unexplained
+# at most this. FVU 1 is an SAE that reconstructs nothing (the mean); we saw 2e10 when the validation
+# activations left the range the SAE's train-split standardization was fitted on.
+LOSS_METRICS = ("train_mse", "val_mse", "sae_mse", "sae_fvu")
+SAE_FVU_LIMIT = 1e3
+
+
+def metrics_failure(metrics: dict[str, float]) -> str | None:
+    """Why a seed's evaluated metrics make it a failed seed (see LOSS_METRICS), or None."""
+    for name in LOSS_METRICS:
+        value = metrics.get(name)
+        if value is not None and not math.isfinite(value):
+            return f"{name} is {value} after training (diverged)"
+    fvu = metrics.get("sae_fvu")
+    if fvu is not None and fvu > SAE_FVU_LIMIT:
+        return f"sae_fvu is {fvu:.3g} after training, above the limit {SAE_FVU_LIMIT:g} (the SAE diverged)"
+    return None
+
 
 class BatchedAdam:
     """Adam over parameters with a leading model dimension, with a learning rate per model.
@@ -187,6 +212,16 @@ class SeedResult:
     def finished(self) -> bool:
         return self.failure is None
 
+    def __setattr__(self, name: str, value) -> None:
+        # Metrics are assigned in one place for every executor (pipeline.experiments.taming.evaluate, in
+        # this process or a worker); checking here makes a seed with diverged metrics FAILED with the
+        # reason before anyone records it as FINISHED. The metrics are kept, so the reason can be checked.
+        super().__setattr__(name, value)
+        if name == "metrics" and value and getattr(self, "failure", None) is None:
+            reason = metrics_failure(value)
+            if reason is not None:
+                super().__setattr__("failure", reason)
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     """'auto' → CUDA if available, then Apple MPS, else CPU; otherwise the named device."""
@@ -218,9 +253,13 @@ class _PassState:
     models: int
     device: torch.device = torch.device("cpu")
     failures: list[str | None] = field(init=False)
+    # Per stage ("network", "sae"): each model's first-epoch loss, and the divergence bound it sets.
+    initial: dict[str, torch.Tensor] = field(init=False)
+    bounds: dict[str, torch.Tensor] = field(init=False)
 
     def __post_init__(self) -> None:
         self.failures = [None] * self.models
+        self.initial, self.bounds = {}, {}
 
     @property
     def all_alive(self) -> bool:
@@ -231,15 +270,29 @@ class _PassState:
         return torch.tensor([failure is None for failure in self.failures], device=self.device)
 
     def check(self, losses: torch.Tensor, stage: str, epoch: int) -> bool:
-        """Record models whose loss stopped being finite; True when any model newly failed."""
-        bad = ~torch.isfinite(losses.detach())
+        """Record models whose loss stopped being finite or diverged (DIVERGENCE_FACTOR, DIVERGENCE_FLOOR);
+        True when any model newly failed."""
+        losses = losses.detach()
+        if stage not in self.bounds:
+            # A non-finite first loss gives a NaN bound; such a model fails on the finiteness test.
+            self.initial[stage] = losses.clone()
+            self.bounds[stage] = (losses * DIVERGENCE_FACTOR).clamp(min=DIVERGENCE_FLOOR)
+        bound = self.bounds[stage]
+        bad = ~torch.isfinite(losses) | (losses > bound)
         if not bool(bad.any()):
             return False
         newly_failed = False
         for index in torch.nonzero(bad).flatten().tolist():
             if self.failures[index] is None:
                 value = losses[index].item()
-                self.failures[index] = f"{stage} loss became {value} at epoch {epoch}"
+                if math.isfinite(value):
+                    initial = self.initial[stage][index].item()
+                    self.failures[index] = (
+                        f"{stage} loss diverged to {value:.3g} at epoch {epoch}, above {DIVERGENCE_FACTOR:g}× "
+                        f"its first-epoch loss {initial:.3g} and above {DIVERGENCE_FLOOR:g}"
+                    )
+                else:
+                    self.failures[index] = f"{stage} loss became {value} at epoch {epoch}"
                 newly_failed = True
         return newly_failed
 

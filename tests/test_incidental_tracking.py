@@ -296,7 +296,10 @@ def test_one_instance_skips_undefined_metrics(study):
         (["collisions", "--m", "64:8:8"], "--m"),
         (["collisions", "--l1", "-1e-3"], "--l1"),
         (["collisions", "--steps", "0"], "--steps"),
-        (["collisions", "--optimizer", "sgd", "--weight-decay", "0.01"], "--weight-decay applies to"),
+        (
+            ["collisions", "--optimizer", "sgd", "--weight-decay", "0.01"],
+            "--weight-decay: weight_decay applies to",
+        ),
         (["noise", "--noise", "cauchy"], "--noise"),
         (["noise", "--noise", "bipolar,cauchy"], "--noise"),
         (["noise", "--sigma", "-0.1"], "--sigma"),

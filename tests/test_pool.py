@@ -150,7 +150,9 @@ def test_a_new_store_is_recognised_without_importing_mlflow(tmp_path):
     database = tmp_path / "mlflow.db"
     assert is_new_sqlite_store(f"sqlite:///{database}")
     assert is_new_sqlite_store(f"sqlite:///{database}?timeout=30")
-    database.write_bytes(b"")
+    database.write_bytes(b"")  # an empty file holds no store: creation replaces it, so it counts as new
+    assert is_new_sqlite_store(f"sqlite:///{database}")
+    database.write_bytes(b"SQLite format 3\x00" + bytes(84))
     assert not is_new_sqlite_store(f"sqlite:///{database}")
     assert not is_new_sqlite_store(f"sqlite:///{database}?timeout=30")
     assert not is_new_sqlite_store(f"sqlite:///{tmp_path / 'missing-folder' / 'mlflow.db'}")

@@ -21,8 +21,9 @@ Collisions and noise sweeps resume (`track_points`). A point's identity is its c
 version and the command (tags, with study and kind). A config whose identity has a FINISHED point run in the
 experiment is not trained again: the new sweep reads that run back, lists it in its table (reused = True)
 and counts it in points_reused; the point keeps its own sweep_id, and `point_runs` finds it through the
-table. RUNNING points of a killed invocation are marked FAILED ("superseded by a re-run") and trained
-again, like FAILED ones. `force` trains everything and deletes the older FINISHED point of each identity,
+table. RUNNING points of a dead invocation (its owner process gone, `tracking.recorder.is_alive`) are
+marked FAILED ("superseded by a re-run") and trained again, like FAILED ones; a live invocation's are left
+alone. `force` trains everything and deletes the older FINISHED point of each identity,
 so one identity never has two FINISHED point runs. Dynamics sweeps (seconds of work) always simulate.
 """
 
@@ -70,10 +71,13 @@ from tracking.recorder import (
     find_units,
     finished_units,
     finite_metrics,
+    is_alive,
     log_files,
     now_ms,
+    owner_tags,
     read_csv_artifact,
     read_step_series,
+    recover_experiment,
     retire_runs,
     search_all,
     step_series,
@@ -163,12 +167,14 @@ def _plan(
 ) -> list[Run | None]:
     """The FINISHED point run to reuse for each job, None where the job must be computed.
 
-    A RUNNING point of a job's identity belongs to an invocation that was killed (SIGKILL leaves runs
-    RUNNING; an exception or Ctrl-C would have marked them FAILED): it is marked FAILED, superseded by this
-    sweep, and so is its sweep run, and the still-RUNNING sweep run a reused point hangs under. This assumes
-    one invocation per experiment at a time: MLflow has no heartbeat telling a dead run from a live one.
+    A RUNNING point of a job's identity whose owner process is dead belongs to an invocation that was
+    killed (SIGKILL leaves runs RUNNING; an exception or Ctrl-C would have marked them FAILED): it is
+    marked FAILED, superseded by this sweep, and so is its sweep run, and the still-RUNNING sweep run a
+    reused point hangs under, when dead too. Runs of a live invocation (a concurrent one) are left alone.
     """
+    reason = f"{SUPERSEDED_REASON} (sweep {sweep_id})"
     if resume is None:
+        recover_experiment(store, experiment_id, reason)
         return [None] * len(jobs)
     plan: list[Run | None] = []
     stale: list[str] = []
@@ -177,14 +183,22 @@ def _plan(
         identity = resume.identity(job)
         existing = [] if resume.force else finished_units(store, experiment_id, POINT_KIND, identity)
         plan.append(existing[0] if existing else None)
-        running = find_units(store, experiment_id, POINT_KIND, identity, RUNNING)
+        running = [
+            run
+            for run in find_units(store, experiment_id, POINT_KIND, identity, RUNNING)
+            if not is_alive(run)
+        ]
         stale += [run.info.run_id for run in running]
         sweeps |= {run.data.tags.get(MLFLOW_PARENT_RUN_ID) for run in [*existing[:1], *running]}
         if existing and resume.on_reuse is not None:
             resume.on_reuse(job, existing[0].info.run_id)
-    reason = f"{SUPERSEDED_REASON} (sweep {sweep_id})"
     supersede_runs(store, stale, reason)
-    supersede_runs(store, sorted(run_id for run_id in sweeps - {None, sweep_run_id}), reason)
+    sweeps.discard(None)
+    sweeps.discard(sweep_run_id)
+    dead_sweeps = [run_id for run_id in sorted(sweeps) if not is_alive(store.client.get_run(run_id))]
+    supersede_runs(store, dead_sweeps, reason)
+    # Whatever else a dead invocation left RUNNING in the experiment is closed too.
+    recover_experiment(store, experiment_id, reason)
     return plan
 
 
@@ -215,7 +229,7 @@ def _run_sweep(
     identity = {"study": STUDY, "command": command, "sweep_id": sweep_id}
     sweep_run_id = adopted_run_id or (
         store.client.create_run(
-            experiment_id, run_name=sweep_name, tags={"kind": "sweep", **identity}
+            experiment_id, run_name=sweep_name, tags={"kind": "sweep", **identity, **owner_tags()}
         ).info.run_id
     )
     run_ids: list[str] = []
@@ -236,6 +250,7 @@ def _run_sweep(
                     MLFLOW_RUN_NAME: sweep_name,
                     "code_version": code_version(),
                     "git_commit": git_commit(),
+                    **owner_tags(),
                 }.items()
             ],
         )

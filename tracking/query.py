@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 
 import pandas as pd
@@ -13,7 +15,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from pipeline.config import FACTOR_LEVELS
 from tracking.recorder import search_all
 from tracking.store import Store
-from tracking.taming import CHECKPOINT_PATH
+from tracking.taming import CHECKPOINT_PATH, config_params
 
 SEED_COLUMNS = (
     "run_id",
@@ -76,11 +78,71 @@ def seed_frame(
     return frame.sort_values(["config", "seed"]).reset_index(drop=True)
 
 
-def load_seed_checkpoint(store: Store, run_id: str) -> dict:
-    """Download a seed run's checkpoint and load it with `weights_only=True`."""
-    with tempfile.TemporaryDirectory() as folder:
+def load_seed_checkpoint(store: Store, run_id: str, run=None) -> dict:
+    """A seed run's checkpoint, loaded with `weights_only=True` and verified against the run.
+
+    Raises `pipeline.evaluation.CheckpointError` (one sentence) when the run has no checkpoint (recorded with
+    --no-artifacts), when the file does not load (tampered or truncated bytes), or when it disagrees with
+    what the run recorded: its config must hash to the run's `config_hash` tag, every setting must equal the
+    run's param of the same name (params cannot be changed after logging, unlike tags), and its seed must
+    be the run's. Tensor shapes are checked against that verified config (`check_checkpoint`). So nothing
+    downstream sizes data or modules from a number the run did not record.
+
+    `run` is the run's `mlflow.entities.Run` when the caller already fetched it.
+    """
+    from pipeline.evaluation import CheckpointError, check_checkpoint
+
+    if run is None:
+        run = store.client.get_run(run_id)
+    folder_name, _, file_name = CHECKPOINT_PATH.rpartition("/")
+    stored = {Path(item.path).name for item in store.client.list_artifacts(run_id, folder_name)}
+    if file_name not in stored:
+        raise CheckpointError(
+            f"seed run {run_id} has no {CHECKPOINT_PATH} artifact (it was recorded with --no-artifacts, or "
+            "the file was removed), so its metrics cannot be recomputed"
+        )
+    # ignore_cleanup_errors: where a mapped file cannot be deleted while mapped (Windows), leave it behind.
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as folder:
         path = store.client.download_artifacts(run_id, CHECKPOINT_PATH, folder)
-        return torch.load(Path(path), weights_only=True)
+        reason = None
+        if not zipfile.is_zipfile(path):
+            reason = "the file is not a torch checkpoint archive"
+        else:
+            try:
+                # mmap: tensors are mapped from the file rather than read into memory, so an inflated tensor
+                # costs nothing until the shape check below has rejected it.
+                saved = torch.load(Path(path), weights_only=True, mmap=True)
+            except pickle.UnpicklingError:
+                reason = "its pickle is malformed or holds objects other than tensors and plain containers"
+            except Exception as error:  # noqa: BLE001 - any other failure to read means an unusable file
+                reason = f"reading it raised {type(error).__name__}"
+    if reason is not None:
+        # Torch's own message is not passed on: it advises loading with weights_only=False, which would run
+        # whatever code the file carries.
+        raise CheckpointError(
+            f"the checkpoint of seed run {run_id} cannot be loaded safely ({reason}); it is corrupted or was "
+            "tampered with"
+        )
+    tags = run.data.tags
+    try:
+        config = check_checkpoint(saved, expected_hash=tags.get("config_hash"))
+    except CheckpointError as error:
+        raise CheckpointError(f"seed run {run_id}: {error}") from None
+    recorded = run.data.params
+    differing = sorted(
+        name for name, value in config_params(config).items() if name in recorded and recorded[name] != value
+    )
+    if differing:
+        raise CheckpointError(
+            f"seed run {run_id}: the checkpoint's config differs from the run's recorded params in "
+            f"{', '.join(differing[:5])}{' …' if len(differing) > 5 else ''}"
+        )
+    if "seed" in tags and str(saved["seed"]) != tags["seed"]:
+        raise CheckpointError(
+            f"seed run {run_id}: the checkpoint is for seed {saved['seed']} but the run is seed "
+            f"{tags['seed']}"
+        )
+    return saved
 
 
 def logged_metrics(run) -> dict[str, float]:

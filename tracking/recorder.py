@@ -16,8 +16,12 @@ Only the mechanics live here; what a unit is and how its result is read back bel
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -40,6 +44,11 @@ __all__ = [
     "fail_run",
     "failing",
     "figure_writer",
+    "heartbeat",
+    "is_alive",
+    "owner_tags",
+    "reason_of",
+    "recover_experiment",
     "find_units",
     "finished_units",
     "finite_metrics",
@@ -48,6 +57,7 @@ __all__ = [
     "now_ms",
     "read_csv_artifact",
     "read_step_series",
+    "release",
     "retire_runs",
     "search_all",
     "step_series",
@@ -120,8 +130,9 @@ def figure_writer(figure, dpi: int = 100) -> Callable[[Path], None]:
 def create_child_run(
     store: Store, experiment_id: str, parent_run_id: str, name: str, tags: Mapping[str, str]
 ) -> str:
-    """Create a RUNNING run nested under `parent_run_id` (the UI shows it under its parent); returns its id."""
-    tags = {**tags, MLFLOW_PARENT_RUN_ID: parent_run_id, MLFLOW_RUN_NAME: name}
+    """Create a RUNNING run nested under `parent_run_id` (the UI shows it under its parent); returns its id.
+    It carries this process's owner tags, so a later command can tell whether it is still being worked on."""
+    tags = {**tags, **owner_tags(), MLFLOW_PARENT_RUN_ID: parent_run_id, MLFLOW_RUN_NAME: name}
     return store.client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
 
 
@@ -132,8 +143,120 @@ def failing(store: Store, run_id: str) -> Iterator[None]:
     try:
         yield
     except BaseException as error:
-        fail_run(store, run_id, f"{type(error).__name__}: {error}")
+        fail_run(store, run_id, reason_of(error))
         raise
+
+
+def reason_of(error: BaseException) -> str:
+    """The failure_reason of a run closed by `error`: "<type>: <message>", except for an interruption.
+
+    orchestration/signals.py turns SIGINT and SIGTERM into KeyboardInterrupt("interrupted by SIGINT"), so
+    the run says which signal ended it; a bare KeyboardInterrupt (no handler installed) is a Ctrl-C.
+    """
+    if isinstance(error, KeyboardInterrupt):
+        return str(error) or "interrupted by SIGINT"
+    return f"{type(error).__name__}: {error}"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Ownership: telling a run whose process is alive from one a dead process left RUNNING
+#
+# MLflow has no heartbeat, and SIGKILL (or a lost machine) leaves runs RUNNING for ever. Every run we open
+# carries the host, pid and process start time of its owner; a run on this host is alive while that process
+# is (the start time tells a reused pid apart), a run from another host while its heartbeat tag, refreshed
+# by a background thread, is younger than the lease. A concurrent sweep's runs are therefore left alone,
+# and only dead ones are closed.
+
+OWNER_HOST, OWNER_PID, OWNER_STARTED, HEARTBEAT = "owner_host", "owner_pid", "owner_started", "heartbeat_ms"
+# A run from another host whose heartbeat is older than this is dead. Four missed beats: a busy server or a
+# slow network does not kill a live run.
+LEASE_S = float(os.environ.get("POLYLAB_LEASE_S", "600"))
+HEARTBEAT_S = LEASE_S / 4
+INTERRUPTED_REASON = "interrupted: the process that ran it ({owner}) ended without closing it"
+
+
+def _process_state(pid: int) -> tuple[str, str] | None:
+    """(state letter, start time in clock ticks since boot) of a process from /proc, None where unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], fields[19]
+
+
+def owner_tags() -> dict[str, str]:
+    state = _process_state(os.getpid())
+    return {
+        OWNER_HOST: socket.gethostname(),
+        OWNER_PID: str(os.getpid()),
+        OWNER_STARTED: state[1] if state else "",
+        HEARTBEAT: str(now_ms()),
+    }
+
+
+def _pid_alive(pid: int, started: str) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process: it exists
+    state = _process_state(pid)
+    if state is None:
+        return True
+    # A zombie has finished (its parent has not reaped it yet); another start time is a reused pid.
+    return state[0] != "Z" and (not started or state[1] == started)
+
+
+def is_alive(run: Run) -> bool:
+    """Whether the process that opened this RUNNING run may still close it.
+
+    A run without owner tags was written before they existed (or by hand); it is treated as dead, which
+    is what every command assumed before: one invocation per experiment at a time.
+    """
+    tags = run.data.tags
+    if OWNER_PID not in tags:
+        return False
+    if tags.get(OWNER_HOST) == socket.gethostname():
+        return _pid_alive(int(tags[OWNER_PID]), tags.get(OWNER_STARTED, ""))
+    beat = int(tags.get(HEARTBEAT) or run.info.start_time or 0)
+    return now_ms() - beat < LEASE_S * 1000
+
+
+_held: dict[str, Store] = {}
+_held_lock = threading.Lock()
+_beating: list[threading.Thread] = []
+
+
+def heartbeat(store: Store, run_ids: Iterable[str]) -> None:
+    """Keep refreshing the heartbeat tag of these runs (every HEARTBEAT_S, from a daemon thread) until
+    `release`: what tells another host that their long pass is still going on."""
+    with _held_lock:
+        for run_id in run_ids:
+            _held[run_id] = store
+        if not _beating:
+            thread = threading.Thread(target=_beat, name="polylab-heartbeat", daemon=True)
+            _beating.append(thread)
+            thread.start()
+
+
+def release(run_ids: Iterable[str]) -> None:
+    with _held_lock:
+        for run_id in run_ids:
+            _held.pop(run_id, None)
+
+
+def _beat() -> None:
+    while True:
+        time.sleep(HEARTBEAT_S)
+        with _held_lock:
+            held = list(_held.items())
+        for run_id, store in held:
+            # A missed beat is retried at the next one; the lease allows four.
+            with contextlib.suppress(Exception):
+                store.client.set_tag(run_id, HEARTBEAT, str(now_ms()))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -235,6 +358,54 @@ def supersede_runs(store: Store, run_ids: Iterable[str], reason: str = SUPERSEDE
         fail_run(store, run_id, reason)
         marked.append(run_id)
     return marked
+
+
+def recover_experiment(
+    store: Store,
+    experiment_id: str,
+    reason: str | None = None,
+    replicate_kinds: Sequence[str] = ("seed",),
+) -> dict[str, list[str]]:
+    """Close what dead commands left open in the experiment; returns {"interrupted": ids, "completed":
+    ids, "failed": ids}. Every command that touches the experiment calls this first, so nothing stays
+    RUNNING after the next command.
+
+    Runs whose owner is dead (`is_alive`) become FAILED (`reason`, else INTERRUPTED_REASON). Replicates
+    (seed runs) follow their parent instead: a unit is terminated before its replicates (tracking/taming.py
+    `record_ablation`), so RUNNING replicates under a FINISHED unit are complete and become FINISHED, and
+    under a FAILED or deleted unit they become FAILED. A live owner's runs are left alone.
+    """
+    running = search_all(store, [experiment_id], f"attributes.status = '{RUNNING}'")
+    statuses: dict[str, str] = {}
+    closed: dict[str, list[str]] = {"interrupted": [], "completed": [], "failed": []}
+    for run in running:
+        if run.data.tags.get("kind") in replicate_kinds:
+            continue
+        statuses[run.info.run_id] = RUNNING
+        if not run.data.tags.get("kind"):
+            continue  # not ours yet: the run `mlflow run` opened for this very command, say
+        if not is_alive(run):
+            tags = run.data.tags
+            owner = f"pid {tags.get(OWNER_PID, '?')} on {tags.get(OWNER_HOST, 'an unknown host')}"
+            fail_run(store, run.info.run_id, reason or INTERRUPTED_REASON.format(owner=owner))
+            statuses[run.info.run_id] = FAILED
+            closed["interrupted"].append(run.info.run_id)
+    for run in running:
+        if run.data.tags.get("kind") not in replicate_kinds:
+            continue
+        parent_id = run.data.tags.get(MLFLOW_PARENT_RUN_ID)
+        if parent_id is None:
+            continue
+        if parent_id not in statuses:
+            parent = store.client.get_run(parent_id)
+            statuses[parent_id] = FAILED if parent.info.lifecycle_stage == "deleted" else parent.info.status
+        if statuses[parent_id] == FINISHED:
+            store.client.set_terminated(run.info.run_id, FINISHED)
+            closed["completed"].append(run.info.run_id)
+        elif statuses[parent_id] != RUNNING:
+            fail_run(store, run.info.run_id, reason or f"its parent run {parent_id} did not finish")
+            closed["failed"].append(run.info.run_id)
+    return closed
 
 
 # ------------------------------------------------------------------------------------------------------------

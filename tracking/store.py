@@ -6,6 +6,8 @@ so bad input never leaves an experiment or run behind.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -24,9 +26,13 @@ from mlflow.entities import RunStatus, ViewType
 
 from tracking.uri import (  # noqa: F401 (re-exported: the checks live in uri.py, free of MLflow)
     CREDENTIALS_HINT,
+    LOCK_WAIT_S,
     TrackingError,
     check_tracking_uri,
+    is_new_sqlite_store,
+    masked,
     resolve_tracking_uri,
+    sqlite_database,
 )
 
 DEFAULT_EXPERIMENT = "taming"
@@ -158,6 +164,10 @@ class Store:
         ]
 
 
+# SQLite databases this process opened for writing: their write-ahead log is folded back at exit.
+_WRITTEN_DATABASES: set[Path] = set()
+
+
 @lru_cache(maxsize=1)
 def use_sqlite_write_ahead_log() -> None:
     """From now on, open every SQLite connection of this process with a write-ahead log.
@@ -167,8 +177,9 @@ def use_sqlite_write_ahead_log() -> None:
     and more while the store is created). With `journal_mode=WAL` and `synchronous=NORMAL` a commit is
     an append to `mlflow.db-wal`: the database stays consistent after any crash, and a power failure can
     lose only the last commits. The mode is kept in the database file, so `mlflow ui` and other readers
-    need nothing special. Where WAL cannot be used (a busy database, some network file systems) the
-    connection keeps SQLite's default. Installs its listeners once per process (cached).
+    need nothing special. Where WAL cannot be used (a busy database, some network file systems, a
+    read-only connection) the connection keeps the mode it has. Installs its listeners once per process
+    (cached).
     """
     import atexit
     import sqlite3
@@ -198,24 +209,197 @@ def use_sqlite_write_ahead_log() -> None:
             engines.add(connection.engine)
 
     def _close_connections() -> None:
-        # Closing the last connection folds the log back into mlflow.db and removes mlflow.db-wal and
-        # -shm, so the database file alone holds everything (e.g. when copied) once the process ends.
         for engine in list(engines):
             engine.dispose()
+        # Closing the last connection folds the log back into mlflow.db, but another process (`mlflow ui`)
+        # may keep one open for days, and then recent runs live only in mlflow.db-wal and a copy of
+        # mlflow.db alone misses them. A TRUNCATE checkpoint folds the log in and empties it whoever else
+        # is connected; it waits at most 2 s for readers, so the command still ends promptly.
+        for database in sorted(_WRITTEN_DATABASES):
+            try:
+                connection = sqlite3.connect(database, timeout=2.0)
+                try:
+                    connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                finally:
+                    connection.close()
+            except sqlite3.Error:
+                pass  # best effort: whatever is in the log is still safe in mlflow.db-wal
 
     atexit.register(_close_connections)
 
 
-def open_store(option: str | None) -> Store:
-    """Resolve and check the tracking URI, then bind a client to it (no write yet)."""
+class _NoTraceback:
+    """Logging filter for MLflow's store module: it logs every failed SQL statement with a full traceback
+    before raising; the error still propagates, and is reported in one sentence (describe_store_failure)."""
+
+    @staticmethod
+    def filter(record) -> bool:
+        return not record.exc_info
+
+
+def open_store(option: str | None, *, writing: bool = True) -> Store:
+    """Resolve and check the tracking URI, then bind a client to it (no write yet).
+
+    `writing=False` for commands that only read: a missing store is an error instead of a new empty one,
+    and an SQLite store is opened read-only, so it may sit on a read-only file system or folder. A new
+    SQLite store is created whole or not at all (`_create_sqlite_store`).
+    """
+    import logging
+
     uri = resolve_tracking_uri(option)
-    check_tracking_uri(uri)
+    check_tracking_uri(uri, writing=writing)
+    client_uri = uri
     if uri.startswith("sqlite:"):
         use_sqlite_write_ahead_log()
-    client = MlflowClient(tracking_uri=uri)
+        logger = logging.getLogger("mlflow.store.db.utils")
+        if not any(isinstance(existing, _NoTraceback) for existing in logger.filters):
+            logger.addFilter(_NoTraceback())
+        database = sqlite_database(uri).resolve()
+        if writing:
+            if is_new_sqlite_store(uri):
+                _create_sqlite_store(uri, database)
+            _WRITTEN_DATABASES.add(database)
+        else:
+            client_uri = _read_only_uri(database)
+    client = MlflowClient(tracking_uri=client_uri)
+    if uri.startswith("sqlite:"):
+        try:
+            # MLflow opens (and checks the schema of) the store on the first request: a fault now is one
+            # sentence, not a traceback from whichever call came first.
+            client.search_experiments(max_results=1)
+        except Exception as error:  # noqa: BLE001 - every fault becomes the user's one sentence
+            raise TrackingError(describe_store_failure(error, uri)) from None
     if urllib.parse.urlparse(uri).scheme in ("http", "https"):
         check_access(client, uri)
     return Store(uri=uri, client=client)
+
+
+def _read_only_uri(database: Path) -> str:
+    """An SQLAlchemy URI that opens `database` read-only (SQLite's `mode=ro`), which can never write.
+
+    In a folder this process cannot write, a write-ahead-log database without its -shm file cannot be
+    opened even read-only (SQLite has nowhere to put the shared index), so there it is opened as
+    immutable: nothing can change it through this read-only location. The path is percent-encoded
+    whole: MLflow creates the "parent folder" of whatever follows sqlite:///, and for `file:/a/b.db` that
+    would be ./file:/a.
+    """
+    shared_index = database.with_name(database.name + "-shm").exists()
+    immutable = not os.access(database.parent, os.W_OK) and not shared_index
+    options = "mode=ro&immutable=1" if immutable else "mode=ro"
+    return f"sqlite:///file:{urllib.parse.quote(str(database), safe='')}?{options}&uri=true"
+
+
+def _create_sqlite_store(uri: str, database: Path) -> None:
+    """Create a new SQLite store all-or-nothing: MLflow builds its schema in a temporary file beside
+    `database`, which is then linked into place in one step.
+
+    MLflow builds the schema in place through dozens of migrations; one interrupted (a full disk, a
+    killed process) leaves a database every later command fails on ("duplicate column name"), and two
+    processes creating the same store collide ("table experiments already exists"). Here the database
+    appears only complete, os.link refuses to replace a store another process linked first (theirs is
+    used), and a failure leaves nothing behind, so a retry after freeing space starts clean.
+    """
+    import secrets
+    import sqlite3
+
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    temporary = database.with_name(f".{database.name}.creating-{os.getpid()}-{secrets.token_hex(4)}")
+    temporary_uri = f"sqlite:///{temporary}"
+    leftovers = [
+        temporary,
+        *(temporary.with_name(temporary.name + end) for end in ("-wal", "-shm", "-journal")),
+    ]
+    try:
+        MlflowClient(tracking_uri=temporary_uri).search_experiments(max_results=1)
+        engine = SqlAlchemyStore._engine_map.pop(temporary_uri, None)
+        if engine is not None:
+            engine.dispose()
+        # Fold the write-ahead log into the file, so the file alone is the whole store when linked.
+        connection = sqlite3.connect(temporary, timeout=LOCK_WAIT_S)
+        try:
+            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            connection.close()
+        try:
+            os.link(temporary, database)
+        except FileExistsError:
+            if is_new_sqlite_store(uri):
+                os.replace(temporary, database)  # an empty file (`touch mlflow.db`): no store to keep
+            # else another process created the store first: use theirs
+        except OSError as error:
+            if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            # A file system without hard links: a rename, which could replace a store created meanwhile.
+            if is_new_sqlite_store(uri):
+                os.replace(temporary, database)
+    except Exception as error:  # noqa: BLE001 - every fault becomes the user's one sentence
+        raise TrackingError(describe_store_failure(error, uri, creating=True)) from None
+    finally:
+        for leftover in leftovers:
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+
+
+def _error_chain(error: BaseException) -> list[BaseException]:
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def describe_store_failure(error: BaseException, uri: str, *, creating: bool = False) -> str:
+    """One sentence for a store fault MLflow raised (at creation, opening or mid-command), naming
+    --tracking-uri and what to do; never a traceback, and the URI printed with its password masked.
+
+    For orchestration: wrap a whole command's store work (a sweep, a report's logging) in
+    `except Exception as error: raise StoreUnavailable(describe_store_failure(error, store.uri))`.
+    """
+    shown = masked(uri)
+    chain = _error_chain(error)
+    text = " ".join(str(getattr(e, "message", None) or e) for e in chain).lower()
+    errnos = {getattr(e, "errno", None) for e in chain}
+    resume = "re-run the same command to resume (runs FINISHED so far are kept)"
+    if errno.ENOSPC in errnos or "disk is full" in text or "no space left" in text:
+        if creating:
+            return (
+                f"--tracking-uri {shown}: the disk is full, so the new store was not created (nothing was "
+                "left behind); free some space and re-run the command"
+            )
+        return f"--tracking-uri {shown}: the disk holding the store is full; free some space and {resume}"
+    if "database is locked" in text or "database is busy" in text:
+        return (
+            f"--tracking-uri {shown}: another process held the store's write lock for too long; wait for "
+            f"it to finish (or stop it) and {resume}"
+        )
+    if errno.EROFS in errnos or errno.EACCES in errnos or "readonly database" in text or "read-only" in text:
+        return (
+            f"--tracking-uri {shown}: the store cannot be written (read-only file, folder or file system); "
+            f"make it writable or point --tracking-uri at a writable store"
+        )
+    if "malformed" in text or "not a database" in text or "disk i/o error" in text:
+        return (
+            f"--tracking-uri {shown}: the store is damaged or its disk failed ({_first_line(chain[-1])}); "
+            "restore it from a copy or point --tracking-uri at another store"
+        )
+    if "out-of-date database schema" in text or "alembic" in text or "duplicate column" in text:
+        return (
+            f"--tracking-uri {shown}: the store's schema is not the one MLflow {mlflow.__version__} expects "
+            f"({_first_line(error)}); upgrade it with `mlflow db upgrade {shown}`, or point --tracking-uri "
+            "at another store"
+        )
+    network = ("connection refused", "max retries exceeded", "connection aborted", "connection reset")
+    if any(isinstance(e, ConnectionError) for e in chain) or any(phrase in text for phrase in network):
+        return f"--tracking-uri {shown}: the tracking server stopped answering; start it again and {resume}"
+    return f"--tracking-uri {shown}: the store failed ({_first_line(error)}); check it and {resume}"
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an error's message, without SQLAlchemy's '(sqlite3.OperationalError) ' prefix."""
+    message = str(getattr(error, "message", None) or error).strip().splitlines()
+    return re.sub(r"^\([\w.]+\)\s*", "", message[0] if message else type(error).__name__)[:200]
 
 
 # What a stored result depends on: data, models, training, SAEs, metrics and the studies' training code.

@@ -8,7 +8,20 @@ Run tree (all in one experiment):
 
 A run is FINISHED only after all its artifacts are logged; any exception marks the open runs FAILED
 with the reason in the `failure_reason` tag. Identity = config hash + seed list + code version: a sweep
-re-run reuses FINISHED ablations of the same identity and redoes the rest.
+re-run reuses FINISHED ablations of the same identity and redoes the rest (a sweep that needs artifacts
+reuses only a run that recorded them: tag `artifacts`, absent on older runs, which all did).
+
+Crash safety (any instant, SIGKILL included):
+- An ablation is terminated *before* its seed runs: seeds stay RUNNING until their ablation is FINISHED,
+  so no FINISHED seed ever hangs under an unfinished ablation. A crash between the two leaves complete
+  RUNNING seeds under a FINISHED ablation; the next command (sweep, ablate, report) completes them
+  (`tracking.recorder.recover_experiment`). Chosen over "children first" because that order is what
+  leaves FINISHED seeds under a RUNNING ablation, which a resume would then train a second time.
+- Every run carries its owner (host, pid, process start, heartbeat): the next command marks FAILED only
+  runs whose process is dead, so a concurrent sweep's runs are left alone.
+- Two sweeps needing one identity at once: each opens its ablation run (the claim), waits CLAIM_SETTLE_S
+  so every claim made until then is visible, and the oldest live claim trains; the others delete theirs,
+  wait for it and reuse its run (or claim again if it failed or died).
 
 This module records; it never trains. The caller passes a `trainer` (normally
 `pipeline.experiments.taming.run_ablations`), so recording can be tested and reused on its own.
@@ -18,6 +31,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +46,7 @@ from pipeline import stats
 from pipeline.config import AblationConfig, pass_key
 from pipeline.config_tools import flatten
 from pipeline.evaluation import METRIC_NAMES, checkpoint
+from pipeline.metrics import metric_bounds
 from pipeline.plots.taming import overlap_grid_png, overlap_png, prepare_overlap_painters
 from tracking import recorder
 from tracking.recorder import log_files, now_ms, without_logged
@@ -84,6 +100,7 @@ class AblationOutcome:
     summary: dict[str, dict[str, float]] = field(default_factory=dict)
     failure: str | None = None
     name: str = ""  # the run name (SweepNaming.label)
+    retired: list[str] = field(default_factory=list)  # older runs of the identity deleted (--force)
 
 
 def _param_text(value) -> str:
@@ -122,9 +139,21 @@ def identity_filter(config: AblationConfig, seeds: Sequence[int], kind: str = "a
     return recorder.identity_filter(kind, identity(config, seeds))
 
 
-def finished_runs_for(store: Store, experiment_id: str, config: AblationConfig, seeds: Sequence[int]) -> list:
-    """FINISHED ablation runs with this identity (normally zero or one), newest first."""
-    return recorder.finished_units(store, experiment_id, "ablation", identity(config, seeds))
+ARTIFACTS_TAG = "artifacts"
+
+
+def has_artifacts(run) -> bool:
+    """Whether an ablation run recorded checkpoints and figures; runs from before the tag all did."""
+    return run.data.tags.get(ARTIFACTS_TAG, "true") == "true"
+
+
+def finished_runs_for(
+    store: Store, experiment_id: str, config: AblationConfig, seeds: Sequence[int], artifacts: bool = False
+) -> list:
+    """FINISHED ablation runs with this identity (normally zero or one), newest first; with `artifacts`,
+    only runs that recorded them (a sweep that needs checkpoints cannot reuse a --no-artifacts run)."""
+    runs = recorder.finished_units(store, experiment_id, "ablation", identity(config, seeds))
+    return [run for run in runs if has_artifacts(run)] if artifacts else runs
 
 
 def start_ablation_run(
@@ -136,8 +165,12 @@ def start_ablation_run(
     sweep_id: str,
     naming: SweepNaming | None = None,
     run_id: str | None = None,
+    artifacts: bool = True,
 ) -> str:
-    """Create (or adopt, when `mlflow run` handed one over) the ablation run, RUNNING, with params and tags."""
+    """Create (or adopt, when `mlflow run` handed one over) the ablation run, RUNNING, with params and tags.
+
+    A new run is created with every tag at once: its identity is then visible from the first instant,
+    which the claim between concurrent sweeps (`_contest`) relies on."""
     naming = naming or SweepNaming()
     name = naming.label(config)
     tags = {
@@ -152,13 +185,16 @@ def start_ablation_run(
         MLFLOW_RUN_NAME: name,
         **naming.axis_tags(config),
         **_identity_tags(config, seeds),
+        ARTIFACTS_TAG: "true" if artifacts else "false",
+        **recorder.owner_tags(),
     }
     params = _params(config, seeds)
     if run_id is not None:
         params = without_logged(store, run_id, params)
-    if run_id is None:
-        run_id = store.client.create_run(experiment_id, run_name=name, tags={"kind": "ablation"}).info.run_id
-    log_in_batches(store, run_id, params=params, tags=[RunTag(k, v) for k, v in tags.items()])
+        log_in_batches(store, run_id, params=params, tags=[RunTag(k, v) for k, v in tags.items()])
+        return run_id
+    run_id = store.client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+    log_in_batches(store, run_id, params=params)
     return run_id
 
 
@@ -195,6 +231,7 @@ def log_seed(
         "config_name": naming.label(config),
         **naming.axis_tags(config),
         **_identity_tags(config, [seed_result.seed]),
+        **recorder.owner_tags(),
     }
     run_id = store.client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
     try:
@@ -246,7 +283,7 @@ def log_seed(
         if terminate:
             store.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
     except BaseException as error:
-        fail_run(store, run_id, f"logging failed: {type(error).__name__}: {error}")
+        fail_run(store, run_id, f"logging failed: {recorder.reason_of(error)}")
         raise
     return run_id
 
@@ -256,12 +293,15 @@ class SeedRuns:
     """The seed runs written so far under one ablation run.
 
     Seed runs are written as soon as their seed has trained (while other seeds still train) but stay
-    RUNNING until their ablation finishes: a sweep killed halfway then leaves no FINISHED seed run under
-    an unfinished ablation, so a resumed sweep never ends with two FINISHED runs of one seed.
+    RUNNING until their ablation is FINISHED: a sweep killed at any instant then leaves no FINISHED seed
+    run under an unfinished ablation, so a resumed sweep never ends with two FINISHED runs of one seed.
+    Once the ablation is closed (`parent_closed`) the seeds are its to keep: they are never failed, and
+    if finishing them is cut short the next command completes them (`recorder.recover_experiment`).
     """
 
     run_ids: dict[int, str] = field(default_factory=dict)  # seed → run id
     open: list[str] = field(default_factory=list)  # logged and left RUNNING
+    parent_closed: bool = False
 
     def record(
         self,
@@ -293,6 +333,8 @@ class SeedRuns:
             self.open.pop(0)
 
     def fail(self, store: Store, reason: str) -> None:
+        if self.parent_closed:
+            return
         for run_id in self.open:
             fail_run(store, run_id, reason)
         self.open.clear()
@@ -301,7 +343,10 @@ class SeedRuns:
 def summarize_seeds(table: pd.DataFrame) -> dict[str, dict[str, float]]:
     """mean/std/sem/95 % CI per metric over the finished seeds of an ablation."""
     finished = table[table["status"] == "finished"]
-    return {metric: stats.describe(finished[metric].dropna().to_numpy()) for metric in METRIC_NAMES}
+    return {
+        metric: stats.describe(finished[metric].dropna().to_numpy(), bounds=metric_bounds(metric))
+        for metric in METRIC_NAMES
+    }
 
 
 def log_ablation_summary(
@@ -347,7 +392,8 @@ def log_ablation_summary(
 
 
 def terminate_ablation_run(store: Store, outcome: AblationOutcome) -> None:
-    """FINISHED, or FAILED with the reason when no seed finished."""
+    """FINISHED, or FAILED with the reason when no seed finished. Called before the seed runs are
+    finished (see `record_ablation`)."""
     if outcome.status == "failed":
         fail_run(store, outcome.run_id, outcome.failure)
     else:
@@ -370,8 +416,14 @@ def record_ablation(
     """Log every seed of a trained AblationResult under its open ablation run, then finish that run.
 
     `seed_runs` holds the seeds already written while others trained (they are not written again). With
-    `force`, older FINISHED runs of the same identity are retired afterwards. On an error the seed runs
-    left RUNNING are marked FAILED with it (the ablation run is the caller's to fail).
+    `force`, older FINISHED runs of the same identity are retired afterwards (with their seed runs), and
+    so is a FINISHED --no-artifacts run of the identity once this one recorded artifacts: one identity
+    keeps one FINISHED run. On an error before the ablation is closed, the seed runs left RUNNING are
+    marked FAILED with it (the ablation run is the caller's to fail, unless `seed_runs.parent_closed`).
+
+    Order: everything logged, then the ablation terminated, then its seeds. The parent goes first so that
+    no instant has a FINISHED seed under an unfinished ablation; what a crash leaves between the two
+    (RUNNING seeds, all logged, under a FINISHED ablation) is completed by the next command.
     """
     seed_runs = seed_runs if seed_runs is not None else SeedRuns()
     try:
@@ -379,15 +431,38 @@ def record_ablation(
             if seed_result.seed not in seed_runs.run_ids:
                 seed_runs.record(store, experiment_id, run_id, seed_result, sweep_id, artifacts, naming)
         outcome = log_ablation_summary(store, run_id, result, artifacts, naming)
-        # Only now, with everything of the ablation logged, do its seed runs become FINISHED.
-        seed_runs.finish(store)
+        fault_point("before-parent")
+        terminate_ablation_run(store, outcome)
+        seed_runs.parent_closed = True
     except BaseException as error:
-        seed_runs.fail(store, f"{type(error).__name__}: {error}")
+        seed_runs.fail(store, recorder.reason_of(error))
         raise
-    terminate_ablation_run(store, outcome)
-    if force:
-        _retire_older_runs(store, experiment_id, result.config, seeds, run_id)
+    fault_point("between-parent-and-children")
+    seed_runs.finish(store)
+    if outcome.status == "finished":
+        if force:
+            outcome.retired += _retire_older_runs(store, experiment_id, result.config, seeds, run_id)
+        if artifacts:
+            outcome.retired += _retire_without_artifacts(store, experiment_id, result.config, seeds, run_id)
     return outcome
+
+
+# Fault injection for the tests only (tests/test_fault_injection.py): when this variable names a point
+# of `record_ablation`, the first command to reach it creates the file named by FAULT_MARKER_VARIABLE and
+# sleeps, so the test can signal it exactly there.
+FAULT_POINT_VARIABLE = "POLYLAB_TEST_FAULT_POINT"
+FAULT_MARKER_VARIABLE = "POLYLAB_TEST_FAULT_MARKER"
+
+
+def fault_point(name: str) -> None:
+    if os.environ.get(FAULT_POINT_VARIABLE) != name:
+        return
+    marker = os.environ.get(FAULT_MARKER_VARIABLE, "")
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except (FileExistsError, FileNotFoundError):
+        return
+    time.sleep(60)
 
 
 SUPERSEDED_REASON = "superseded by a retry"
@@ -420,12 +495,24 @@ def supersede_running_runs(
     return superseded
 
 
-def _retire_older_runs(store: Store, experiment_id: str, config, seeds, keep_run_id: str) -> None:
-    """After a --force re-run, delete older FINISHED runs of the same identity (and their seed runs)."""
+def _retire_older_runs(store: Store, experiment_id: str, config, seeds, keep_run_id: str) -> list[str]:
+    """After a --force re-run, delete older FINISHED runs of the same identity (and their seed runs);
+    returns the ablation run ids deleted."""
     older = [run.info.run_id for run in finished_runs_for(store, experiment_id, config, seeds)]
-    recorder.retire_runs(
+    return recorder.retire_runs(
         store, [run_id for run_id in older if run_id != keep_run_id], superseded_by=keep_run_id
     )
+
+
+def _retire_without_artifacts(store: Store, experiment_id: str, config, seeds, keep_run_id: str) -> list[str]:
+    """A run with artifacts replaces FINISHED --no-artifacts runs of its identity (it holds all they do):
+    the report then never counts a seed twice."""
+    bare = [
+        run.info.run_id
+        for run in finished_runs_for(store, experiment_id, config, seeds)
+        if not has_artifacts(run) and run.info.run_id != keep_run_id
+    ]
+    return recorder.retire_runs(store, bare, superseded_by=keep_run_id)
 
 
 def reused_outcome(run, config: AblationConfig, naming: SweepNaming | None = None) -> AblationOutcome:
@@ -468,7 +555,7 @@ def start_sweep_run(
     naming = naming or SweepNaming()
     run_id = adopted_run_id or (
         store.client.create_run(
-            experiment_id, run_name=f"sweep {naming.design}", tags={"kind": "sweep"}
+            experiment_id, run_name=f"sweep {naming.design}", tags={"kind": "sweep", **recorder.owner_tags()}
         ).info.run_id
     )
     name = f"sweep {naming.design} ({config_count} configs × {len(seeds)} seeds)"
@@ -494,12 +581,13 @@ def start_sweep_run(
                 RunTag(MLFLOW_RUN_NAME, name),
                 RunTag("code_version", code_version()),
                 RunTag("git_commit", git_commit()),
+                *[RunTag(name, value) for name, value in recorder.owner_tags().items()],
             ],
         )
         if design is not None:
             store.client.log_dict(run_id, dict(design), "design.json")
     except BaseException as error:
-        fail_run(store, run_id, f"{type(error).__name__}: {error}")
+        fail_run(store, run_id, recorder.reason_of(error))
         raise
     return run_id
 
@@ -513,19 +601,23 @@ def partition_reused(
     force: bool,
     on_reuse: Callable[[AblationConfig, str], None] | None = None,
     naming: SweepNaming | None = None,
+    artifacts: bool = False,
+    indices: Sequence[int] | None = None,
 ) -> list[int]:
-    """Fill `outcomes` for configurations with a FINISHED run of the same identity (none when `force`);
-    return the indices still to train.
+    """Fill `outcomes` for configurations with a FINISHED run of the same identity (none when `force`;
+    with `artifacts`, only a run that recorded them); return the indices (of `indices`, default all)
+    still to train.
 
     A reused run gets the axis tags of the design reusing it (tags only add), so a filter on an axis finds
-    it from either design. Ablation runs of a pending identity still RUNNING were left by a command that
-    died (SIGKILL, a lost machine): they are marked FAILED, with their RUNNING seed runs and sweep run,
-    since nothing else will ever close them; this one trains the configuration again.
+    it from either design. Ablation runs of a pending identity still RUNNING whose process is dead (SIGKILL,
+    a lost machine) are marked FAILED, with their RUNNING seed runs and sweep run, since nothing else will
+    ever close them; a live one (a concurrent sweep) is left to the claim (`_contest`).
     """
     naming = naming or SweepNaming()
     pending: list[int] = []
-    for index, config in enumerate(configs):
-        existing = [] if force else finished_runs_for(store, experiment_id, config, seeds)
+    for index in range(len(configs)) if indices is None else indices:
+        config = configs[index]
+        existing = [] if force else finished_runs_for(store, experiment_id, config, seeds, artifacts)
         if not existing:
             pending.append(index)
             _supersede_stale(store, experiment_id, config, seeds)
@@ -540,18 +632,70 @@ def partition_reused(
     return pending
 
 
-STALE_REASON = "superseded by a re-run: the command that started it ended without closing it"
+STALE_REASON = "interrupted: the command that started it ended without closing it"
 
 
 def _supersede_stale(store: Store, experiment_id: str, config: AblationConfig, seeds: Sequence[int]) -> None:
-    stale = recorder.find_units(store, experiment_id, "ablation", identity(config, seeds), recorder.RUNNING)
+    """Mark FAILED the RUNNING ablation runs of this identity whose process is dead (and their sweep run
+    when it is dead too); runs of a live process, a concurrent sweep, are left alone."""
+    running = recorder.find_units(store, experiment_id, "ablation", identity(config, seeds), recorder.RUNNING)
+    stale = [run for run in running if not recorder.is_alive(run)]
     if not stale:
         return
     recorder.supersede_runs(store, [run.info.run_id for run in stale], STALE_REASON)
     sweep_ids = {run.data.tags.get("sweep_id") for run in stale} - {None}
     for sweep_id in sweep_ids:
         sweeps = recorder.find_units(store, experiment_id, "sweep", {"sweep_id": sweep_id}, recorder.RUNNING)
-        recorder.supersede_runs(store, [run.info.run_id for run in sweeps], STALE_REASON)
+        dead = [run.info.run_id for run in sweeps if not recorder.is_alive(run)]
+        recorder.supersede_runs(store, dead, STALE_REASON)
+
+
+# A new claim waits this long before it looks at its competitors: every claim whose create_run started
+# before ours (start_time, the client's clock) has landed in the store by then, so all claimants compare
+# the same set and agree on the oldest. Across hosts this assumes clocks agree to well within it (NTP).
+CLAIM_SETTLE_S = float(os.environ.get("POLYLAB_CLAIM_SETTLE_S", "1.0"))
+CLAIM_POLL_S = 1.0
+
+
+def _contest(
+    store: Store,
+    experiment_id: str,
+    config: AblationConfig,
+    seeds: Sequence[int],
+    own_run_id: str,
+    *,
+    force: bool,
+    artifacts: bool,
+) -> str | None:
+    """None when our claim (the RUNNING ablation run `own_run_id`) is the one to train this identity;
+    else the run to wait for: a FINISHED run that appeared meanwhile, or the oldest live claim."""
+    if not force:
+        finished = finished_runs_for(store, experiment_id, config, seeds, artifacts)
+        if finished:
+            return finished[0].info.run_id
+    running = recorder.find_units(store, experiment_id, "ablation", identity(config, seeds), recorder.RUNNING)
+    live = []
+    for run in running:
+        if run.info.run_id == own_run_id or recorder.is_alive(run):
+            live.append(run)
+        else:
+            recorder.supersede_runs(store, [run.info.run_id], STALE_REASON)
+    if not live:
+        return None
+    oldest = min(live, key=lambda run: (run.info.start_time, run.info.run_id)).info.run_id
+    return None if oldest == own_run_id else oldest
+
+
+def _wait_for(store: Store, run_ids: Sequence[str]) -> None:
+    """Until none of these runs is RUNNING with a live owner (a dead one is closed by the next contest)."""
+    waiting = set(run_ids)
+    while waiting:
+        for run_id in list(waiting):
+            run = store.client.get_run(run_id)
+            if run.info.status != recorder.RUNNING or not recorder.is_alive(run):
+                waiting.discard(run_id)
+        if waiting:
+            time.sleep(CLAIM_POLL_S)
 
 
 def run_tracked_sweep(
@@ -584,12 +728,17 @@ def run_tracked_sweep(
     seeds = list(seeds)
     outcomes: list[AblationOutcome | None] = [None] * len(configs)
     sweep_id, sweep_run_id = new_sweep_id(), None
+    # What dead commands left open is closed first: nothing stays RUNNING after this command.
+    recorder.recover_experiment(store, experiment_id)
     try:
         if adopt_as == "sweep" and (adopted_run_id is not None or len(configs) > 1):
             sweep_run_id = start_sweep_run(
                 store, experiment_id, sweep_id, len(configs), seeds, naming, adopted_run_id, design
             )
-        pending = partition_reused(store, experiment_id, configs, seeds, outcomes, force, on_reuse, naming)
+            recorder.heartbeat(store, [sweep_run_id])
+        pending = partition_reused(
+            store, experiment_id, configs, seeds, outcomes, force, on_reuse, naming, artifacts
+        )
         if adopt_as == "ablation" and adopted_run_id is not None and not pending:
             # `mlflow run` opened a run for work that is already done: say so and close it.
             log_in_batches(
@@ -600,28 +749,49 @@ def run_tracked_sweep(
             store.client.set_terminated(adopted_run_id, RunStatus.to_string(RunStatus.FINISHED))
         if on_plan is not None:
             on_plan([configs[index] for index in pending])
-        _train_and_record(
-            store,
-            experiment_id,
-            configs,
-            seeds,
-            _pass_groups(configs, pending, share_passes),
-            outcomes,
-            trainer,
-            sweep_id=sweep_id,
-            naming=naming,
-            force=force,
-            adopted_run_id=adopted_run_id,
-            adopt_as=adopt_as,
-            artifacts=artifacts,
-            progress=progress,
-        )
+        while pending:
+            # Identities another live sweep claimed first: wait for it, reuse its run, or (it failed or
+            # died) claim them again.
+            deferred: dict[int, str] = {}
+            _train_and_record(
+                store,
+                experiment_id,
+                configs,
+                seeds,
+                _pass_groups(configs, pending, share_passes),
+                outcomes,
+                trainer,
+                sweep_id=sweep_id,
+                naming=naming,
+                force=force,
+                adopted_run_id=adopted_run_id,
+                adopt_as=adopt_as,
+                artifacts=artifacts,
+                progress=progress,
+                deferred=deferred,
+            )
+            _wait_for(store, sorted(set(deferred.values())))
+            pending = partition_reused(
+                store,
+                experiment_id,
+                configs,
+                seeds,
+                outcomes,
+                False,
+                on_reuse,
+                naming,
+                artifacts,
+                sorted(deferred),
+            )
         if sweep_run_id is not None:
             finish_sweep_run(store, sweep_run_id, outcomes)  # type: ignore[arg-type]
     except BaseException as error:
         if sweep_run_id is not None:
-            fail_run(store, sweep_run_id, f"{type(error).__name__}: {error}")
+            fail_run(store, sweep_run_id, recorder.reason_of(error))
         raise
+    finally:
+        if sweep_run_id is not None:
+            recorder.release([sweep_run_id])
     return sweep_id, outcomes  # type: ignore[return-value]
 
 
@@ -641,8 +811,11 @@ def _train_and_record(
     adopt_as,
     artifacts,
     progress,
+    deferred: dict[int, str],
 ) -> None:
-    """Each pass group: open its ablation runs, train, record seeds and summaries (outcomes filled in).
+    """Each pass group: open (claim) its ablation runs, train, record seeds and summaries (outcomes
+    filled in). An identity whose claim loses to another live sweep's is not trained: its run is deleted
+    and `deferred[index]` names the run to wait for.
 
     Seeds are written as the trainer hands them over (`on_seed`), so with a pool of workers the first
     chunks are recorded while the last ones train.
@@ -651,8 +824,13 @@ def _train_and_record(
         run_ids = {}
         seed_runs = {index: SeedRuns() for index in group}
 
-        def on_seed(position: int, seed_result, group=group, run_ids=run_ids, seed_runs=seed_runs) -> None:
-            index = group[position]
+        # The trainer's positions index the claimed part of the group, known once the claims settle.
+        training: list[int] = []
+
+        def on_seed(
+            position: int, seed_result, training=training, run_ids=run_ids, seed_runs=seed_runs
+        ) -> None:
+            index = training[position]
             seed_runs[index].record(
                 store, experiment_id, run_ids[index], seed_result, sweep_id, artifacts, naming
             )
@@ -668,7 +846,16 @@ def _train_and_record(
                     sweep_id=sweep_id,
                     naming=naming,
                     run_id=adopt,
+                    artifacts=artifacts,
                 )
+            recorder.heartbeat(store, run_ids.values())
+            if not (adopt_as == "ablation" and adopted_run_id is not None):
+                group = _settle_claims(
+                    store, experiment_id, configs, seeds, group, run_ids, deferred, force, artifacts
+                )
+                if not group:
+                    continue
+            training.extend(group)
             if artifacts:
                 prepare_overlap_painters(configs[group[0]].sae.d_sae, len(seeds))
             results = trainer(
@@ -692,12 +879,33 @@ def _train_and_record(
                     naming=naming,
                 )
         except BaseException as error:
-            reason = f"{type(error).__name__}: {error}"
+            reason = recorder.reason_of(error)
             for index, run_id in run_ids.items():
-                if outcomes[index] is None:
+                if outcomes[index] is None and not seed_runs[index].parent_closed:
                     seed_runs[index].fail(store, reason)
                     fail_run(store, run_id, reason)
             raise
+        finally:
+            recorder.release(run_ids.values())
+
+
+def _settle_claims(store, experiment_id, configs, seeds, group, run_ids, deferred, force, artifacts) -> list:
+    """The indices of `group` whose claim won; a lost claim's run is deleted (it holds nothing) and the
+    winner recorded in `deferred`."""
+    time.sleep(CLAIM_SETTLE_S)
+    won = []
+    for index in group:
+        winner = _contest(
+            store, experiment_id, configs[index], seeds, run_ids[index], force=force, artifacts=artifacts
+        )
+        if winner is None:
+            won.append(index)
+            continue
+        fail_run(store, run_ids[index], f"yielded to run {winner}, which claimed this identity first")
+        recorder.release([run_ids[index]])
+        store.client.delete_run(run_ids.pop(index))
+        deferred[index] = winner
+    return won
 
 
 def _pass_groups(

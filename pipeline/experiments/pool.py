@@ -127,8 +127,47 @@ PROGRESS_BATCH = 25
 _worker_progress: multiprocessing.Queue | None = None
 
 
-def _start_worker(progress: multiprocessing.Queue) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """Make this worker exit when the process that started it dies, however it dies (SIGKILL included):
+    an orphaned worker would keep training, holding a core, for a sweep nobody records.
+
+    Linux: prctl(PR_SET_PDEATHSIG, SIGKILL) has the kernel kill it. It fires when the parent *thread* that
+    forked it ends and is not available elsewhere, so a watchdog thread also checks every second whether
+    the parent changed (an orphan is re-parented) and exits then.
+    """
+    import ctypes
+    import ctypes.util
+    import signal
+    import sys
+    import threading
+    import time
+
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:
+        os._exit(1)  # the parent died before the line above took effect
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def _start_worker(progress: multiprocessing.Queue, parent_pid: int | None = None) -> None:
     global _worker_progress
+    import signal
+
+    # Ctrl-C reaches every process of the terminal's group: the parent handles it (marks its runs FAILED,
+    # stops the pool), so a worker ignores it instead of printing a traceback of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
     import torch
 
     # One thread per process: N processes then use N cores without oversubscribing them.
@@ -178,7 +217,7 @@ class PassPool:
         self.workers = workers
         self.progress = context.Queue()
         self.executor = ProcessPoolExecutor(
-            workers, mp_context=context, initializer=_start_worker, initargs=(self.progress,)
+            workers, mp_context=context, initializer=_start_worker, initargs=(self.progress, os.getpid())
         )
         self.prefetched: dict[tuple, Future] = {}
         self.outstanding: list[Future] = []  # every training future handed out
