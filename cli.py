@@ -568,7 +568,7 @@ def cli():
     """polysemanticity lab: where do polysemantic neurons come from, and which training choices prevent them?
 
     \b
-    Taming study (SCIENCE.md §1): an MLP trained under four binary factors, an SAE on its last hidden
+    Taming study (docs/science.md §1): an MLP trained under four binary factors, an SAE on its last hidden
     layer, entanglement metrics per seed, every run recorded in MLflow.
       ablate    one configuration, N seeds          sweep     every configuration of a design (presets,
       report    statistics from the store                     --grid axes over any setting, design files)
@@ -837,7 +837,7 @@ def report(
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Incidental polysemanticity (SCIENCE.md §2)
+# Incidental polysemanticity (docs/science.md §2)
 
 
 class _ListOf(click.ParamType):
@@ -1107,7 +1107,7 @@ Examples:
 
 @cli.group()
 def incidental():
-    """Incidental polysemanticity (SCIENCE.md §2): a tied ReLU-output autoencoder on basis vectors.
+    """Incidental polysemanticity (docs/science.md §2): a tied ReLU-output autoencoder on basis vectors.
 
     \b
       collisions  polysemantic neurons vs m against the n²/(4m) law (L1 as the winner-take-all force)
@@ -1390,7 +1390,7 @@ def incidental_dynamics(m, l1_values, t_max_times_l1, dt, seed, experiment, trac
     columns = ["m", "l1", "completion_time_times_l1", "nonzeros_ratio_median", "nonzeros_ratio_min"]
     columns += ["nonzeros_ratio_max", "l1_norm_ratio_median"]
     click.echo(markdown_table(pd.DataFrame([p.params | p.metrics for p in tracked.results]), columns))
-    click.echo("\nDocumented (SCIENCE.md §2.4): completion at t·λ ≈ 1.6–2, m′/prediction ≈ 2–2.7.")
+    click.echo("\nDocumented (docs/science.md §2.4): completion at t·λ ≈ 1.6–2, m′/prediction ≈ 2–2.7.")
 
 
 @incidental.command("report", epilog=EXAMPLES_INCIDENTAL_REPORT)

@@ -40,7 +40,7 @@ THIN_SEEDS = 5
 # The blog's table (seed 002; 10 seeds each): MACS, Interference, Train MSE, Val MSE, L0 by configuration.
 # The published code does not reproduce it: run at its latest commit for the baseline (3 seeds, 2000/1000
 # epochs) it printed MACS (published form) 0.205 ± 0.017 and interference (index-mod form) 5.02
-# (SCIENCE.md §1.4b). Both are shown, each named for what it is.
+# (docs/science.md §1.4b). Both are shown, each named for what it is.
 PUBLISHED = {
     "random·bipolar·l1·relu": (0.2954, 8.70, 0.0122, 0.0135, 0.4365),
     "orthogonal·bipolar·l1·relu": (0.284, 8.11, 0.0044, 0.0078, 0.439),
@@ -454,7 +454,7 @@ def summary_table(per_seed: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFram
 def published_table(per_seed: pd.DataFrame) -> pd.DataFrame | None:
     """The blog's numbers (seed 002), the published code's measured output and ours, per configuration.
 
-    The published code's output is known for the baseline only (SCIENCE.md §1.4b); elsewhere it is "–".
+    The published code's output is known for the baseline only (docs/science.md §1.4b); elsewhere it is "–".
     """
     rows = []
     for config, published in PUBLISHED.items():

@@ -1,4 +1,4 @@
-"""Configuration of the taming ablation study (SCIENCE.md §1): data, network, SAE, one ablation.
+"""Configuration of the taming ablation study (docs/science.md §1): data, network, SAE, one ablation.
 
 Defaults equal the published code's. Every dataclass validates itself on construction, so a config that
 exists is a valid config; messages name the field and the allowed values.
@@ -34,7 +34,7 @@ ACTIVATIONS = ("relu", "gelu")
 L2_FORMS = ("decay", "penalty")
 TARGETS = ("published", "pairwise")
 # What the SAE trains on: the train-split standardization (ours), or the raw activations (the published
-# code, which then evaluated on standardized ones; SCIENCE.md §1.3 defect 2).
+# code, which then evaluated on standardized ones; docs/science.md §1.3 defect 2).
 SAE_TRAINING_INPUTS = ("standardized", "raw")
 
 # The four binary factors of the study and their levels in (low, high) order: low is the published
@@ -84,7 +84,7 @@ def check_field_choices(config: Any, prefix: str) -> None:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Correlated feature groups (SCIENCE.md §1.1)."""
+    """Correlated feature groups (docs/science.md §1.1)."""
 
     group_sizes: tuple[int, ...] = setting(
         (3, 2, 3), "Sizes of the correlated feature groups.", minimum=1, maximum=64
@@ -166,7 +166,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class NetworkConfig:
-    """The MLP and its training (SCIENCE.md §1.2). The four study factors are init, noise, reg and act.
+    """The MLP and its training (docs/science.md §1.2). The four study factors are init, noise, reg and act.
 
     Fields marked per_model are taken per model by the batched engine (pipeline/train.py), so
     configurations differing only in them train in one pass.
@@ -223,7 +223,7 @@ class NetworkConfig:
 
 @dataclass(frozen=True)
 class SAEConfig:
-    """Sparse autoencoder on the last hidden layer (SCIENCE.md §1.3, defects fixed)."""
+    """Sparse autoencoder on the last hidden layer (docs/science.md §1.3, defects fixed)."""
 
     architecture: str = setting(
         "leaky_relu",

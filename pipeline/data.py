@@ -1,4 +1,4 @@
-"""Synthetic correlated-feature data for the taming study (SCIENCE.md §1.1), and per-seed RNG streams."""
+"""Synthetic correlated-feature data for the taming study (docs/science.md §1.1), and per-seed RNG streams."""
 
 from __future__ import annotations
 

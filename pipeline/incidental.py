@@ -1,6 +1,6 @@
 """Incidental polysemanticity: the tied ReLU-output autoencoder of Lecomte et al. and its measurements.
 
-Model (SCIENCE.md §2.1; Lecomte et al., "What causes polysemanticity?", seeds 001/003): n features, m hidden
+Model (docs/science.md §2.1; Lecomte et al., "What causes polysemanticity?", seeds 001/003): n features, m hidden
 neurons, tied weights W ∈ R^{n×m}, no biases, ReLU on the output only:
 
     h = x W (+ ξ),    x̂ = ReLU(h Wᵀ),    loss = Σ (x̂ − x)² + λ·Σ |x W|
@@ -48,10 +48,10 @@ NOISE_SHARING = ("per_sample", "per_step")
 OPTIMIZERS = ("adamw", "sgd")
 DEVICES = ("cpu", "auto", "cuda", "mps")
 
-# Excess kurtosis κ of each noise family (Student-t: 6/(ν−4), finite only for ν > 4), SCIENCE.md §2.3.
+# Excess kurtosis κ of each noise family (Student-t: 6/(ν−4), finite only for ν > 4), docs/science.md §2.3.
 NOISE_EXCESS_KURTOSIS = {"bipolar": -2.0, "gaussian": 0.0, "laplace": 3.0}
 
-# Numerical behaviour of the sparsification ODE documented in SCIENCE.md §2.4: the number of non-zeros m′ runs
+# Numerical behaviour of the sparsification ODE documented in docs/science.md §2.4: the number of non-zeros m′ runs
 # 2–2.7× above the prediction ‖w‖₁² while the prediction is in its 1/(λt) regime, because the survivors are
 # unequal, and the last weight is alone at t ≈ 1.6/λ to 2/λ rather than at the predicted 1/λ.
 SPARSIFICATION_NONZEROS_RATIO = (2.0, 2.7)
@@ -97,7 +97,7 @@ class IncidentalConfig:
     first_instance: index of the first instance; instances first_instance … first_instance+instances−1 are
         trained, so a study can be extended, or one instance re-run alone, without changing the others.
     curve_every: steps between recorded curve points (step 0 and the last step are always recorded).
-    polysemantic_low/high: a weight "represents" a feature when |W_ij| ∈ [low, high] (SCIENCE.md §2.2).
+    polysemantic_low/high: a weight "represents" a feature when |W_ij| ∈ [low, high] (docs/science.md §2.2).
     device: "cpu", "cuda", "mps", or "auto" (cuda if available, then mps, else cpu).
     """
 
@@ -452,7 +452,7 @@ def _represented(weights: torch.Tensor, low: float, high: float) -> torch.Tensor
 def polysemantic_neurons(weights: torch.Tensor, low: float = 0.8, high: float = 1.2) -> torch.Tensor:
     """Number of neurons j with at least two features i having |W_ij| ∈ [low, high] (closed interval).
 
-    Source: Lecomte et al. (seed 001), the count behind the n²/(4m) figure; SCIENCE.md §2.2.
+    Source: Lecomte et al. (seed 001), the count behind the n²/(4m) figure; docs/science.md §2.2.
     """
     return (_represented(weights, low, high).sum(dim=-2) >= 2).sum(dim=-1)
 
@@ -525,7 +525,7 @@ def winner_was_initial_argmax(initial: torch.Tensor, final: torch.Tensor) -> tor
 
 
 def fourth_norm(weights: torch.Tensor, *, normalized: bool = False) -> torch.Tensor:
-    """Mean over features of Σ_j W_ij⁴ (the published "fourth norm"; seed 003, SCIENCE.md §2.3).
+    """Mean over features of Σ_j W_ij⁴ (the published "fourth norm"; seed 003, docs/science.md §2.3).
 
     For a unit-length encoding this is the inverse participation ratio: 1 for a one-hot vector, 1/k for a
     vector spread equally over k neurons. Closed forms: E Σ_j W_ij⁴ = 3/m exactly at the N(0, 1/m) init,
@@ -609,7 +609,7 @@ def excess_kurtosis_of_projection(w: torch.Tensor | np.ndarray, kappa: float) ->
     """Excess kurtosis of w·ξ for ξ with i.i.d. zero-mean entries of excess kurtosis κ: κ·‖w‖₄⁴ / ‖w‖₂⁴.
 
     Cumulants of independent sums add and scale as c⁴ for the fourth and c² for the second, so
-    κ₄(w·ξ)/κ₂(w·ξ)² = κ·Σ w_j⁴ / (Σ w_j²)² (seed 003, SCIENCE.md §2.3).
+    κ₄(w·ξ)/κ₂(w·ξ)² = κ·Σ w_j⁴ / (Σ w_j²)² (seed 003, docs/science.md §2.3).
     """
     vector = np.asarray(w.detach().cpu() if isinstance(w, torch.Tensor) else w, dtype=np.float64)
     return float(kappa * np.sum(vector**4) / np.sum(vector**2) ** 2)
@@ -623,7 +623,7 @@ def noise_excess_kurtosis(noise: str, nu: float = 5.0) -> float:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Speed of sparsification (SCIENCE.md §2.4)
+# Speed of sparsification (docs/science.md §2.4)
 
 
 def simulate_sparsification(

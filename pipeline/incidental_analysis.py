@@ -158,7 +158,7 @@ def summarize_points(points: Sequence[PointResult], keys: Mapping[str, str] | No
     )
 
 
-# Documented behaviour of the sparsification ODE (SCIENCE.md §2.4), shown beside the measured values.
+# Documented behaviour of the sparsification ODE (docs/science.md §2.4), shown beside the measured values.
 _DYNAMICS_EXPECTATIONS = {
     "completion_time_times_l1": "1.6–2 (prediction: 1)",
     "nonzeros_ratio_median": "2–2.7 (prediction: 1)",
@@ -255,7 +255,7 @@ def noise_summary(per_instance: pd.DataFrame) -> pd.DataFrame:
 
     per_instance: one row per instance with columns noise, sigma, nu, m, fourth_norm, fourth_norm_initial and
     polysemantic_neurons. excess_kurtosis is κ of the noise family; isotropic_fourth_norm is 3/(m+2), where a
-    unit-length encoding without a privileged basis sits (SCIENCE.md §2.3).
+    unit-length encoding without a privileged basis sits (docs/science.md §2.3).
     """
     rows = []
     for (noise, sigma), group in per_instance.groupby(["noise", "sigma"], sort=False):
@@ -390,7 +390,7 @@ class IncidentalReport:
         if self.collisions is not None:
             shown = collisions_display(self.collisions)
             sections += [
-                "## Polysemantic neurons against n²/(4m) (SCIENCE.md §2.2)",
+                "## Polysemantic neurons against n²/(4m) (docs/science.md §2.2)",
                 "",
                 markdown_table(shown),
                 "",
@@ -425,7 +425,7 @@ class IncidentalReport:
                 }
             )
             sections += [
-                "## Final fourth norm Σ_j W_ij⁴ by noise type (SCIENCE.md §2.3)",
+                "## Final fourth norm Σ_j W_ij⁴ by noise type (docs/science.md §2.3)",
                 "",
                 markdown_table(shown),
             ]
@@ -441,7 +441,10 @@ class IncidentalReport:
             columns = ["m", "l1", "t_max", "completion_time_times_l1", "nonzeros_ratio_median"]
             columns += ["nonzeros_ratio_min", "nonzeros_ratio_max", "l1_norm_ratio_median"]
             shown = self.dynamics[[column for column in columns if column in self.dynamics]]
-            sections += ["## Speed of sparsification: ODE against ‖w‖₁ ≈ 1/(1/√m + λt) (SCIENCE.md §2.4)", ""]
+            sections += [
+                "## Speed of sparsification: ODE against ‖w‖₁ ≈ 1/(1/√m + λt) (docs/science.md §2.4)",
+                "",
+            ]
             sections += [markdown_table(shown.rename(columns={"l1": "λ"})), ""]
             sections += [f"- {name}: documented {text}" for name, text in _DYNAMICS_EXPECTATIONS.items()]
             sections += [""]

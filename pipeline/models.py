@@ -34,7 +34,7 @@ def initial_parameters(
 
     random: PyTorch's default nn.Linear init, W and b ~ U(−1/√fan_in, 1/√fan_in) (kaiming_uniform with
         a = √5), drawn from `generator`.
-    orthogonal: `nn.init.orthogonal_` with gain √2 = calculate_gain('relu'), zero biases (SCIENCE.md §1.2).
+    orthogonal: `nn.init.orthogonal_` with gain √2 = calculate_gain('relu'), zero biases (docs/science.md §1.2).
     """
     weights, biases = [], []
     for fan_in, fan_out in zip(dims[:-1], dims[1:], strict=True):
@@ -110,7 +110,7 @@ def mlp_forward_features(
     """Feature-major batched forward: inputs `[model, feature, sample]` → outputs `[model, feature, sample]`.
 
     Noise `[model, hidden, sample]` is added to the last hidden activation, the input of the final linear
-    layer (SCIENCE.md §1.2). `activation` is one name, or (name, start, stop) runs over the models.
+    layer (docs/science.md §1.2). `activation` is one name, or (name, start, stop) runs over the models.
     """
     runs = activation_runs(activation, inputs.shape[0])
     trace = ForwardTrace(inputs=[inputs], pre_activations=[])

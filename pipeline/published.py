@@ -1,4 +1,4 @@
-"""From the published code's numbers to ours, one fix at a time (SCIENCE.md §1.3 defects 1 and 2, §1.4b).
+"""From the published code's numbers to ours, one fix at a time (docs/science.md §1.3 defects 1 and 2, §1.4b).
 
 The published code's SAE had two defects: its encoder was a view of the decoder's transpose (accidentally
 tied, both Adam updates landing in one weight), and it trained on raw activations while its metrics were

@@ -3,7 +3,7 @@
 An architecture is a class with: `initial_parameters(hidden, latents, config, generator)` for one model,
 `encode(parameters, x)`, `decode(parameters, z)` and `sparsity_penalty(parameters, z)`. Parameters are a dict
 of tensors; with a leading `model` dimension they describe a batch of SAEs, without it one SAE, and the same
-functions serve both (broadcasting matmuls). Inputs are standardized hidden activations (SCIENCE.md §1.3,
+functions serve both (broadcasting matmuls). Inputs are standardized hidden activations (docs/science.md §1.3,
 defect 2 fixed: one standardization, train-split statistics, for training and evaluation alike).
 
 Add an architecture by writing a class like `LeakyReLUSAE` and decorating it with `@register("name")`:
@@ -58,7 +58,7 @@ def architecture(name: str) -> Architecture:
 
 def _unit_decoder_and_tied_encoder(hidden: int, latents: int, generator: torch.Generator):
     # Decoder directions start as random unit vectors and the encoder as their transpose, as published;
-    # here the encoder is a separate copy (defect 1 of SCIENCE.md §1.3: the published encoder was a view).
+    # here the encoder is a separate copy (defect 1 of docs/science.md §1.3: the published encoder was a view).
     decoder = torch.randn(latents, hidden, generator=generator)
     decoder = decoder / decoder.norm(dim=1, keepdim=True)
     return decoder, decoder.t().clone()
@@ -128,7 +128,7 @@ class PublishedTiedSAE(LeakyReLUSAE):
 
     Same forward, penalty and initialization as `LeakyReLUSAE`; `tied = True` makes the trainer keep the
     encoder equal to the decoder's transpose after every step, each Adam update landing in the one shared
-    weight (SCIENCE.md §1.3, defect 1: `encoder.weight.data = decoder.weight.data.t()` made a view).
+    weight (docs/science.md §1.3, defect 1: `encoder.weight.data = decoder.weight.data.t()` made a view).
     Combine with `sae.train_on = "raw"` for defect 2 as well.
     """
 

@@ -1,6 +1,6 @@
 """Batched training: every (configuration, seed) of a pass is one slice of one batched model.
 
-A pass trains M models at once: the MLP (SCIENCE.md §1.2) for `network.epochs` full-batch Adam steps, then
+A pass trains M models at once: the MLP (docs/science.md §1.2) for `network.epochs` full-batch Adam steps, then
 an SAE on each model's clean last hidden layer for `sae.epochs` steps. Models in a pass must share shapes
 and schedules (data config, widths, depth, epochs, SAE config); they may differ in the four factors, σ, λ,
 the L2 form and the learning rate. Each model draws its data, init, noise and SAE init from its own

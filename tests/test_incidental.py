@@ -1,4 +1,4 @@
-"""Tests of the incidental-polysemanticity model, measurements, ODE and experiments (SCIENCE.md §2).
+"""Tests of the incidental-polysemanticity model, measurements, ODE and experiments (docs/science.md §2).
 
 Every assertion compares against something computed independently: hand-set weights, closed forms, autograd,
 scipy.
@@ -313,7 +313,7 @@ def hand_adamw(weights: torch.Tensor, l1: float, steps: int, lr: float, weight_d
 
 
 def test_training_applies_adamw_weight_decay_of_the_published_run():
-    # The published run had torch's default decay 0.01 active (SCIENCE.md §2.1); the collisions defaults
+    # The published run had torch's default decay 0.01 active (docs/science.md §2.1); the collisions defaults
     # keep it. A large lr makes the decay's share of each step (lr·0.01·W) visible in float32.
     assert {config.weight_decay for config in collisions_points()} == {0.01}
     config = IncidentalConfig(n=5, m=7, instances=2, steps=4, lr=0.1, l1=1e-2, curve_every=4)
@@ -352,7 +352,7 @@ def test_random_init_is_unconverged_and_sparse_weights_are_converged():
     m = 32
     start = initial_weights(IncidentalConfig(n=64, m=m, instances=4))
     sparsity = encoding_sparsity(start)
-    # A random direction has E Σ u⁴ = 3/(m+2) (SCIENCE.md §2.3); 64 features average it closely.
+    # A random direction has E Σ u⁴ = 3/(m+2) (docs/science.md §2.3); 64 features average it closely.
     assert sparsity.tolist() == pytest.approx([3 / (m + 2)] * 4, rel=0.15)
     check = assess_convergence(sparsity)
     assert not check.converged and check.unconverged_instances == 4 and check.instances == 4

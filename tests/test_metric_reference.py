@@ -1,6 +1,6 @@
 """The decoder-overlap metrics of `pipeline.metrics` against numpy re-implementations written here.
 
-Every expected value is computed from the definitions in SCIENCE.md §1.4 with numpy alone (no call into
+Every expected value is computed from the definitions in docs/science.md §1.4 with numpy alone (no call into
 `pipeline.metrics` other than the function under test), written as directly as the formula reads: masks
 over k ≠ l, explicit double loops over k < l. A wrong divisor, a sum over all pairs instead of k < l, or a
 weighting by latent order instead of by tracked feature then fails at rtol 1e-10.
@@ -18,7 +18,7 @@ from pipeline.data import importances as data_importances
 
 RELATIVE_TOLERANCE = 1e-10
 FEATURES = 8
-# The published importances I_i = 0.9^i (SCIENCE.md §1.1), in float64 so the reference is exact.
+# The published importances I_i = 0.9^i (docs/science.md §1.1), in float64 so the reference is exact.
 PUBLISHED_IMPORTANCES = 0.9 ** np.arange(FEATURES, dtype=np.float64)
 # (latents, hidden): the published SAE (16 × 12), more latents than features with a partial wraparound of
 # k mod 8 (21), fewer latents than features (5), the smallest case (2), and latents ≤ hidden (6 × 40).
@@ -40,7 +40,7 @@ def numpy_cosines(decoder: np.ndarray) -> np.ndarray:
 
 
 def numpy_macs(decoder: np.ndarray) -> float:
-    """mean over k ≠ l of |cos(d_k, d_l)| (SCIENCE.md §1.4, `macs`)."""
+    """mean over k ≠ l of |cos(d_k, d_l)| (docs/science.md §1.4, `macs`)."""
     latents = decoder.shape[0]
     off_diagonal = ~np.eye(latents, dtype=bool)
     return float(np.abs(numpy_cosines(decoder))[off_diagonal].mean())
@@ -54,7 +54,7 @@ def numpy_macs_published_form(decoder: np.ndarray) -> float:
 
 
 def numpy_pairwise_interference(decoder: np.ndarray, latent_weights: np.ndarray) -> float:
-    """Σ_{k<l} cos²(d_k, d_l)·w_k·w_l as the plain double loop (SCIENCE.md §1.4)."""
+    """Σ_{k<l} cos²(d_k, d_l)·w_k·w_l as the plain double loop (docs/science.md §1.4)."""
     cosines = numpy_cosines(decoder)
     latents = decoder.shape[0]
     return sum(
@@ -78,7 +78,7 @@ def test_macs_published_form_matches_numpy_mean_over_all_entries(latents, hidden
     assert metrics.macs_published_form(torch.from_numpy(decoder)) == pytest.approx(
         published, rel=RELATIVE_TOLERANCE
     )
-    # The relation SCIENCE.md §1.4 states, checked on the numpy values only: published = ours·(N−1)/N.
+    # The relation docs/science.md §1.4 states, checked on the numpy values only: published = ours·(N−1)/N.
     assert published == pytest.approx(numpy_macs(decoder) * (latents - 1) / latents, rel=RELATIVE_TOLERANCE)
 
 

@@ -77,7 +77,7 @@ def test_macs_published_form_matches_an_independent_numpy_implementation(latents
     absolute = np.abs(unit @ unit.T)
     np.fill_diagonal(absolute, 0.0)
     # Published (seed 002): the mean over all N² entries, zeroed diagonal included; ours: over the N(N−1)
-    # off-diagonal entries (SCIENCE.md §1.4).
+    # off-diagonal entries (docs/science.md §1.4).
     published = absolute.sum() / latents**2
     ours = absolute.sum() / (latents * (latents - 1))
     assert metrics.macs_published_form(decoder) == pytest.approx(published, abs=1e-12)
@@ -90,7 +90,7 @@ def test_interference_seed_matches_an_independent_numpy_implementation(latents, 
     importances = torch.rand(features, generator=generator(seed + 100), dtype=torch.float64) + 0.1
     unit = numpy_unit_rows(decoder)
     weights = importances.numpy()
-    # The published form (SCIENCE.md §1.4): Σ_{k<l} cos²(d_k, d_l)·I[k mod F]·I[l mod F], written as the
+    # The published form (docs/science.md §1.4): Σ_{k<l} cos²(d_k, d_l)·I[k mod F]·I[l mod F], written as the
     # plain double loop; 21 latents over 8 features exercise a partial wraparound, 5 latents none.
     expected = sum(
         float(unit[k] @ unit[other]) ** 2 * weights[k % features] * weights[other % features]

@@ -277,7 +277,7 @@ def test_shared_pass_and_separate_passes_agree():
 
 def test_regularization_forms_follow_their_definitions():
     # λ = 0.5 makes each form's footprint large. Every trained model must match the independent nn/autograd/
-    # torch.optim.Adam reference of its form (SCIENCE.md §1.2), and the forms must end far apart compared with
+    # torch.optim.Adam reference of its form (docs/science.md §1.2), and the forms must end far apart compared with
     # that tolerance, so matching one form's reference rules out the neighbouring readings (L1 or L2 on
     # biases too, decay on weights only).
     base = reference_config(lambda_reg=0.5, lr=1e-3)

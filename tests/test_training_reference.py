@@ -2,7 +2,7 @@
 
 Only the random numbers are shared with the pipeline (data, initial parameters and noise come from the
 project's own generators); the forward pass, the loss with its regularization, the gradients and the
-optimizer are written here independently, one model at a time. SCIENCE.md §1.2 defines the forms:
+optimizer are written here independently, one model at a time. docs/science.md §1.2 defines the forms:
 l1 = λ·Σ|W| over weight matrices in the loss, l2 decay = Adam `weight_decay=λ` (coupled, on every
 parameter, biases included), l2 penalty = λ·ΣW² over weight matrices in the loss.
 """

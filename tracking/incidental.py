@@ -1,4 +1,4 @@
-"""Recording the incidental-polysemanticity study (SCIENCE.md §2), and reading it back for its report.
+"""Recording the incidental-polysemanticity study (docs/science.md §2), and reading it back for its report.
 
 Run tree (experiment "incidental" unless told otherwise); every run is tagged study=incidental:
 

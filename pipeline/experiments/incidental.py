@@ -1,4 +1,4 @@
-"""The three incidental-polysemanticity experiments (SCIENCE.md §2) as pure functions returning plain data.
+"""The three incidental-polysemanticity experiments (docs/science.md §2) as pure functions returning plain data.
 
 - collisions: polysemantic neurons vs m against n²/(4m), L1 as the winner-take-all force (§2.2);
 - noise: fourth norm under hidden-layer noise of negative, zero and positive excess kurtosis (§2.3);

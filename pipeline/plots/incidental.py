@@ -1,4 +1,4 @@
-"""Figures of the incidental-polysemanticity study (SCIENCE.md §2), built without pyplot.
+"""Figures of the incidental-polysemanticity study (docs/science.md §2), built without pyplot.
 
 Each function returns a `matplotlib.figure.Figure`; the caller decides where it goes (`fig.savefig(...)`).
 """
