@@ -34,7 +34,7 @@ import pandas as pd
 import scipy.stats
 from numpy.typing import ArrayLike
 
-from pipeline.stats import describe
+from pipeline.stats import describe, one_sample_t_across_seeds
 
 LEVEL_COLUMNS = [
     "group",
@@ -112,9 +112,6 @@ lowest level is interior. ``vertex_*`` is the vertex of the quadratic fit to the
 curvature estimate is positive) with its bootstrap interval, in axis units. ``is_u_shaped`` = curvature CI
 above 0 and ``minimum_interior``; ``reading`` is one sentence."""
 
-# A standard error below this multiple of the largest rounding error a fit could make is rounding of
-# identical per-seed fits (noise-free data), not seed-to-seed variation: t and p are NaN then.
-_EXACT_FIT_RELATIVE_SE = 1e-10
 # Auto log scale: an axis spanning at least a decade of positive values (λ = 1e-5 … 1e-2) is read per
 # decade; one spanning less (widths 6 … 12) is read in its own units.
 _LOG_SCALE_MINIMUM_RATIO = 10.0
@@ -177,32 +174,8 @@ def quadratic_weights(x: ArrayLike) -> np.ndarray:
 
 
 def _one_sample_t(per_seed: np.ndarray, rounding: np.ndarray, confidence: float) -> dict[str, np.ndarray]:
-    """One-sample t-test of mean 0 over the last axis of ``per_seed: [..., seed]``, two-sided.
-
-    ``rounding: [...]`` is the size of the floating-point error a per-seed value can carry; where the
-    standard error is not above it the values agree to rounding and t, p and the interval are NaN.
-    """
-    seeds = per_seed.shape[-1]
-    estimate = per_seed.mean(axis=-1)
-    nan = np.full(estimate.shape, np.nan)
-    if seeds < 2:
-        return {"estimate": estimate, "se": nan, "t": nan, "df": 0, "p": nan, "ci_low": nan, "ci_high": nan}
-    se = per_seed.std(axis=-1, ddof=1) / math.sqrt(seeds)
-    informative = se > _EXACT_FIT_RELATIVE_SE * np.maximum(rounding, np.finfo(float).tiny)
-    df = seeds - 1
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t = np.where(informative, estimate / se, np.nan)
-    p = np.where(informative, 2 * scipy.stats.t.sf(np.abs(t), df), np.nan)
-    half_width = np.where(informative, scipy.stats.t.ppf((1 + confidence) / 2, df) * se, np.nan)
-    return {
-        "estimate": estimate,
-        "se": np.where(informative, se, np.nan),
-        "t": t,
-        "df": df,
-        "p": p,
-        "ci_low": estimate - half_width,
-        "ci_high": estimate + half_width,
-    }
+    """`pipeline.stats.one_sample_t_across_seeds`: the same seed-blocked test as the factorial effects."""
+    return one_sample_t_across_seeds(per_seed, rounding, confidence)
 
 
 def seed_blocked_dose_tests(

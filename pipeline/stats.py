@@ -634,17 +634,31 @@ def seed_blocked_effects(values: ArrayLike, confidence: float = 0.95) -> dict[st
     k = int(round(math.log2(cells))) if cells > 0 else 0
     if cells < 2 or 2**k != cells:
         raise ValueError(f"the last dimension must hold 2^k cells; got {cells}")
-    seeds = array.shape[-2]
     contrasts = effect_contrasts(k)  # [effect, cell]
     per_seed = array @ contrasts.T / 2 ** (k - 1)  # [..., seed, effect]
-    estimate = per_seed.mean(axis=-2)
+    # Contrasts that agree to rounding (noise-free data) leave no error to test against.
+    scale = np.abs(array).max(axis=(-2, -1))[..., None]
+    return one_sample_t_across_seeds(np.moveaxis(per_seed, -2, -1), scale, confidence)
+
+
+def one_sample_t_across_seeds(
+    per_seed: np.ndarray, rounding: ArrayLike, confidence: float = 0.95
+) -> dict[str, np.ndarray]:
+    """Two-sided one-sample t-test of mean 0 over the last axis of ``per_seed: [..., seed]``, with the
+    t-interval: the seed-blocked test every per-seed quantity goes through (factorial contrasts here,
+    dose-response slopes and curvatures in pipeline.dose_response).
+
+    ``rounding: [...]`` is the size of the floating-point error a per-seed value can carry; where the
+    standard error is not above it the values agree to rounding, and t, p and the interval are NaN (the
+    estimate stands). Returns ``estimate, se, t, p, ci_low, ci_high`` of shape ``[...]`` and ``df``.
+    """
+    seeds = per_seed.shape[-1]
+    estimate = per_seed.mean(axis=-1)
     nan = np.full(estimate.shape, np.nan)
     if seeds < 2:
         return {"estimate": estimate, "se": nan, "t": nan, "p": nan, "ci_low": nan, "ci_high": nan, "df": 0}
-    se = per_seed.std(axis=-2, ddof=1) / math.sqrt(seeds)
-    # Contrasts that agree to rounding (noise-free data) leave no error to test against.
-    scale = np.abs(array).max(axis=(-2, -1))[..., None]
-    informative = se > _EXACT_FIT_RELATIVE_SE * np.maximum(scale, np.finfo(float).tiny)
+    se = per_seed.std(axis=-1, ddof=1) / math.sqrt(seeds)
+    informative = se > _EXACT_FIT_RELATIVE_SE * np.maximum(rounding, np.finfo(float).tiny)
     with np.errstate(divide="ignore", invalid="ignore"):
         t = np.where(informative, estimate / se, np.nan)
     df = seeds - 1
