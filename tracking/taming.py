@@ -19,9 +19,11 @@ Crash safety (any instant, SIGKILL included):
   leaves FINISHED seeds under a RUNNING ablation, which a resume would then train a second time.
 - Every run carries its owner (host, pid, process start, heartbeat): the next command marks FAILED only
   runs whose process is dead, so a concurrent sweep's runs are left alone.
-- Two sweeps needing one identity at once: each opens its ablation run (the claim), waits CLAIM_SETTLE_S
-  so every claim made until then is visible, and the oldest live claim trains; the others delete theirs,
-  wait for it and reuse its run (or claim again if it failed or died).
+- Two sweeps needing one identity at once: each opens its ablation run (the claim) and the claims are
+  ordered by Lamport's bakery algorithm over run tags (`_take_number`, `_contest`): the smallest ticket
+  trains, the others delete their run, wait for it and reuse it (or claim again if it failed or died).
+  The bakery needs only that a tag written is seen by every later search, which one database gives; an
+  order by start time or a settling delay does not hold when a busy store delays a write.
 
 This module records; it never trains. The caller passes a `trainer` (normally
 `pipeline.experiments.taming.run_ablations`), so recording can be tested and reused on its own.
@@ -188,6 +190,9 @@ def start_ablation_run(
         ARTIFACTS_TAG: "true" if artifacts else "false",
         **recorder.owner_tags(),
     }
+    if run_id is None:
+        # The bakery's "choosing" flag, set in the same write that makes the claim visible (`_contest`).
+        tags[CLAIM_CHOOSING] = "1"
     params = _params(config, seeds)
     if run_id is not None:
         params = without_logged(store, run_id, params)
@@ -650,11 +655,37 @@ def _supersede_stale(store: Store, experiment_id: str, config: AblationConfig, s
         recorder.supersede_runs(store, dead, STALE_REASON)
 
 
-# A new claim waits this long before it looks at its competitors: every claim whose create_run started
-# before ours (start_time, the client's clock) has landed in the store by then, so all claimants compare
-# the same set and agree on the oldest. Across hosts this assumes clocks agree to well within it (NTP).
-CLAIM_SETTLE_S = float(os.environ.get("POLYLAB_CLAIM_SETTLE_S", "1.0"))
+# The claim between concurrent sweeps is Lamport's bakery algorithm (1974), which needs no atomic
+# compare-and-set, only reads and writes: MLflow offers nothing stronger across SQLite and a server. A
+# claim is created with CLAIM_CHOOSING=1 (`start_ablation_run`), then takes a ticket one above every
+# ticket it can see, then clears the flag. Whoever waits for every claim still choosing and then holds the
+# smallest (ticket, run id) trains. A claim created after our scan sees our ticket and takes a larger one,
+# so two claims can never both hold the smallest.
+CLAIM_CHOOSING, CLAIM_TICKET = "claim_choosing", "claim_ticket"
 CLAIM_POLL_S = 1.0
+CHOOSING_POLL_S = 0.1
+
+
+def _running_claims(store: Store, experiment_id: str, config: AblationConfig, seeds: Sequence[int]) -> list:
+    return recorder.find_units(store, experiment_id, "ablation", identity(config, seeds), recorder.RUNNING)
+
+
+def _ticket(run) -> int:
+    """A claim's ticket; 0 (first in line) for a live run that has none: an adopted `mlflow run` run,
+    which trains without contesting."""
+    return int(run.data.tags.get(CLAIM_TICKET) or 0)
+
+
+def _take_number(
+    store: Store, experiment_id: str, config: AblationConfig, seeds: Sequence[int], own_run_id: str
+) -> None:
+    others = [
+        run for run in _running_claims(store, experiment_id, config, seeds) if run.info.run_id != own_run_id
+    ]
+    ticket = 1 + max((_ticket(run) for run in others), default=0)
+    # Two writes, in this order: whoever sees the flag cleared must already see the ticket.
+    store.client.set_tag(own_run_id, CLAIM_TICKET, str(ticket))
+    store.client.set_tag(own_run_id, CLAIM_CHOOSING, "0")
 
 
 def _contest(
@@ -667,23 +698,31 @@ def _contest(
     force: bool,
     artifacts: bool,
 ) -> str | None:
-    """None when our claim (the RUNNING ablation run `own_run_id`) is the one to train this identity;
-    else the run to wait for: a FINISHED run that appeared meanwhile, or the oldest live claim."""
+    """None when our claim (the RUNNING ablation run `own_run_id`, ticket taken) is the one to train
+    this identity; else the run to wait for: a FINISHED run that appeared meanwhile, or a live claim
+    ahead of ours."""
     if not force:
         finished = finished_runs_for(store, experiment_id, config, seeds, artifacts)
         if finished:
             return finished[0].info.run_id
-    running = recorder.find_units(store, experiment_id, "ablation", identity(config, seeds), recorder.RUNNING)
-    live = []
-    for run in running:
-        if run.info.run_id == own_run_id or recorder.is_alive(run):
-            live.append(run)
-        else:
-            recorder.supersede_runs(store, [run.info.run_id], STALE_REASON)
-    if not live:
-        return None
-    oldest = min(live, key=lambda run: (run.info.start_time, run.info.run_id)).info.run_id
-    return None if oldest == own_run_id else oldest
+    while True:
+        running = _running_claims(store, experiment_id, config, seeds)
+        own = next(run for run in running if run.info.run_id == own_run_id)
+        own_place = (_ticket(own), own_run_id)
+        choosing = False
+        for run in running:
+            if run.info.run_id == own_run_id:
+                continue
+            if not recorder.is_alive(run):
+                recorder.supersede_runs(store, [run.info.run_id], STALE_REASON)
+                continue
+            if run.data.tags.get(CLAIM_CHOOSING) == "1":
+                choosing = True
+            elif (_ticket(run), run.info.run_id) < own_place:
+                return run.info.run_id
+        if not choosing:
+            return None
+        time.sleep(CHOOSING_POLL_S)
 
 
 def _wait_for(store: Store, run_ids: Sequence[str]) -> None:
@@ -892,7 +931,8 @@ def _train_and_record(
 def _settle_claims(store, experiment_id, configs, seeds, group, run_ids, deferred, force, artifacts) -> list:
     """The indices of `group` whose claim won; a lost claim's run is deleted (it holds nothing) and the
     winner recorded in `deferred`."""
-    time.sleep(CLAIM_SETTLE_S)
+    for index in group:
+        _take_number(store, experiment_id, configs[index], seeds, run_ids[index])
     won = []
     for index in group:
         winner = _contest(
