@@ -701,7 +701,7 @@ def inspect(run_id, tracking_uri):
     An ablation run: prints its per-seed metrics table.
     """
     from orchestration.inspect import inspect_run
-    from orchestration.taming import InputError
+    from orchestration.taming import InputError, StoreUnavailable
     from pipeline.evaluation import CheckpointError
     from pipeline.tables import markdown_table
 
@@ -709,6 +709,8 @@ def inspect(run_id, tracking_uri):
         inspection = inspect_run(tracking_uri, run_id)
     except InputError as error:
         _fail_usage(str(error))
+    except StoreUnavailable as error:
+        raise click.ClickException(str(error)) from error
     except CheckpointError as error:
         # A stored checkpoint that fails verification is a failed check (exit 1), like a metric that does
         # not reproduce; exit 2 stays for bad usage.
@@ -811,7 +813,7 @@ def report(
     report.html and figures, and logs them as an analysis run beside the runs it read.
     """
     from orchestration.report import ReportRequest, build_and_log_report
-    from orchestration.taming import InputError
+    from orchestration.taming import InputError, StoreUnavailable
 
     request = ReportRequest(
         tracking_uri=tracking_uri,
@@ -830,6 +832,8 @@ def report(
         result = build_and_log_report(request, on_status=lambda text: click.echo(text, err=True))
     except InputError as error:
         _fail_usage(str(error))
+    except StoreUnavailable as error:
+        raise click.ClickException(str(error)) from error
     click.echo(result.report.markdown())
     click.echo(f"\nReport files in {result.folder}/ (open report.html in a browser).")
     if result.run_id is not None:
@@ -1044,7 +1048,7 @@ def _checked_configs(build):
 def _track_points(command: str, configs, options: dict, sweep_params: dict):
     """Train and record the points (orchestration.incidental); say what was reused and where it went."""
     from orchestration.incidental import train_and_track_points
-    from orchestration.taming import InputError
+    from orchestration.taming import InputError, StoreUnavailable
 
     try:
         recorded = train_and_track_points(
@@ -1057,6 +1061,8 @@ def _track_points(command: str, configs, options: dict, sweep_params: dict):
         )
     except InputError as error:
         _fail_usage(str(error))
+    except StoreUnavailable as error:
+        raise click.ClickException(str(error)) from error
     tracked = recorded.tracked
     if tracked.reused:
         click.echo(
@@ -1366,7 +1372,7 @@ def incidental_dynamics(m, l1_values, t_max_times_l1, dt, seed, experiment, trac
     import pandas as pd
 
     from orchestration.incidental import simulate_and_track_dynamics
-    from orchestration.taming import InputError
+    from orchestration.taming import InputError, StoreUnavailable
     from pipeline.tables import markdown_table
 
     _check_dynamics_steps(_flat(l1_values), t_max_times_l1, dt)
@@ -1382,6 +1388,8 @@ def incidental_dynamics(m, l1_values, t_max_times_l1, dt, seed, experiment, trac
         )
     except InputError as error:
         _fail_usage(str(error))
+    except StoreUnavailable as error:
+        raise click.ClickException(str(error)) from error
     tracked = recorded.tracked
     click.echo(
         f"\nSweep {tracked.sweep_id} (dynamics) in experiment '{recorded.experiment_name}' at "
@@ -1425,7 +1433,7 @@ def incidental_report(experiment, tracking_uri, sweep_ids, baseline, paired, res
     analysis run (kind=analysis, study=incidental).
     """
     from orchestration.incidental import build_and_log_incidental_report
-    from orchestration.taming import InputError
+    from orchestration.taming import InputError, StoreUnavailable
 
     try:
         result = build_and_log_incidental_report(
@@ -1440,6 +1448,8 @@ def incidental_report(experiment, tracking_uri, sweep_ids, baseline, paired, res
         )
     except InputError as error:
         _fail_usage(str(error))
+    except StoreUnavailable as error:
+        raise click.ClickException(str(error)) from error
     click.echo(result.report.markdown())
     click.echo(f"\nReport files in {result.folder}/.")
     if result.run_id is not None:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestration.taming import InputError, experiment_and_adopted_run, open_store
+from orchestration.taming import InputError, experiment_and_adopted_run, open_store, reports_store_faults
 
 
 @dataclass
@@ -44,6 +44,7 @@ def _experiment(store, name: str | None, *, create: bool = True):
     return experiment_and_adopted_run(store, name, create=create, lookup=_study_experiment)
 
 
+@reports_store_faults
 def train_and_track_points(
     command: str,
     configs: Sequence,
@@ -93,6 +94,7 @@ def train_and_track_points(
     return Recorded(tracked, experiment_name, store.uri)
 
 
+@reports_store_faults
 def simulate_and_track_dynamics(
     *,
     m: int,
@@ -138,6 +140,7 @@ class IncidentalReportResult:
     run_id: str | None
 
 
+@reports_store_faults
 def build_and_log_incidental_report(
     *,
     tracking_uri: str | None,

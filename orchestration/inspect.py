@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from orchestration.taming import InputError, open_store
+from orchestration.taming import InputError, open_store, reports_store_faults
 
 # Recomputed metrics must equal the logged ones to this relative tolerance (same code, same CPU: exact in
 # practice; the slack only absorbs float formatting).
@@ -38,6 +38,7 @@ class Inspection:
         return self.failure is None and self.mismatches == 0
 
 
+@reports_store_faults
 def inspect_run(tracking_uri: str | None, run_id: str) -> Inspection:
     """The run's stored state checked against its artifacts.
 

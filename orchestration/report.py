@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestration.taming import InputError, experiment_and_adopted_run, open_store
+from orchestration.taming import InputError, experiment_and_adopted_run, open_store, reports_store_faults
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,7 @@ def _blamed(message: str, request: ReportRequest) -> str:
     return "the selected runs" + (f" ({', '.join(scope)})" if scope else "")
 
 
+@reports_store_faults
 def build_and_log_report(request: ReportRequest, on_status=lambda text: None) -> ReportResult:
     """The report of the selected seed runs; InputError (exit 2) for a selection or option that does not
     fit the store."""

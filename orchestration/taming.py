@@ -10,6 +10,7 @@ processes are started, so their start-up overlaps with those imports.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -135,7 +136,43 @@ def experiment_and_adopted_run(store, name: str | None, *, create: bool = True, 
 
 
 class StoreUnavailable(RuntimeError):
-    """The tracking server stopped answering mid-sweep; what was FINISHED is kept."""
+    """The tracking store failed mid-command (a full disk, a lost server, a damaged database); the
+    message is one sentence, and what was FINISHED is kept."""
+
+
+def reports_store_faults(command: Callable) -> Callable:
+    """Decorate an orchestration command so that a store fault inside it is StoreUnavailable, one sentence
+    from `tracking.store.describe_store_failure` (exit 1), and a store the user named wrongly is InputError
+    (exit 2). Open runs are already closed FAILED on the way out, where the store still accepts writes.
+
+    The store is the command's `tracking_uri` keyword or its request's `tracking_uri`. Any other error
+    (a bug, an interruption) passes through unchanged.
+    """
+
+    @functools.wraps(command)
+    def wrapper(*arguments, **keywords):
+        from tracking.store import (
+            TrackingError,
+            describe_store_failure,
+            is_store_failure,
+            resolve_tracking_uri,
+        )
+
+        try:
+            return command(*arguments, **keywords)
+        except (InputError, StoreUnavailable):
+            raise
+        except TrackingError as error:
+            raise InputError(str(error)) from None
+        except Exception as error:
+            if not is_store_failure(error):
+                raise
+            option = keywords.get(
+                "tracking_uri", getattr(arguments[0] if arguments else None, "tracking_uri", None)
+            )
+            raise StoreUnavailable(describe_store_failure(error, resolve_tracking_uri(option))) from error
+
+    return wrapper
 
 
 def _check_request(request: SweepRequest) -> int:
@@ -166,6 +203,7 @@ def _check_request(request: SweepRequest) -> int:
     return request.workers or auto_workers(request.configs, list(request.seeds), request.device)
 
 
+@reports_store_faults
 def run_sweep(request: SweepRequest) -> SweepResult:
     """Train every configuration of the request not already FINISHED in the store, record everything.
 

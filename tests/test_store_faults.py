@@ -302,6 +302,109 @@ def test_a_full_disk_at_creation_leaves_nothing_and_a_retry_works(small_tmpfs, t
 # --- faults mid-command -------------------------------------------------------------------------------
 
 
+SMALL_SWEEP = ["sweep", "--seeds", "2", "--epochs", "20", "--sae-epochs", "10", "--samples", "64"]
+
+
+def identities(uri: str) -> tuple[dict, list]:
+    """({status: count of ablation runs}, [(config hash, seed) of FINISHED seed runs]) of the store."""
+    from collections import Counter
+
+    store = open_store(uri, writing=False)
+    runs = store.client.search_runs([store.existing_experiment_id(None)], max_results=1000)
+    close(store)
+    statuses = Counter(run.info.status for run in runs if run.data.tags.get("kind") == "ablation")
+    seeds = [
+        (run.data.tags["config_hash"], run.data.tags["seed"])
+        for run in runs
+        if run.data.tags.get("kind") == "seed" and run.info.status == "FINISHED"
+    ]
+    running = [run.info.run_id for run in runs if run.info.status == "RUNNING"]
+    return dict(statuses), seeds, running
+
+
+def test_a_disk_filling_mid_sweep_is_one_sentence_and_the_resume_completes(small_tmpfs, tmp_path):
+    """The store and its artifacts on a tmpfs with room for the new store and a little more: the sweep
+    runs out of space while recording and ends with one sentence (exit 1); after remounting larger, the
+    same command completes with every identity FINISHED once and nothing left RUNNING."""
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_tmpfs)], check=True)
+    uri = f"sqlite:///{small_tmpfs / 'mlflow.db'}"
+    close(open_store(uri))
+    used_kib = int(
+        subprocess.run(["du", "-sk", str(small_tmpfs)], capture_output=True, text=True).stdout.split()[0]
+    )
+    # Room for a few seed runs' artifacts (checkpoint, overlap picture, curves), not for 16.
+    subprocess.run(["mount", "-o", f"remount,size={used_kib + 400}k", str(small_tmpfs)], check=True)
+    result, seconds = cli(*SMALL_SWEEP, "--tracking-uri", uri, cwd=small_tmpfs, timeout=300)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "the disk holding the store is full" in errors[0], result.stderr[-2000:]
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_tmpfs)], check=True)
+    # Runs the full disk kept from being closed stay RUNNING until the next command, which sees their
+    # owner is gone: the resume closes them before it trains.
+    result, _ = cli(*SMALL_SWEEP, "--tracking-uri", uri, cwd=small_tmpfs, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    statuses, seeds, running = identities(uri)
+    assert running == [] and statuses["FINISHED"] == 8
+    assert len(seeds) == 16 and len(set(seeds)) == 16
+
+
+def test_a_server_lost_mid_sweep_is_one_sentence_and_a_restarted_one_resumes(tmp_path):
+    """The server stops for good while the sweep records: one sentence, exit 1, soon (not after MLflow's
+    minutes of retries); a server started again on the same folder resumes the sweep."""
+    servers = pytest.importorskip("tests.servers")
+    folder = tmp_path / "server"
+    with servers.running_server(folder) as server:
+        uri = server.uri
+        process = subprocess.Popen(
+            [sys.executable, str(PROJECT / "cli.py"), *SMALL_SWEEP, "--no-artifacts", "--tracking-uri", uri],
+            cwd=tmp_path,
+            # Two retries instead of the five open_store sets (about 30 s of waiting, measured 32 s from the
+            # stop to the exit): the same path, a shorter test.
+            env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+            | {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        # Stopped once the sweep has recorded something: its first ablation run exists.
+        from mlflow import MlflowClient
+
+        client = MlflowClient(uri)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            experiment = client.get_experiment_by_name("taming")
+            if experiment and client.search_runs(
+                [experiment.experiment_id], "tags.kind = 'seed'", max_results=1
+            ):
+                break
+            time.sleep(0.2)
+        stopped = time.monotonic()
+    stdout, stderr = process.communicate(timeout=300)
+    seconds = time.monotonic() - stopped
+    assert process.returncode == 1, stdout[-2000:] + stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "stopped answering" in errors[0], stderr[-2000:]
+    print(f"\nserver lost: the sweep ended {seconds:.1f} s later")
+    assert seconds < 30, seconds
+    with servers.running_server(folder) as server:
+        result, _ = cli(
+            *SMALL_SWEEP, "--no-artifacts", "--tracking-uri", server.uri, cwd=tmp_path, timeout=300
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        client = MlflowClient(server.uri)
+        experiment_id = client.get_experiment_by_name("taming").experiment_id
+        runs = client.search_runs([experiment_id], max_results=1000)
+        assert [run.info.run_id for run in runs if run.info.status == "RUNNING"] == []
+        finished = [
+            (run.data.tags["config_hash"], run.data.tags["seed"])
+            for run in runs
+            if run.data.tags.get("kind") == "seed" and run.info.status == "FINISHED"
+        ]
+        assert len(finished) == 16 and len(set(finished)) == 16
+
+
 def test_store_failures_are_described_in_one_sentence():
     from mlflow.exceptions import MlflowException
 
@@ -327,13 +430,7 @@ def test_store_failures_are_described_in_one_sentence():
         assert sentence.startswith("--tracking-uri ")
 
 
-# --- reading commands through the CLI (need callers to pass writing=False) ---------------------------
-
-CALLERS_READ_ONLY = pytest.mark.xfail(
-    strict=True,
-    reason="inspect and report --no-log open the store with writing=True until orchestration passes "
-    "writing=False; remove this marker then",
-)
+# --- reading commands through the CLI -----------------------------------------------------------
 
 
 def test_inspect_on_a_missing_store_creates_nothing(tmp_path):
@@ -393,3 +490,18 @@ def test_the_database_file_alone_has_the_runs_while_another_process_keeps_it_ope
     finally:
         reader.kill()
         reader.wait()
+
+
+def test_bounded_http_retries_are_defaults_a_user_setting_overrides(monkeypatch):
+    from tracking import store as store_module
+
+    for name in store_module.HTTP_RETRIES:
+        monkeypatch.delenv(name, raising=False)  # restored (absent) after the test
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "7")
+    with pytest.raises(TrackingError):
+        open_store("http://127.0.0.1:9")  # nothing listens there: refused at the health check
+    assert (
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+        == store_module.HTTP_RETRIES["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+    )
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"

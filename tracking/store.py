@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 import subprocess
+import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -237,6 +238,17 @@ class _NoTraceback:
         return not record.exc_info
 
 
+# MLflow's client retries a failed HTTP request 7 times with a backoff factor of 2 and a 120 s timeout:
+# a server gone for good holds a command for minutes before any error. Five retries with factor 1 wait
+# about 30 s in all, which still rides out a server restart (about 12 s on 2 cores, tests/servers.py).
+# Defaults only: a user's own MLFLOW_HTTP_REQUEST_* settings win.
+HTTP_RETRIES = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+
+
 def open_store(option: str | None, *, writing: bool = True) -> Store:
     """Resolve and check the tracking URI, then bind a client to it (no write yet).
 
@@ -247,6 +259,9 @@ def open_store(option: str | None, *, writing: bool = True) -> Store:
     import logging
 
     uri = resolve_tracking_uri(option)
+    if urllib.parse.urlparse(uri).scheme in ("http", "https"):
+        for name, value in HTTP_RETRIES.items():
+            os.environ.setdefault(name, value)
     check_tracking_uri(uri, writing=writing)
     client_uri = uri
     if uri.startswith("sqlite:"):
@@ -484,10 +499,50 @@ def log_in_batches(store: Store, run_id: str, metrics=(), params=(), tags=()) ->
         metrics, params, tags = metrics[BATCH_METRICS:], params[BATCH_PARAMS:], tags[BATCH_PARAMS:]
 
 
+# Stores found unreachable in this process: closing runs there is not tried again, since each try would
+# wait out the client's retries while the error that matters waits to be reported.
+_UNREACHABLE: set[str] = set()
+
+
 def fail_run(store: Store, run_id: str, reason: str) -> None:
     """Mark a run FAILED with its reason; never raises (it runs while another error propagates)."""
+    # Called from `except` blocks: when the error being handled says the server is gone, trying would
+    # only wait out the client's retries once more.
+    handled = sys.exc_info()[1]
+    if handled is not None and _is_unreachable(handled):
+        _UNREACHABLE.add(store.uri)
+    if store.uri in _UNREACHABLE:
+        return
     try:
         store.client.set_tag(run_id, "failure_reason", reason[:5000])
         store.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
-    except Exception:  # noqa: BLE001 - the original error matters more than this one
-        pass
+    except Exception as error:  # noqa: BLE001 - the original error matters more than this one
+        if _is_unreachable(error):
+            _UNREACHABLE.add(store.uri)
+
+
+def _is_unreachable(error: BaseException) -> bool:
+    import requests
+
+    chain = _error_chain(error)
+    text = " ".join(str(e) for e in chain).lower()
+    return any(isinstance(e, (ConnectionError, requests.ConnectionError)) for e in chain) or (
+        "max retries exceeded" in text or "connection refused" in text
+    )
+
+
+def is_store_failure(error: BaseException) -> bool:
+    """Whether `error` came from the tracking store (its database, server or artifact disk) rather than
+    from our code: what a command reports as `describe_store_failure`'s one sentence."""
+    import sqlite3
+
+    import requests
+    import sqlalchemy.exc
+    from mlflow.exceptions import MlflowException
+
+    store_errors = (MlflowException, sqlite3.Error, sqlalchemy.exc.SQLAlchemyError, requests.RequestException)
+    disk_errors = {errno.ENOSPC, errno.EROFS, errno.EIO, errno.EDQUOT}
+    return any(
+        isinstance(e, store_errors) or (isinstance(e, OSError) and e.errno in disk_errors)
+        for e in _error_chain(error)
+    )
