@@ -228,7 +228,8 @@ class SAEConfig:
     architecture: str = setting(
         "leaky_relu",
         "SAE architecture (leaky_relu = the published one with its defects fixed; published_tied = "
-        "bug-compatible, the encoder a view of the decoder as in the published code).",
+        "bug-compatible, the encoder a view of the decoder as in the published code; relu, topk, batch_topk, "
+        "jumprelu, gated: current practice, see pipeline/sae.py).",
         choices=_sae_architectures,
     )
     d_sae: int = setting(16, "SAE latents.", option="--d-sae", short="d_sae", minimum=2, maximum=4096)
@@ -249,6 +250,67 @@ class SAEConfig:
         choices=SAE_TRAINING_INPUTS,
         hash_omit_default=True,
     )
+    # The settings of the architectures of current practice (pipeline/sae.py), added after stores existed:
+    # each is left out of the config hash at its default, so old results keep their ids. Each is read only
+    # by the architectures named in its help.
+    k: int = setting(
+        4,
+        "Active latents per sample: exactly (topk) or on average over the batch (batch_topk). At most d_sae.",
+        hash_omit_default=True,
+        minimum=1,
+        maximum=4096,
+    )
+    # Gao et al. take a power of two near half the input width (512 for GPT-4's residual stream); 6 is half
+    # the published hidden layer.
+    aux_k: int = setting(
+        6,
+        "Dead latents that try to reconstruct the residual in the AuxK loss (topk, batch_topk).",
+        hash_omit_default=True,
+        minimum=1,
+        maximum=4096,
+    )
+    aux_coefficient: float = setting(
+        1 / 32,
+        "Weight of the AuxK dead-latent loss (topk, batch_topk; Gao et al.: 1/32).",
+        hash_omit_default=True,
+        minimum=0,
+        maximum=1000,
+    )
+    # Gao et al. count a latent dead after 10M tokens without firing; one epoch here is the whole train split
+    # (full batch), so a few epochs already mean silence on every training sample several times over.
+    dead_epochs: int = setting(
+        10,
+        "Epochs without firing on any training sample after which AuxK counts a latent dead (topk, batch_topk).",
+        hash_omit_default=True,
+        minimum=1,
+        maximum=100_000,
+    )
+    # Our reconstruction error is a mean over the hidden units (the paper sums them), and a mean L0 of a
+    # few latents should cost about what one latent saves in error: a few hundredths.
+    l0_coefficient: float = setting(
+        0.01,
+        "Weight of the L0 penalty, the mean number of active latents per sample (jumprelu).",
+        hash_omit_default=True,
+        minimum=0,
+        maximum=1000,
+    )
+    # The paper's 0.001 suits its activation scale; standardized inputs give pre-activations of order 1,
+    # and a window of 0.001 would hold almost none of the ~800 training samples, so the threshold would
+    # hardly learn.
+    jumprelu_bandwidth: float = setting(
+        0.05,
+        "Width ε of the rectangle kernel in JumpReLU's straight-through threshold gradient (jumprelu).",
+        hash_omit_default=True,
+        minimum=0,
+        maximum=100,
+    )
+    jumprelu_initial_threshold: float = setting(
+        0.001,
+        "Threshold θ every JumpReLU latent starts with (jumprelu; the paper's 0.001).",
+        hash_omit_default=True,
+        minimum=0,
+        maximum=100,
+    )
 
     def __post_init__(self) -> None:
         check_field_choices(self, "sae.")
@@ -258,6 +320,17 @@ class SAEConfig:
         check_integer("sae.epochs", self.epochs, minimum=1)
         check_positive("sae.encoder_bias_high", self.encoder_bias_high, allow_zero=True)
         check_fraction("sae.leaky_slope", self.leaky_slope)
+        check_integer("sae.k", self.k, minimum=1)
+        if self.architecture in ("topk", "batch_topk") and self.k > self.d_sae:
+            raise ConfigError(
+                f"sae.k must be <= sae.d_sae ({self.d_sae}) for the {self.architecture} SAE; got {self.k!r}"
+            )
+        check_integer("sae.aux_k", self.aux_k, minimum=1)
+        check_positive("sae.aux_coefficient", self.aux_coefficient, allow_zero=True)
+        check_integer("sae.dead_epochs", self.dead_epochs, minimum=1)
+        check_positive("sae.l0_coefficient", self.l0_coefficient, allow_zero=True)
+        check_positive("sae.jumprelu_bandwidth", self.jumprelu_bandwidth)
+        check_positive("sae.jumprelu_initial_threshold", self.jumprelu_initial_threshold)
         check_field_maxima(self, "sae.")
 
 
@@ -376,10 +449,27 @@ def total_epochs(config: AblationConfig) -> int:
 
 # The size of a whole sweep (configurations × seeds × what one model holds and computes), checked before
 # anything trains. The per-field maxima bound one model; these bound their product. Memory counts every
-# model at once, as when all configurations share one batched pass; the work limit is about two hours of
-# the 2-core reference machine (the published strategic sweep, 80 models, is 9e11 multiply-adds).
+# model at once, as when all configurations share one batched pass, plus the process itself and the
+# largest evaluation (seeds are evaluated one at a time). bench/limits.py measures the estimate against
+# peak memory (it is an upper bound on every shape there) and the rate of work: 1e14 multiply-adds is
+# 1 to 1.5 hours on the 2-core reference machine at the measured 1.8–2.7e10 per second (the published
+# strategic sweep is 9e11).
 SWEEP_MEMORY_LIMIT_BYTES = 8 * 2**30
 SWEEP_WORK_LIMIT = 1e14
+# What a training process holds before any model: torch, numba's compiled engine, MLflow (measured
+# 300–450 MB above the imports, bench/limits.py, rounded up).
+PROCESS_BYTES = 2**30
+
+
+def evaluation_footprint(config: AblationConfig) -> tuple[float, float]:
+    """(bytes, multiply-adds) of evaluating one trained seed: the metrics' null draws hold and compare
+    `metric_null_draws` shuffled copies of the d_sae × d_sae latent statistics (measured 1.2 GB at
+    d_sae 512 with 200 draws), and every metric reads all samples' hidden units and latents."""
+    latents, samples = config.sae.d_sae, config.data.samples
+    width = config.data.features + config.network.hidden_dim + latents
+    floats = 6 * config.metric_null_draws * latents**2 + 8 * samples * width
+    work = 2 * config.metric_null_draws * latents**2 * samples
+    return 4.0 * floats, float(work)
 
 
 def model_footprint(config: AblationConfig) -> tuple[float, float]:
@@ -400,19 +490,28 @@ def model_footprint(config: AblationConfig) -> tuple[float, float]:
     return 4.0 * floats, float(work)
 
 
+def sweep_footprint(configs: list[AblationConfig], seeds: int) -> tuple[float, float]:
+    """(bytes, multiply-adds) of a whole sweep: every model trained at once in one process, then each
+    seed evaluated in turn."""
+    footprints = [model_footprint(config) for config in configs]
+    evaluations = [evaluation_footprint(config) for config in configs]
+    memory = PROCESS_BYTES + seeds * sum(bytes_ for bytes_, _ in footprints)
+    memory += max(bytes_ for bytes_, _ in evaluations)
+    work = seeds * sum(work for _, work in footprints) + seeds * sum(work for _, work in evaluations)
+    return memory, work
+
+
 def check_sweep_size(configs: list[AblationConfig], seeds: int) -> None:
     """ConfigError when the sweep as a whole exceeds the documented memory or work limit."""
     from pipeline.config_tools import OVERRIDE_FLAG, size_limits_active
 
     if not size_limits_active():
         return
-    footprints = [model_footprint(config) for config in configs]
-    memory = seeds * sum(bytes_ for bytes_, _ in footprints)
-    work = seeds * sum(work for _, work in footprints)
+    memory, work = sweep_footprint(configs, seeds)
     if memory > SWEEP_MEMORY_LIMIT_BYTES or work > SWEEP_WORK_LIMIT:
         raise ConfigError(
             f"the sweep is too big: {len(configs)} configuration(s) × {seeds} seed(s) need about "
             f"{memory / 2**30:.3g} GB and {work:.2g} multiply-adds, beyond the documented limits of "
-            f"{SWEEP_MEMORY_LIMIT_BYTES / 2**30:g} GB and {SWEEP_WORK_LIMIT:g} (about two hours on 2 cores); "
+            f"{SWEEP_MEMORY_LIMIT_BYTES / 2**30:g} GB and {SWEEP_WORK_LIMIT:g} (1 to 1.5 hours on 2 cores); "
             f"use fewer configurations or seeds, fewer epochs or samples, smaller widths, or {OVERRIDE_FLAG}"
         )

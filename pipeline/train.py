@@ -443,6 +443,10 @@ def _stack_features(tensors: Sequence[torch.Tensor], device: torch.device) -> to
 @torch.no_grad()
 def _train_networks(configs, seeds, datasets, state: _PassState, progress, device):
     """Full-batch Adam on every model at once, with the hand-written backward of `mlp_backward`."""
+    from pipeline import fused  # the fused CPU engine, when it applies (the code below is its reference)
+
+    if fused.applies(device):
+        return fused.train_networks(configs, seeds, datasets, state, progress, device)
     first = configs[0]
     activation = runs_of([config.network.act for config in configs])
     dims = layer_dims(first.data.features, first.network.hidden_dim, first.network.hidden_layers)
@@ -562,6 +566,10 @@ def train_saes_on_hidden(
     """
     device = resolve_device(device) if isinstance(device, str) else device
     state = state or _PassState(len(configs), device)
+    from pipeline import fused  # the fused CPU engine, when it applies (the code below is its reference)
+
+    if fused.applies(device, configs[0].sae.architecture):
+        return fused.train_saes_on_hidden(configs, seeds, hidden.detach(), state, progress, device)
     first = configs[0]
     sae_config = first.sae
     architecture = sae_architectures.architecture(sae_config.architecture)
@@ -576,9 +584,11 @@ def train_saes_on_hidden(
     ]
     parameters = {name: _stack([model[name] for model in initial], device) for name in initial[0]}
     optimizer = BatchedAdam(
-        list(parameters.values()), lr=_per_model_tensor((c.sae.lr for c in configs), device)
+        sae_architectures.trained_parameters(architecture, parameters),
+        lr=_per_model_tensor((c.sae.lr for c in configs), device),
     )
     tied = getattr(architecture, "tied", False)
+    training_state: dict[str, torch.Tensor] = {}  # the architecture's own bookkeeping (AuxK's dead latents)
     curves: dict[str, list] = {"epoch": [], "sae_loss": [], "sae_l0": [], "sae_dead_fraction": []}
     alive = state.alive
     hand_written = getattr(architecture, "losses_and_gradients", None)
@@ -589,11 +599,9 @@ def train_saes_on_hidden(
             with torch.no_grad():
                 losses, gradients = hand_written(parameters, training_features, sae_config)
         else:
-            latents = architecture.encode(parameters, training_inputs, sae_config)
-            reconstruction = architecture.decode(parameters, latents)
-            losses = (reconstruction - training_inputs).square().mean(
-                dim=(1, 2)
-            ) + architecture.sparsity_penalty(parameters, latents, sae_config)
+            losses = sae_architectures.training_losses(
+                architecture, parameters, training_inputs, sae_config, training_state
+            )
         newly_failed = state.check(losses, "sae", epoch)
         if newly_failed:
             alive = state.alive
@@ -603,7 +611,9 @@ def train_saes_on_hidden(
         else:
             optimizer.zero_grad()
             (losses if state.all_alive else torch.where(alive, losses, 0.0)).sum().backward()
+            sae_architectures.before_update(architecture, parameters)
             optimizer.step(None if state.all_alive else alive)
+            sae_architectures.after_update(architecture, parameters)
         if tied:
             _tie(parameters, decoder_before)
         if newly_failed:
@@ -617,6 +627,7 @@ def train_saes_on_hidden(
                 curves["sae_dead_fraction"].append((~active.any(dim=1)).float().mean(dim=1).tolist())
         if progress is not None:
             progress(1)
+    sae_architectures.after_training(architecture, parameters, training_inputs, sae_config)
     detached = {name: value.detach() for name, value in parameters.items()}
     return curves, detached, (mean, std)
 

@@ -40,8 +40,8 @@ def test_defaults_are_the_published_ones():
         (lambda: NetworkConfig(epochs=0), "epochs must be an integer >= 1"),
         (lambda: NetworkConfig(l2_form="coupled"), "l2_form must be one of decay, penalty"),
         (
-            lambda: SAEConfig(architecture="topk"),
-            "sae.architecture must be one of leaky_relu, published_tied, relu",
+            lambda: SAEConfig(architecture="matching_pursuit"),
+            "sae.architecture must be one of leaky_relu, published_tied, relu, topk, batch_topk, jumprelu, gated",
         ),
         (lambda: DataConfig(group_sizes=(4, 4)), "data.targets 'published' is defined only for"),
         (lambda: DataConfig(samples=4, validation_fraction=0.1), "leaves 4 train and 0 validation"),

@@ -429,6 +429,7 @@ RESULT_SOURCES = (
     "pipeline/experiments/incidental.py",
     "pipeline/experiments/pool.py",
     "pipeline/experiments/taming.py",
+    "pipeline/fused.py",
     "pipeline/incidental.py",
     "pipeline/metrics.py",
     "pipeline/models.py",
