@@ -451,9 +451,9 @@ def total_epochs(config: AblationConfig) -> int:
 # anything trains. The per-field maxima bound one model; these bound their product. Memory counts every
 # model at once, as when all configurations share one batched pass, plus the process itself and the
 # largest evaluation (seeds are evaluated one at a time). bench/limits.py measures the estimate against
-# peak memory (it is an upper bound on every shape there) and the rate of work: 1e14 multiply-adds is
-# 1 to 1.5 hours on the 2-core reference machine at the measured 1.8–2.7e10 per second (the published
-# strategic sweep is 9e11).
+# peak memory (1.3–2.4× the whole process's peak on every shape there) and the rate of work: 1e10–8.5e10
+# multiply-adds per second on the 2-core reference machine by shape, the slowest including a first
+# compile, so 1e14 is between half an hour and three hours (the published strategic sweep is 9e11).
 SWEEP_MEMORY_LIMIT_BYTES = 8 * 2**30
 SWEEP_WORK_LIMIT = 1e14
 # What a training process holds before any model: torch, numba's compiled engine, MLflow (measured
@@ -512,6 +512,6 @@ def check_sweep_size(configs: list[AblationConfig], seeds: int) -> None:
         raise ConfigError(
             f"the sweep is too big: {len(configs)} configuration(s) × {seeds} seed(s) need about "
             f"{memory / 2**30:.3g} GB and {work:.2g} multiply-adds, beyond the documented limits of "
-            f"{SWEEP_MEMORY_LIMIT_BYTES / 2**30:g} GB and {SWEEP_WORK_LIMIT:g} (1 to 1.5 hours on 2 cores); "
+            f"{SWEEP_MEMORY_LIMIT_BYTES / 2**30:g} GB and {SWEEP_WORK_LIMIT:g} (up to about three hours on 2 cores); "
             f"use fewer configurations or seeds, fewer epochs or samples, smaller widths, or {OVERRIDE_FLAG}"
         )
