@@ -55,8 +55,7 @@ def _measure(hidden: int, samples: int, seeds: int, epochs: int, sae_epochs: int
     estimated_bytes, estimated_work = sweep_footprint([config], seeds)
     import torch  # noqa: F401 - counted as the process, as the estimate does
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    baseline = before
+    imports_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     started = time.perf_counter()
     run_ablations([config], range(seeds))
     seconds = time.perf_counter() - started
@@ -65,7 +64,7 @@ def _measure(hidden: int, samples: int, seeds: int, epochs: int, sae_epochs: int
         "estimated_bytes": estimated_bytes,
         # The whole process's peak, imports included: what the machine must hold.
         "measured_bytes": after,
-        "imports_bytes": baseline,
+        "imports_bytes": imports_bytes,
         "estimated_multiply_adds": estimated_work,
         "seconds": seconds,
     }

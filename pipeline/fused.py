@@ -976,22 +976,15 @@ def train_networks(configs, seeds, datasets, state, progress, device):
 def train_saes_on_hidden(configs, seeds, hidden, state, progress, device):
     """The fused counterpart of `pipeline.train.train_saes_on_hidden` for the architectures in
     FUSED_SAE_ARCHITECTURES: same arguments and return value, same initialization and standardization."""
-    from pipeline import sae as sae_architectures
-    from pipeline.data import generator_for
+    from pipeline import train as reference
 
     _use_torch_thread_count()
     first = configs[0]
     sae_config = first.sae
-    architecture = sae_architectures.architecture(sae_config.architecture)
-    with torch.no_grad():
-        mean, std = sae_architectures.standardization(hidden)
-        standardized = ((hidden - mean.unsqueeze(-2)) / std.unsqueeze(-2)).contiguous()
-        training_inputs = standardized if sae_config.train_on == "standardized" else hidden.contiguous()
+    architecture, (mean, std), standardized, training_inputs, initial = reference.sae_starting_point(
+        configs, seeds, hidden
+    )
     hidden_dim = hidden.shape[-1]
-    initial = [
-        architecture.initial_parameters(hidden_dim, sae_config.d_sae, sae_config, generator_for(seed, "sae"))
-        for seed in seeds
-    ]
     models, latents = len(configs), sae_config.d_sae
     names = list(initial[0])
     shapes = {name: tuple(initial[0][name].shape) for name in names}

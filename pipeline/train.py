@@ -544,6 +544,25 @@ def _train_saes(configs, seeds, datasets, weights, biases, state: _PassState, pr
     return train_saes_on_hidden(configs, seeds, hidden, state, progress, device)
 
 
+def sae_starting_point(configs, seeds, hidden: torch.Tensor):
+    """What both engines start an SAE pass from: (architecture, (mean, std) `[model, hidden]` of the
+    train split, standardized `hidden`, the training inputs (standardized unless `sae.train_on == "raw"`),
+    one initial parameter dict per seed from its "sae" generator)."""
+    sae_config = configs[0].sae
+    architecture = sae_architectures.architecture(sae_config.architecture)
+    with torch.no_grad():
+        mean, std = sae_architectures.standardization(hidden)
+        standardized = ((hidden - mean.unsqueeze(-2)) / std.unsqueeze(-2)).contiguous()
+        training_inputs = standardized if sae_config.train_on == "standardized" else hidden.contiguous()
+    initial = [
+        architecture.initial_parameters(
+            hidden.shape[-1], sae_config.d_sae, sae_config, generator_for(seed, "sae")
+        )
+        for seed in seeds
+    ]
+    return architecture, (mean, std), standardized, training_inputs, initial
+
+
 def train_saes_on_hidden(
     configs: Sequence[AblationConfig],
     seeds: Sequence[int],
@@ -570,18 +589,10 @@ def train_saes_on_hidden(
 
     if fused.applies(device, configs[0].sae.architecture):
         return fused.train_saes_on_hidden(configs, seeds, hidden.detach(), state, progress, device)
-    first = configs[0]
-    sae_config = first.sae
-    architecture = sae_architectures.architecture(sae_config.architecture)
-    with torch.no_grad():
-        mean, std = sae_architectures.standardization(hidden)
-        standardized = ((hidden - mean.unsqueeze(-2)) / std.unsqueeze(-2)).contiguous()
-        training_inputs = standardized if sae_config.train_on == "standardized" else hidden.contiguous()
-    hidden_dim = hidden.shape[-1]
-    initial = [
-        architecture.initial_parameters(hidden_dim, sae_config.d_sae, sae_config, generator_for(seed, "sae"))
-        for seed in seeds
-    ]
+    sae_config = configs[0].sae
+    architecture, (mean, std), standardized, training_inputs, initial = sae_starting_point(
+        configs, seeds, hidden
+    )
     parameters = {name: _stack([model[name] for model in initial], device) for name in initial[0]}
     optimizer = BatchedAdam(
         sae_architectures.trained_parameters(architecture, parameters),
@@ -618,7 +629,7 @@ def train_saes_on_hidden(
             _tie(parameters, decoder_before)
         if newly_failed:
             _freeze_failed(list(parameters.values()), alive)
-        if (epoch + 1) % first.curve_every == 0 or epoch + 1 == sae_config.epochs:
+        if (epoch + 1) % configs[0].curve_every == 0 or epoch + 1 == sae_config.epochs:
             with torch.no_grad():
                 active = architecture.encode(parameters, standardized, sae_config) > 0
                 curves["epoch"].append(epoch + 1)

@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -305,13 +306,13 @@ def test_a_full_disk_at_creation_leaves_nothing_and_a_retry_works(small_tmpfs, t
 SMALL_SWEEP = ["sweep", "--seeds", "2", "--epochs", "20", "--sae-epochs", "10", "--samples", "64"]
 
 
-def identities(uri: str) -> tuple[dict, list]:
-    """({status: count of ablation runs}, [(config hash, seed) of FINISHED seed runs]) of the store."""
-    from collections import Counter
-
+def identities(uri: str) -> tuple[dict, list, list]:
+    """({status: count of ablation runs}, [(config hash, seed) of FINISHED seed runs], [RUNNING run ids])
+    of the store's default experiment."""
     store = open_store(uri, writing=False)
     runs = store.client.search_runs([store.existing_experiment_id(None)], max_results=1000)
-    close(store)
+    if uri.startswith("sqlite:"):
+        close(store)
     statuses = Counter(run.info.status for run in runs if run.data.tags.get("kind") == "ablation")
     seeds = [
         (run.data.tags["config_hash"], run.data.tags["seed"])
@@ -393,15 +394,8 @@ def test_a_server_lost_mid_sweep_is_one_sentence_and_a_restarted_one_resumes(tmp
             *SMALL_SWEEP, "--no-artifacts", "--tracking-uri", server.uri, cwd=tmp_path, timeout=300
         )
         assert result.returncode == 0, result.stderr[-2000:]
-        client = MlflowClient(server.uri)
-        experiment_id = client.get_experiment_by_name("taming").experiment_id
-        runs = client.search_runs([experiment_id], max_results=1000)
-        assert [run.info.run_id for run in runs if run.info.status == "RUNNING"] == []
-        finished = [
-            (run.data.tags["config_hash"], run.data.tags["seed"])
-            for run in runs
-            if run.data.tags.get("kind") == "seed" and run.info.status == "FINISHED"
-        ]
+        _, finished, running = identities(server.uri)
+        assert running == []
         assert len(finished) == 16 and len(set(finished)) == 16
 
 

@@ -405,8 +405,7 @@ def describe_store_failure(error: BaseException, uri: str, *, creating: bool = F
             f"({_first_line(error)}); upgrade it with `mlflow db upgrade {shown}`, or point --tracking-uri "
             "at another store"
         )
-    network = ("connection refused", "max retries exceeded", "connection aborted", "connection reset")
-    if any(isinstance(e, ConnectionError) for e in chain) or any(phrase in text for phrase in network):
+    if _is_unreachable(error):
         return f"--tracking-uri {shown}: the tracking server stopped answering; start it again and {resume}"
     return f"--tracking-uri {shown}: the store failed ({_first_line(error)}); check it and {resume}"
 
@@ -522,13 +521,17 @@ def fail_run(store: Store, run_id: str, reason: str) -> None:
             _UNREACHABLE.add(store.uri)
 
 
+_NETWORK_PHRASES = ("connection refused", "max retries exceeded", "connection aborted", "connection reset")
+
+
 def _is_unreachable(error: BaseException) -> bool:
+    """Whether `error` says the tracking server cannot be reached (rather than that it refused a request)."""
     import requests
 
     chain = _error_chain(error)
-    text = " ".join(str(e) for e in chain).lower()
-    return any(isinstance(e, (ConnectionError, requests.ConnectionError)) for e in chain) or (
-        "max retries exceeded" in text or "connection refused" in text
+    text = " ".join(str(getattr(e, "message", None) or e) for e in chain).lower()
+    return any(isinstance(e, (ConnectionError, requests.ConnectionError)) for e in chain) or any(
+        phrase in text for phrase in _NETWORK_PHRASES
     )
 
 
