@@ -53,6 +53,15 @@ Re-running a sweep reuses every configuration that already has a FINISHED run wi
 seeds and code version; --force trains them again.
 """
 
+EXAMPLES_DECOMPOSE = """
+\b
+Examples:
+  python cli.py decompose --grid sae.architecture=topk,batch_topk,jumprelu,gated   # the latest sweep
+  python cli.py decompose --sweep-id 3f2a9c0d1e4b --set sae.d_sae=32 --grid sae.k=2,4,8 --set sae.architecture=topk
+  python cli.py report --sweep-id latest        # the decomposition is a sweep: report it like one
+Only sae.* settings can change: the networks are the sweep's stored ones (its seed runs' checkpoints).
+"""
+
 
 def _fail_usage(message: str) -> None:
     raise click.UsageError(message)
@@ -500,11 +509,9 @@ def _run_configs(
     design, configs, options, *, adopt_as, labels_from, executor="local", scheduler=None, workers=None
 ):
     """Hand the configurations to the orchestration layer and print what happened."""
-    from orchestration.taming import InputError, StoreUnavailable, SweepRequest, run_sweep, summary_table
+    from orchestration.taming import InputError, StoreUnavailable, SweepRequest, run_sweep
     from pipeline.config import check_sweep_size
     from pipeline.design import configuration_labels
-    from pipeline.metrics import HEADLINE_METRICS
-    from pipeline.tables import markdown_table
 
     seeds = options["seeds"] or design.seeds or 10
     try:
@@ -535,6 +542,15 @@ def _run_configs(
         _fail_usage(str(error))
     except StoreUnavailable as error:
         raise click.ClickException(str(error)) from error
+    _print_sweep_result(result, design.name)
+
+
+def _print_sweep_result(result, design_name: str) -> None:
+    """What a sweep (or decomposition) did: reuse, retired runs, the summary table, failures (exit 1)."""
+    from orchestration.taming import summary_table
+    from pipeline.metrics import HEADLINE_METRICS
+    from pipeline.tables import markdown_table
+
     if result.reused:
         click.echo(
             f"Reused {len(result.reused)} FINISHED configuration(s) with the same identity (use --force to retrain):"
@@ -548,7 +564,7 @@ def _run_configs(
         )
     frame = summary_table(result, (*HEADLINE_METRICS, TASK_LOSS_COLUMN))
     click.echo(
-        f"\nSweep {result.sweep_id} ({design.name}) in experiment '{result.experiment_name}' at "
+        f"\nSweep {result.sweep_id} ({design_name}) in experiment '{result.experiment_name}' at "
         f"{result.store_uri} (mean ± std over finished seeds):\n"
     )
     click.echo(markdown_table(frame))
@@ -573,6 +589,7 @@ def cli():
       ablate    one configuration, N seeds          sweep     every configuration of a design (presets,
       report    statistics from the store                     --grid axes over any setting, design files)
       inspect   check a logged run from its checkpoint
+      decompose new SAEs on a stored sweep's networks (SAE architecture, width, sparsity), no retraining
     Runs go to $MLFLOW_TRACKING_URI or sqlite:///mlflow.db; browse them with
       mlflow ui --backend-store-uri sqlite:///mlflow.db
     """
@@ -687,6 +704,87 @@ def sweep(design_source, preset, grid_texts, set_texts, executor, scheduler, wor
         scheduler=scheduler,
         workers=workers,
     )
+
+
+@cli.command(epilog=EXAMPLES_DECOMPOSE)
+@click.option(
+    "--sweep-id",
+    type=SweepId(latest=True),
+    default="latest",
+    show_default=True,
+    help="The sweep whose stored networks get new SAEs: its 12-character id, or 'latest'.",
+)
+@click.option(
+    "--grid",
+    "grid_texts",
+    type=Text("FIELD=V1,V2,...", max_length=URI_MAX_LENGTH),
+    multiple=True,
+    metavar="sae.FIELD=V1,V2,...",
+    help="An SAE axis crossed with every configuration of the sweep (repeatable), e.g. "
+    "--grid sae.architecture=topk,batch_topk,jumprelu,gated.",
+)
+@click.option(
+    "--set",
+    "set_texts",
+    type=Text("FIELD=VALUE", max_length=URI_MAX_LENGTH),
+    multiple=True,
+    metavar="sae.FIELD=VALUE",
+    help="Fix an SAE setting for every decomposition (repeatable), e.g. --set sae.d_sae=32.",
+)
+@experiment_option("taming")
+@tracking_uri_option()
+@device_option()
+@click.option(
+    "--force", is_flag=True, help="Train the SAEs again even where a FINISHED run has the same identity."
+)
+@click.option(
+    "--no-artifacts",
+    is_flag=True,
+    help="Skip checkpoints and heatmaps (faster; `inspect` then has nothing to check).",
+)
+def decompose(sweep_id, grid_texts, set_texts, experiment, tracking_uri, device, force, no_artifacts):
+    """Train new SAEs on the networks a sweep stored, without training any network again.
+
+    Every configuration of the sweep is crossed with the SAE settings given (--grid and --set over sae.*
+    fields only); each seed's network is loaded from its seed run's checkpoint and every SAE of a pass
+    trains in one batch. The result is a sweep of its own, recorded like any other (same metrics, report,
+    resume), whose runs carry tags linking them to the runs that trained their networks: source_sweep_id,
+    source_run_id (ablation) and network_run_id (seed), with trained = "sae only". A run with the same
+    identity (config, seeds, code version) from an earlier sweep or decomposition is reused.
+    """
+    from orchestration.decompose import DecomposeRequest, run_decomposition
+    from orchestration.taming import InputError, StoreUnavailable
+    from pipeline.design import DesignError, coerce_value, grid_axis, split_assignment, split_values
+
+    grid, fixed = {}, {}
+    try:
+        for text in grid_texts:
+            path, values = split_assignment(text, "--grid")
+            if path in grid:
+                raise DesignError(f"--grid {path} is given twice; list every value in one --grid")
+            grid[path] = grid_axis(path, split_values(values), "--grid")
+        for text in set_texts:
+            path, value = split_assignment(text, "--set")
+            fixed[path] = coerce_value(path, value, "--set")
+    except (DesignError, ConfigError) as error:
+        _fail_usage(str(error))
+    request = DecomposeRequest(
+        sweep_id=sweep_id,
+        fixed=fixed,
+        grid=grid,
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        device=device,
+        force=force,
+        artifacts=not no_artifacts,
+    )
+    try:
+        result = run_decomposition(request)
+    except InputError as error:
+        _fail_usage(str(error))
+    except StoreUnavailable as error:
+        raise click.ClickException(str(error)) from error
+    _print_sweep_result(result, "decomposition")
 
 
 @cli.command()

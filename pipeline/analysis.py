@@ -120,6 +120,10 @@ class Report:
     dose_levels: pd.DataFrame | None = None
     dose_tests: pd.DataFrame | None = None
     dose_readings: list[str] = field(default_factory=list)
+    # A complete 2⁴ factorial at each level of one other setting (e.g. SAE architecture): the factors'
+    # main effects per level and their differences from the baseline's level (pipeline.moderation).
+    moderation: pd.DataFrame | None = None
+    moderation_readings: list[str] = field(default_factory=list)
     figures: dict[str, Figure] = field(default_factory=dict)
 
     def add_published_ladder(self, per_seed: pd.DataFrame) -> None:
@@ -136,6 +140,8 @@ class Report:
             lines += ["", "Conclusions:"] + [f"- {line}" for line in self.verdicts]
         if self.dose_readings:
             lines += ["", "Dose–response:"] + [f"- {line}" for line in self.dose_readings]
+        if self.moderation_readings:
+            lines += ["", MODERATION_TITLE + ":"] + [f"- {line}" for line in self.moderation_readings]
         if self.caveats:
             lines += ["", "Caveats:"] + [f"- {line}" for line in self.caveats]
         return "\n".join(lines)
@@ -147,6 +153,10 @@ class Report:
             sections.append((_conclusions_title(self.factorial is not None), self.verdicts, None))
         if self.dose_readings:
             sections.append((DOSE_TITLE, [*self.dose_readings, DOSE_METHOD], self.dose_tests_shown()))
+        if self.moderation is not None:
+            sections.append(
+                (MODERATION_TITLE, [*self.moderation_readings, MODERATION_METHOD], self.moderation)
+            )
         if self.caveats:
             sections.append(("Caveats", self.caveats, None))
         sections.append(("How the numbers were computed", self.notes, None))
@@ -233,6 +243,8 @@ class Report:
         }
         if self.ladder_per_seed is not None:
             tables["published_ladder.csv"] = self.ladder_per_seed
+        if self.moderation is not None:
+            tables["effects_by_level.csv"] = self.moderation
         if self.dose_tests is not None:
             tables["dose_response_tests.csv"] = self.dose_tests
             tables["dose_response_levels.csv"] = self.dose_levels
@@ -287,6 +299,15 @@ class Report:
         return "\n".join(parts)
 
 
+MODERATION_TITLE = "Do the training factors' effects persist across levels of another setting?"
+MODERATION_METHOD = (
+    "Each main effect is estimated at each level from the seeds that ran all 16 cells at every level: per "
+    "seed the contrast mean(high) − mean(low) over the cells, then a one-sample t across seeds (df = seeds − "
+    "1). The difference from the reference level is the per-seed difference of the two contrasts, tested "
+    "the same way (paired on seed: every level shares the seed's data, inits and noise, and a decomposition "
+    "even the same trained networks), Holm-adjusted over the differences of each metric. 'Persists' = same "
+    "sign and CI clear of 0 at that level."
+)
 DOSE_TITLE = "Dose–response along the numeric axes of the design"
 DOSE_METHOD = (
     "Per seed, the metric is fitted across the levels (x = log10 of the level when the levels span a "
@@ -371,6 +392,29 @@ def dose_response_section(
             adjusted[finite] = multipletests(p_values[finite], method="holm")[1]
         tests_frame[f"{test}_p_holm"] = adjusted
     return pd.concat(levels, ignore_index=True), tests_frame, readings, plots
+
+
+def moderation_section(finished: pd.DataFrame, metrics: Sequence[str], baseline: str):
+    """(table, readings) when exactly one setting other than the four factors varies and at least two of
+    its levels hold a complete 2⁴ factorial (the SAE × training study); else None. The reference level is
+    the baseline's."""
+    from pipeline.design import FACTOR_PATHS
+    from pipeline.moderation import complete_levels, factor_effects_by_level, moderation_readings
+
+    others = [path for path in varying_settings(finished) if path not in FACTOR_PATHS]
+    if len(others) != 1:
+        return None
+    moderator = others[0]
+    factors = dict(FACTOR_LEVELS)
+    if len(complete_levels(finished, moderator, factors)) < 2:
+        return None
+    reference = None
+    if baseline in set(finished["config"]):
+        reference = finished.loc[finished["config"] == baseline, moderator].iloc[0]
+    if reference not in complete_levels(finished, moderator, factors):
+        reference = None
+    table = factor_effects_by_level(finished, moderator, metrics, factors, reference=reference)
+    return table, moderation_readings(table)
 
 
 def _conclusions_title(factorial: bool) -> str:
@@ -634,6 +678,14 @@ def build_report(
     if dose is not None:
         report.dose_levels, report.dose_tests, report.dose_readings, dose_figures = dose
         report.figures.update(dose_figures)
+    moderation = moderation_section(finished, metrics, baseline)
+    if moderation is not None:
+        report.moderation, report.moderation_readings = moderation
+        if figures:
+            from pipeline.plots.moderation import effects_by_level_figure
+
+            moderator = str(report.moderation["moderator"].iloc[0]).rpartition(".")[2]
+            report.figures[f"effects_by_{moderator}"] = effects_by_level_figure(report.moderation)
     if figures:
         if len(table):
             report.figures["conclusions"] = effects_forest_plot(table)

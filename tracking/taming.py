@@ -73,6 +73,10 @@ class SweepNaming:
     design: str = "custom"
     labels: Mapping[str, str] = field(default_factory=dict)
     axes: tuple[str, ...] = ()
+    # More tags, e.g. a decomposition's links to the runs that trained its networks: by config hash on the
+    # ablation run, by (config hash, seed) on the seed run.
+    ablation_tags: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    seed_tags: Mapping[tuple[str, int], Mapping[str, str]] = field(default_factory=dict)
 
     def label(self, config: AblationConfig) -> str:
         return self.labels.get(config.hash(), config.name)
@@ -88,6 +92,14 @@ def seeds_label(seeds: Sequence[int]) -> str:
     if len(ordered) > 2 and ordered == list(range(ordered[0], ordered[-1] + 1)):
         return f"{ordered[0]}-{ordered[-1]}"
     return ",".join(str(seed) for seed in ordered)
+
+
+def seeds_from_label(label: str) -> list[int]:
+    """The seed list `seeds_label` wrote: '0-9' → [0, …, 9], '0,2,5' → [0, 2, 5]."""
+    if "-" in label and "," not in label:
+        first, _, last = label.partition("-")
+        return list(range(int(first), int(last) + 1))
+    return [int(part) for part in label.split(",") if part]
 
 
 @dataclass
@@ -186,6 +198,7 @@ def start_ablation_run(
         NOTE_TAG: config.describe(),
         MLFLOW_RUN_NAME: name,
         **naming.axis_tags(config),
+        **naming.ablation_tags.get(config.hash(), {}),
         **_identity_tags(config, seeds),
         ARTIFACTS_TAG: "true" if artifacts else "false",
         **recorder.owner_tags(),
@@ -235,6 +248,7 @@ def log_seed(
         "design": naming.design,
         "config_name": naming.label(config),
         **naming.axis_tags(config),
+        **naming.seed_tags.get((config.hash(), seed_result.seed), {}),
         **_identity_tags(config, [seed_result.seed]),
         **recorder.owner_tags(),
     }
