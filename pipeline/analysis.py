@@ -120,6 +120,8 @@ class Report:
     dose_levels: pd.DataFrame | None = None
     dose_tests: pd.DataFrame | None = None
     dose_readings: list[str] = field(default_factory=list)
+    # The groups of a numeric axis (L1, L2 …) against the first, level by level, paired on seed.
+    dose_matched: pd.DataFrame | None = None
     # A complete 2⁴ factorial at each level of one other setting (e.g. SAE architecture): the factors'
     # main effects per level and their differences from the baseline's level (pipeline.moderation).
     moderation: pd.DataFrame | None = None
@@ -153,6 +155,8 @@ class Report:
             sections.append((_conclusions_title(self.factorial is not None), self.verdicts, None))
         if self.dose_readings:
             sections.append((DOSE_TITLE, [*self.dose_readings, DOSE_METHOD], self.dose_tests_shown()))
+        if self.dose_matched is not None:
+            sections.append((MATCHED_TITLE, [MATCHED_METHOD], self.dose_matched))
         if self.moderation is not None:
             sections.append(
                 (MODERATION_TITLE, [*self.moderation_readings, MODERATION_METHOD], self.moderation)
@@ -245,6 +249,8 @@ class Report:
             tables["published_ladder.csv"] = self.ladder_per_seed
         if self.moderation is not None:
             tables["effects_by_level.csv"] = self.moderation
+        if self.dose_matched is not None:
+            tables["dose_response_matched.csv"] = self.dose_matched
         if self.dose_tests is not None:
             tables["dose_response_tests.csv"] = self.dose_tests
             tables["dose_response_levels.csv"] = self.dose_levels
@@ -308,6 +314,11 @@ MODERATION_METHOD = (
     "even the same trained networks), Holm-adjusted over the differences of each metric. 'Persists' = same "
     "sign and CI clear of 0 at that level."
 )
+MATCHED_TITLE = "Groups compared at matched levels of the numeric axis"
+MATCHED_METHOD = (
+    "At each level, each group minus the first group (sorted by label), paired on seed over the seeds that "
+    "ran both; one-sample t across seeds (df = seeds − 1), Holm over every level and group of a metric."
+)
 DOSE_TITLE = "Dose–response along the numeric axes of the design"
 DOSE_METHOD = (
     "Per seed, the metric is fitted across the levels (x = log10 of the level when the levels span a "
@@ -328,7 +339,12 @@ def dose_response_section(
     configurations, grouped by the other varying settings. Returns (levels, tests, readings, figures)
     or None when the design has no such axis."""
     from pipeline.design import FACTOR_PATHS, field_specs
-    from pipeline.dose_response import dose_response, numeric_axes
+    from pipeline.dose_response import (
+        dose_response,
+        matched_level_differences,
+        matched_readings,
+        numeric_axes,
+    )
     from pipeline.plots.dose_response import dose_response_figures
 
     varying = varying_settings(finished)
@@ -339,7 +355,7 @@ def dose_response_section(
     if not axes:
         return None
     specs = field_specs()
-    levels, tests, readings, plots = [], [], [], {}
+    levels, tests, readings, plots, matched = [], [], [], {}, []
     for axis in axes:
         groups = [path for path in varying if path != axis]
         # Only groups (combinations of the other varying settings) that tested ≥ 3 levels of the axis: a
@@ -376,10 +392,18 @@ def dose_response_section(
             levels.append(result.levels.assign(axis=axis, metric=metric))
             tests.append(result.tests)
             readings.extend(result.readings)
+            if groups:
+                matched.append(matched_level_differences(rows, axis, metric, groups))
         if figures:
             plots[f"dose_response_{axis.rpartition('.')[2]}"] = dose_response_figures(results)
     if not tests:
         return None
+    matched_frame = pd.concat(matched, ignore_index=True) if matched else None
+    if matched_frame is not None and not matched_frame.empty:
+        for axis, rows in matched_frame.groupby("axis", sort=False):
+            readings.extend(matched_readings(rows, specs[axis].short))
+    else:
+        matched_frame = None
     tests_frame = pd.concat(tests, ignore_index=True)
     # Many rows (metrics × groups × axes) are read at once: Holm across all of them, beside the raw p.
     from statsmodels.stats.multitest import multipletests
@@ -391,7 +415,7 @@ def dose_response_section(
         if finite.any():
             adjusted[finite] = multipletests(p_values[finite], method="holm")[1]
         tests_frame[f"{test}_p_holm"] = adjusted
-    return pd.concat(levels, ignore_index=True), tests_frame, readings, plots
+    return pd.concat(levels, ignore_index=True), tests_frame, readings, plots, matched_frame
 
 
 def moderation_section(finished: pd.DataFrame, metrics: Sequence[str], baseline: str):
@@ -676,7 +700,7 @@ def build_report(
     )
     dose = dose_response_section(finished, metrics, figures=figures)
     if dose is not None:
-        report.dose_levels, report.dose_tests, report.dose_readings, dose_figures = dose
+        report.dose_levels, report.dose_tests, report.dose_readings, dose_figures, report.dose_matched = dose
         report.figures.update(dose_figures)
     moderation = moderation_section(finished, metrics, baseline)
     if moderation is not None:

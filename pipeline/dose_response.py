@@ -725,3 +725,113 @@ def _reading(row: pd.Series, metric: str, axis_label: str, log_scale: bool, conf
         return f"{head}: not testable — {row['trend_reason'] or 'no seed-to-seed variation'}; {seeds}."
     tail = f"; {curvature}" if curvature else f"; curvature {row['curvature_reason']}"
     return f"{head}: no clear dose effect — slope {_interval(row, 'trend', per)}{tail}; {lowest}; {seeds}."
+
+
+MATCHED_COLUMNS = [
+    "axis",
+    "metric",
+    "level",
+    "group",
+    "reference",
+    "seeds",
+    "difference",
+    "ci_low",
+    "ci_high",
+    "p",
+    "p_holm",
+]
+"""Columns of :func:`matched_level_differences`: one row per (level, group other than the reference)."""
+
+
+def matched_level_differences(
+    frame: pd.DataFrame,
+    axis: str,
+    metric: str,
+    group_columns: Sequence[str],
+    *,
+    reference: str | None = None,
+    seed_column: str = "seed",
+    confidence: float = 0.95,
+) -> pd.DataFrame:
+    """Each group against a reference group at the same level of ``axis`` (e.g. L2 against L1 at matched
+    λ), paired on seed: per level, the per-seed differences group − reference over the seeds that ran
+    both, a one-sample t across them (df = seeds − 1), Holm over every row of the metric.
+
+    Groups are the combinations of ``group_columns`` (labelled as in :func:`dose_response`); ``reference``
+    is a group label (default: the first group in sorted order). Returns :data:`MATCHED_COLUMNS`; empty
+    when fewer than two groups exist.
+    """
+    group_columns = tuple(group_columns)
+    if not group_columns:
+        return pd.DataFrame(columns=MATCHED_COLUMNS)
+    data = pd.DataFrame({seed_column: frame[seed_column], "level": _numeric_axis(frame, axis)})
+    data["y"] = pd.to_numeric(frame[metric], errors="raise").astype(float)
+    data["group"] = [
+        _group_label(group_columns, tuple(values))
+        for values in frame[list(group_columns)].itertuples(index=False)
+    ]
+    data = data.dropna(subset=["y"])
+    groups = sorted(data["group"].unique())
+    if len(groups) < 2:
+        return pd.DataFrame(columns=MATCHED_COLUMNS)
+    reference = groups[0] if reference is None else reference
+    if reference not in groups:
+        raise ValueError(f"matched_level_differences: no group {reference!r}; groups: {groups}")
+    rows = []
+    for level, at_level in data.groupby("level", sort=True):
+        table = at_level.pivot_table(index=seed_column, columns="group", values="y", aggfunc="first")
+        if reference not in table:
+            continue
+        for group in groups:
+            if group == reference or group not in table:
+                continue
+            paired = table[[group, reference]].dropna().to_numpy()
+            differences = paired[:, 0] - paired[:, 1]
+            scale = np.asarray(2 * np.abs(paired).max()) if len(paired) else np.asarray(1.0)
+            test = _one_sample_t(differences, scale, confidence) if len(paired) else None
+            rows.append(
+                {
+                    "axis": axis,
+                    "metric": metric,
+                    "level": float(level),
+                    "group": group,
+                    "reference": reference,
+                    "seeds": len(paired),
+                    "difference": float(test["estimate"]) if test is not None else math.nan,
+                    "ci_low": float(test["ci_low"]) if test is not None else math.nan,
+                    "ci_high": float(test["ci_high"]) if test is not None else math.nan,
+                    "p": float(test["p"]) if test is not None else math.nan,
+                }
+            )
+    result = pd.DataFrame(rows, columns=MATCHED_COLUMNS)
+    tested = result["p"].notna()
+    if tested.any():
+        from pipeline.stats import adjust_pvalues
+
+        result.loc[tested, "p_holm"] = adjust_pvalues(result.loc[tested, "p"].to_numpy(), "holm")
+    return result
+
+
+def matched_readings(table: pd.DataFrame, axis_label: str, alpha: float = 0.05) -> list[str]:
+    """One sentence per (metric, group): at which levels it differs clearly (Holm) from the reference."""
+    readings = []
+    for (metric, group), rows in table.groupby(["metric", "group"], sort=False):
+        reference = rows["reference"].iloc[0]
+        clear = rows[rows["p_holm"] < alpha]
+        log_scale = bool((rows["level"] > 0).all() and rows["level"].max() / rows["level"].min() >= 10)
+        if clear.empty:
+            readings.append(
+                f"{metric}: {group} does not differ clearly from {reference} at any matched {axis_label} "
+                f"({len(rows)} levels, Holm p ≥ {alpha:g})."
+            )
+            continue
+        parts = [
+            f"{axis_label}={format_level(row.level, log_scale)}: {row.difference:+.3g} "
+            f"[{row.ci_low:.3g}, {row.ci_high:.3g}]"
+            for row in clear.itertuples()
+        ]
+        readings.append(
+            f"{metric}: {group} − {reference} at matched {axis_label} is clear (Holm p < {alpha:g}) at "
+            f"{len(clear)} of {len(rows)} levels: " + "; ".join(parts) + "."
+        )
+    return readings

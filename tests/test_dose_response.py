@@ -463,3 +463,43 @@ def test_within_seed_intervals_follow_cousineau_morey():
     assert (
         (table["within_ci_high"] - table["within_ci_low"]) < (table["ci_high"] - table["ci_low"]) / 5
     ).all()
+
+
+def test_matched_level_differences_are_paired_t_tests_with_holm():
+    """L2 against L1 at each λ equals scipy's paired t-test on the seeds both ran; Holm as statsmodels."""
+    from statsmodels.stats.multitest import multipletests
+
+    from pipeline.dose_response import matched_level_differences, matched_readings
+
+    generator = np.random.default_rng(3)
+    rows = []
+    lambdas = (1e-5, 1e-4, 1e-3)
+    for seed in range(7):
+        shared = generator.normal(0, 2)  # shared by every configuration of this seed
+        for reg in ("l1", "l2"):
+            for lam in lambdas:
+                effect = 1.5 if (reg == "l2" and lam == 1e-3) else 0.0
+                rows.append(
+                    {
+                        "seed": seed,
+                        "network.reg": reg,
+                        "network.lambda_reg": str(lam),
+                        "y": shared + effect + generator.normal(0, 0.2),
+                    }
+                )
+    frame = pd.DataFrame(rows).iloc[1:]  # seed 0 misses (l1, 1e-5): it leaves that level's pairs only
+    table = matched_level_differences(frame, "network.lambda_reg", "y", ["network.reg"])
+    assert list(table["group"].unique()) == ["reg=l2"] and set(table["reference"]) == {"reg=l1"}
+    for row in table.itertuples():
+        at_level = frame[frame["network.lambda_reg"].astype(float) == row.level]
+        wide = at_level.pivot(index="seed", columns="network.reg", values="y").dropna()
+        test = scipy.stats.ttest_rel(wide["l2"], wide["l1"])
+        assert row.seeds == len(wide)
+        assert row.difference == pytest.approx((wide["l2"] - wide["l1"]).mean())
+        assert row.p == pytest.approx(test.pvalue)
+        interval = test.confidence_interval(0.95)
+        assert (row.ci_low, row.ci_high) == pytest.approx((interval.low, interval.high))
+    assert table["seeds"].tolist() == [6, 7, 7]
+    assert table["p_holm"].to_numpy() == pytest.approx(multipletests(table["p"], method="holm")[1])
+    (reading,) = matched_readings(table, "λ")
+    assert "clear (Holm p < 0.05) at 1 of 3 levels: λ=1e-3" in reading
