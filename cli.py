@@ -25,7 +25,14 @@ from pipeline.config_tools import (
     size_limits_lifted,
 )
 from pipeline.design import DESIGN_MAX_SEEDS
-from pipeline.experiments.incidental_defaults import COLLISIONS, DYNAMICS, NOISE
+from pipeline.experiments.incidental_defaults import (
+    COLLISIONS,
+    COOCCURRENCE,
+    COOCCURRENCE_MAX_BATCH,
+    DYNAMICS,
+    NOISE,
+    SPLITTING,
+)
 
 # The sweep summary shows the headline metrics and the task loss beside them.
 TASK_LOSS_COLUMN = "val_mse"
@@ -1103,6 +1110,11 @@ _INCIDENTAL_OPTION_FIELDS = [
     "seed",
     "curve_every",
     "device",
+    "p",
+    "batch_size",
+    "epsilon",
+    "extra_steps",
+    "measure_every",
 ]
 
 
@@ -1137,7 +1149,8 @@ def _checked_configs(build):
             _fail_usage(f"--{field.replace('_', '-')}: {field} {rest}")
         _fail_usage(str(error).replace("instances × n × m", "--instances × --n × --m", 1))
     try:
-        resolve_device(configs[0].device)
+        # A splitting arm carries its device on its base config.
+        resolve_device(getattr(configs[0], "base", configs[0]).device)
     except ValueError as error:
         _fail_usage(f"--device: {error}")
     return configs
@@ -1200,6 +1213,20 @@ Examples:
   python cli.py incidental dynamics --m 100000 --l1 1e-5 --t-max-times-l1 2.5   # the published simulation
 """
 
+EXAMPLES_COOCCURRENCE = """
+\b
+Examples:
+  python cli.py incidental cooccurrence          # n = 32, m ∈ {16,24,32,64,128}, 7 values of p, 12 instances (~2 min)
+  python cli.py incidental cooccurrence --m 32,64 --p 0,0.01,0.1 --instances 4 --steps 2000
+"""
+
+EXAMPLES_SPLITTING = """
+\b
+Examples:
+  python cli.py incidental splitting             # n = 32, m = 64, 32 instances, 6 values of ε + baseline (~1 min)
+  python cli.py incidental splitting --epsilon 0.01,0.1 --extra-steps 8000 --instances 32
+"""
+
 EXAMPLES_INCIDENTAL_REPORT = """
 \b
 Examples:
@@ -1217,11 +1244,13 @@ def incidental():
       collisions  polysemantic neurons vs m against the n²/(4m) law (L1 as the winner-take-all force)
       noise       fourth norm under hidden-layer noise of negative, zero and positive excess kurtosis
       dynamics    the one-encoding sparsification ODE against ‖w‖₁ ≈ 1/(1/√m + λt)
+      cooccurrence  polysemantic neurons when each feature is on independently with probability p
+      splitting   the splitting remedy: split polysemantic neurons into two copies and train on
       report      tables, t-tests, the fitted slope and figures from the tracking store
     Each point is an MLflow run (tags study=incidental, kind=point) nested under one sweep run per command
     invocation (kind=sweep, with its sweep_id), in experiment 'incidental' unless --experiment says otherwise.
-    Re-running collisions or noise resumes: a point with a FINISHED run of the same config hash and code
-    version is reused, not retrained (--force retrains it and deletes the older run).
+    Re-running collisions, noise, cooccurrence or splitting resumes: a point with a FINISHED run of the same
+    config hash and code version is reused, not retrained (--force retrains it and deletes the older run).
     """
 
 
@@ -1497,6 +1526,225 @@ def incidental_dynamics(m, l1_values, t_max_times_l1, dt, seed, experiment, trac
     columns += ["nonzeros_ratio_max", "l1_norm_ratio_median"]
     click.echo(markdown_table(pd.DataFrame([p.params | p.metrics for p in tracked.results]), columns))
     click.echo("\nDocumented (docs/science.md §2.4): completion at t·λ ≈ 1.6–2, m′/prediction ≈ 2–2.7.")
+
+
+@incidental.command("cooccurrence", epilog=EXAMPLES_COOCCURRENCE)
+@click.option(
+    "--n",
+    type=LimitedInt(min=1, max=INCIDENTAL_MAXIMA["n"]),
+    default=COOCCURRENCE["n"],
+    show_default=True,
+    help="Features.",
+)
+@click.option(
+    "--m",
+    "ms",
+    type=_ListOf(LimitedInt(min=1, max=INCIDENTAL_MAXIMA["m"]), ranges=True),
+    multiple=True,
+    default=list(COOCCURRENCE["ms"]),
+    show_default=True,
+    help="Hidden neurons (repeat, comma-separate, or START:STOP:STEP); below n is superposition.",
+)
+@click.option(
+    "--p",
+    "p_values",
+    type=_ListOf(LimitedFloat(min=0, max=1)),
+    multiple=True,
+    default=list(COOCCURRENCE["p_values"]),
+    show_default=True,
+    help="Probabilities that each feature is on (repeat or comma-separate); 0 = one feature per input.",
+)
+@click.option(
+    "--l1",
+    type=LimitedFloat(min=0, max=INCIDENTAL_MAXIMA["l1"]),
+    default=COOCCURRENCE["l1"],
+    show_default=True,
+    help="L1 strength λ on the hidden activations.",
+)
+@click.option(
+    "--batch-size",
+    type=LimitedInt(min=1, max=COOCCURRENCE_MAX_BATCH),
+    default=COOCCURRENCE["batch_size"],
+    show_default=True,
+    help="Non-empty inputs drawn per step (fresh every step).",
+)
+@_training_options(
+    instances=COOCCURRENCE["instances"],
+    steps=COOCCURRENCE["steps"],
+    optimizer="adamw",
+    lr=COOCCURRENCE["lr"],
+)
+def incidental_cooccurrence(n, ms, p_values, l1, batch_size, **options):
+    """Count polysemantic neurons when features co-occur, for m below and above n.
+
+    Each of the n features is on independently with probability p, at value 1 like a basis vector (empty
+    inputs are left out: they carry no loss or gradient); p = 0 is one feature per input. The loss is
+    normalised per feature occurrence, so its p → 0 limit is the basis-data loss of `collisions`. One
+    point run per (m, p), logged like a collisions point plus data_loss, features_per_neuron,
+    features_represented; instance k starts from the same weights and draws the same uniforms at every p,
+    so points that differ in p are paired on the instance. The sweep run holds cooccurrence.csv and
+    cooccurrence.png; `incidental report` adds the paired tests against p = 0 and the crossover table.
+    """
+    import pandas as pd
+
+    from pipeline.experiments.incidental import cooccurrence_points
+    from pipeline.incidental_analysis import cooccurrence_summary
+    from pipeline.tables import markdown_table
+
+    ms, p_values = _flat(ms), _flat(p_values)
+    settings = _training_settings(options)
+    configs = _checked_configs(
+        lambda: cooccurrence_points(n=n, ms=ms, p_values=p_values, l1=l1, batch_size=batch_size, **settings)
+    )
+    sweep_params = {
+        "n": n,
+        "m": ",".join(map(str, ms)),
+        "p": ",".join(f"{value:g}" for value in p_values),
+        "l1": l1,
+        "batch_size": batch_size,
+        **settings,
+    }
+    tracked = _track_points("cooccurrence", configs, options, sweep_params)
+    per_instance = pd.concat(
+        [
+            point.per_instance.assign(n=point.config.n, m=point.config.m, p=point.config.p)
+            for point in tracked.results
+        ],
+        ignore_index=True,
+    )
+    summary = cooccurrence_summary(per_instance)
+    columns = ["m", "p", "instances", "polysemantic_neurons", "ci_low", "ci_high", "features_per_neuron"]
+    columns += ["features_represented", "predicted_incidental"]
+    click.echo(markdown_table(summary, [column for column in columns if column in summary]))
+
+
+@incidental.command("splitting", epilog=EXAMPLES_SPLITTING)
+@click.option(
+    "--n",
+    type=LimitedInt(min=1, max=INCIDENTAL_MAXIMA["n"]),
+    default=SPLITTING["n"],
+    show_default=True,
+    help="Features.",
+)
+@click.option(
+    "--m",
+    type=LimitedInt(min=1, max=INCIDENTAL_MAXIMA["m"]),
+    default=SPLITTING["m"],
+    show_default=True,
+    help="Hidden neurons of the base model.",
+)
+@click.option(
+    "--l1",
+    type=LimitedFloat(min=0, max=INCIDENTAL_MAXIMA["l1"]),
+    default=SPLITTING["l1"],
+    show_default=True,
+    help="L1 strength λ (base training and training on).",
+)
+@click.option(
+    "--epsilon",
+    "epsilons",
+    type=_ListOf(LimitedFloat(min=0, max=10)),
+    multiple=True,
+    default=list(SPLITTING["epsilons"]),
+    show_default=True,
+    help="Noise scales ε of the copies, one arm each (repeat or comma-separate); per weight, N(0, ε²).",
+)
+@click.option(
+    "--extra-steps",
+    type=LimitedInt(min=1, max=INCIDENTAL_MAXIMA["steps"]),
+    default=SPLITTING["extra_steps"],
+    show_default=True,
+    help="Steps trained after the split (a fresh optimizer, the base's settings).",
+)
+@click.option(
+    "--measure-every",
+    type=LimitedInt(min=1, max=INCIDENTAL_MAXIMA["steps"]),
+    default=SPLITTING["measure_every"],
+    show_default=True,
+    help="Extra steps between recorded outcome counts.",
+)
+@click.option(
+    "--no-baseline",
+    is_flag=True,
+    help="Leave out the baseline arm (the same extra steps without splitting).",
+)
+@_training_options(
+    instances=SPLITTING["instances"],
+    steps=SPLITTING["steps"],
+    optimizer="adamw",
+    lr=SPLITTING["lr"],
+)
+def incidental_splitting(n, m, l1, epsilons, extra_steps, measure_every, no_baseline, **options):
+    """Split every polysemantic neuron into two copies w/√2 + ε·z and train on; count what resolves.
+
+    The base is a collisions point (basis data, L1), trained once and shared by every arm. Each arm is a
+    point run: the baseline (the same extra steps, unsplit) and one per ε; metrics resolved_fraction (each
+    copy carries one of the neuron's former features, a different one), recollided_fraction,
+    other_fraction, separated_fraction, polysemantic_before/after, loss_before/at_split/after; curves
+    curve.resolved_fraction, curve.polysemantic_neurons, curve.loss over the extra steps; per_instance.csv,
+    checkpoints.csv and splits.csv, from which `incidental report` redraws the before/after figure.
+    """
+    from pipeline.experiments.incidental_splitting import splitting_points
+    from pipeline.incidental import IncidentalConfig
+    from pipeline.tables import markdown_table
+
+    settings = _training_settings(options)
+    configs = _checked_configs(
+        lambda: splitting_points(
+            IncidentalConfig(n=n, m=m, l1=l1, **settings),
+            epsilons=_flat(epsilons),
+            extra_steps=extra_steps,
+            measure_every=measure_every,
+            baseline=not no_baseline,
+        )
+    )
+    sweep_params = {
+        "n": n,
+        "m": m,
+        "l1": l1,
+        "epsilon": ",".join(f"{value:g}" for value in _flat(epsilons)),
+        "extra_steps": extra_steps,
+        "measure_every": measure_every,
+        "baseline": not no_baseline,
+        **settings,
+    }
+    tracked = _track_splitting(configs, options, sweep_params)
+    columns = ["arm", "polysemantic_before", "split_neurons", "resolved_fraction", "resolved_ci_low"]
+    columns += ["resolved_ci_high", "recollided_fraction", "separated_fraction", "polysemantic_after"]
+    columns += ["mixed_after"]
+    columns += ["loss_before", "loss_after"]
+    click.echo(markdown_table(tracked.table, [column for column in columns if column in tracked.table]))
+
+
+def _track_splitting(configs, options: dict, sweep_params: dict):
+    """Train and record the splitting arms (orchestration.incidental); say what was reused."""
+    from orchestration.incidental import train_and_track_splitting
+    from orchestration.taming import InputError, StoreUnavailable
+
+    try:
+        recorded = train_and_track_splitting(
+            configs,
+            tracking_uri=options["tracking_uri"],
+            experiment=options["experiment"],
+            force=options["force"],
+            sweep_params=sweep_params,
+        )
+    except InputError as error:
+        _fail_usage(str(error))
+    except StoreUnavailable as error:
+        raise click.ClickException(str(error)) from error
+    tracked = recorded.tracked
+    if tracked.reused:
+        click.echo(
+            f"\nReused {len(tracked.reused)} of {len(configs)} arm(s) already FINISHED (--force retrains them)."
+        )
+    if tracked.retired:
+        click.echo(f"\nDeleted {len(tracked.retired)} older arm run(s) that --force retrained.")
+    click.echo(
+        f"\nSweep {tracked.sweep_id} (splitting) in experiment '{recorded.experiment_name}' at "
+        f"{recorded.store_uri}; sweep run {tracked.sweep_run_id}.\n"
+    )
+    return tracked
 
 
 @incidental.command("report", epilog=EXAMPLES_INCIDENTAL_REPORT)

@@ -95,6 +95,55 @@ def train_and_track_points(
 
 
 @reports_store_faults
+def train_and_track_splitting(
+    configs: Sequence,
+    *,
+    tracking_uri: str | None,
+    experiment: str | None,
+    force: bool,
+    sweep_params: dict,
+) -> Recorded:
+    """Train every splitting arm not already FINISHED and record each; the base model is trained once per
+    invocation and shared by the arms (they are paired on it)."""
+    from pipeline.experiments.incidental_splitting import run_split_point
+    from tracking.incidental import track_splitting
+
+    store = open_store(tracking_uri)
+    experiment_id, experiment_name, adopted = _experiment(store, experiment)
+    bar = _step_bar(sum(config.extra_steps for config in configs), f"splitting: {len(configs)} arm(s)")
+    cache: dict = {}
+
+    def on_reuse(config, run_id: str) -> None:
+        bar.total -= config.extra_steps
+        bar.refresh()
+
+    def trainer(config):
+        reported = 0
+
+        def progress(done: int) -> None:
+            nonlocal reported
+            bar.update(done - reported)
+            reported = done
+
+        return run_split_point(config, base_cache=cache, progress=progress)
+
+    try:
+        tracked = track_splitting(
+            store,
+            experiment_id,
+            configs,
+            trainer=trainer,
+            sweep_params=sweep_params,
+            adopted_run_id=adopted.info.run_id if adopted is not None else None,
+            force=force,
+            on_reuse=on_reuse,
+        )
+    finally:
+        bar.close()
+    return Recorded(tracked, experiment_name, store.uri)
+
+
+@reports_store_faults
 def simulate_and_track_dynamics(
     *,
     m: int,
@@ -175,6 +224,8 @@ def build_and_log_incidental_report(
         paired=paired,
         n_resamples=resamples,
         notes=records.notes,
+        cooccurrence_instances=records.cooccurrence_instances,
+        splitting=records.splitting,
     )
     folder = Path(out_dir or f"reports/incidental-{time.strftime('%Y%m%d-%H%M%S')}")
     files = built.write(folder)

@@ -5,7 +5,9 @@ neurons, tied weights W ∈ R^{n×m}, no biases, ReLU on the output only:
 
     h = x W (+ ξ),    x̂ = ReLU(h Wᵀ),    loss = Σ (x̂ − x)² + λ·Σ |x W|
 
-trained on the n standard basis vectors, so the whole batch is the identity and h = W (+ ξ). Every instance
+trained on the n standard basis vectors, so the whole batch is the identity and h = W (+ ξ) (data "basis", the
+published model), or on co-occurring features (data "bernoulli", `cooccurring_inputs`): each feature on
+independently with probability p, at the same magnitude 1 as a basis vector. Every instance
 is an independent model; all instances of one config share a single batched pass (`W: [instance, n, m]`), and
 their losses are summed for the backward pass, which leaves each instance's gradient untouched.
 
@@ -23,7 +25,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -42,9 +44,11 @@ from pipeline.config_tools import (  # the maxima live there so the command line
     check_positive,
     size_limits_active,
 )
+from pipeline.experiments.incidental_defaults import COOCCURRENCE_MAX_BATCH
 
 NOISE_TYPES = ("none", "bipolar", "gaussian", "laplace", "student_t")
 NOISE_SHARING = ("per_sample", "per_step")
+DATA_KINDS = ("basis", "bernoulli")
 OPTIMIZERS = ("adamw", "sgd")
 DEVICES = ("cpu", "auto", "cuda", "mps")
 
@@ -72,9 +76,13 @@ SPARSIFICATION_COMPLETION_LIMIT = 2.5  # in units of 1/λ
 # fourth norm settles at ≈ 1 − λ/2, 0.95 at λ = 0.1, which is why the raw one is not used).
 CONVERGENCE_THRESHOLD = 0.98
 
-# Seed streams: the init and the noise of one instance come from independent generators.
+# Seed streams: the init, the noise and the sampled inputs of one instance come from independent generators.
 _INIT_STREAM = 0
 _NOISE_STREAM = 1
+_DATA_STREAM = 2
+_EVALUATION_STREAM = 3
+# Co-occurrence points measure their data loss on this many fixed inputs per instance (`evaluation_inputs`).
+EVALUATION_SAMPLES = 2048
 # Noise is drawn in blocks of steps, about this many numbers per instance per block; the block length depends
 # only on (n, m, noise_sharing), never on the number of instances or steps, so draws are reproducible.
 _NOISE_BLOCK_NUMBERS = 1 << 18
@@ -99,6 +107,14 @@ class IncidentalConfig:
     curve_every: steps between recorded curve points (step 0 and the last step are always recorded).
     polysemantic_low/high: a weight "represents" a feature when |W_ij| ∈ [low, high] (docs/science.md §2.2).
     device: "cpu", "cuda", "mps", or "auto" (cuda if available, then mps, else cpu).
+    data: "basis" trains on the n basis vectors, the whole identity batch every step (the published model);
+        "bernoulli" on `batch_size` fresh inputs per step from `cooccurring_inputs`: each feature on
+        independently with probability p, at value 1 (the magnitude of a basis vector), empty inputs left
+        out (they carry no gradient); p = 0 is the limit p → 0, exactly one feature per input. The loss is
+        then normalised per feature occurrence (`occurrence_scale`) so that its p → 0 limit is the basis loss.
+        Hidden-layer noise is not combined with "bernoulli".
+    p: probability that a feature is on (data "bernoulli" only; 0 with "basis").
+    batch_size: inputs per step with data "bernoulli" (ignored by "basis", whose batch is the identity).
     """
 
     n: int = 64
@@ -119,6 +135,11 @@ class IncidentalConfig:
     polysemantic_low: float = 0.8
     polysemantic_high: float = 1.2
     device: str = "cpu"
+    # Added with the co-occurrence study; at their defaults they are left out of the config hash, so every
+    # basis-data point keeps the identity it had before they existed.
+    data: str = field(default="basis", metadata={"hash_omit_default": True})
+    p: float = field(default=0.0, metadata={"hash_omit_default": True})
+    batch_size: int = field(default=64, metadata={"hash_omit_default": True})
 
     def __post_init__(self) -> None:
         self.validate()
@@ -161,6 +182,20 @@ class IncidentalConfig:
                 f"got {self.polysemantic_high!r}"
             )
         check_choice("device", self.device, DEVICES)
+        check_choice("data", self.data, DATA_KINDS)
+        check_integer("batch_size", self.batch_size, minimum=1)
+        if not (isinstance(self.p, (int, float)) and 0 <= self.p <= 1):
+            raise ConfigError(f"p must lie in [0, 1]; got {self.p!r}")
+        if self.data == "basis" and self.p != 0:
+            raise ConfigError(
+                f"p applies to data 'bernoulli' only; use p=0 with data 'basis'; got {self.p!r}"
+            )
+        if self.data == "bernoulli" and self.noise != "none":
+            raise ConfigError(
+                f"noise must be 'none' with data 'bernoulli' (hidden-layer noise is studied on basis data); "
+                f"got {self.noise!r}"
+            )
+        check_maximum("batch_size", self.batch_size, COOCCURRENCE_MAX_BATCH)
         for name, maximum in INCIDENTAL_MAXIMA.items():
             check_maximum(name, getattr(self, name), maximum)
         weights = self.instances * self.n * self.m
@@ -169,6 +204,13 @@ class IncidentalConfig:
                 f"the weights instances × n × m must be <= {INCIDENTAL_MAX_WEIGHTS} per point (about 3 GB with "
                 f"its gradients, optimizer state and noise); got {self.instances} × {self.n} × {self.m} = "
                 f"{weights} ({OVERRIDE_FLAG} lifts the limit)"
+            )
+        activations = self.instances * self.batch_size * max(self.n, self.m)
+        if self.data == "bernoulli" and size_limits_active() and activations > INCIDENTAL_MAX_WEIGHTS:
+            raise ConfigError(
+                f"the activations instances × batch_size × max(n, m) must be <= {INCIDENTAL_MAX_WEIGHTS} per "
+                f"point; got {self.instances} × {self.batch_size} × {max(self.n, self.m)} = {activations} "
+                f"({OVERRIDE_FLAG} lifts the limit)"
             )
 
     def replace(self, **changes: Any) -> IncidentalConfig:
@@ -297,6 +339,81 @@ class _NoiseStream:
         return self.block[position]
 
 
+def cooccurring_inputs(first_uniform: torch.Tensor, rest_uniform: torch.Tensor, p: float) -> torch.Tensor:
+    """Inputs with each of n features on independently with probability p, conditioned on at least one on.
+
+    first_uniform: [..., 1] float64 uniforms on [0, 1); rest_uniform: [..., n] uniforms. Returns [..., n]
+    float32 with entries 0 or 1: an active feature has value 1, the magnitude of a basis vector.
+
+    Exact sampler of Bernoulli(p)^n given a non-empty input, without rejection: the first active feature F
+    has P(F = f) = (1 − p)^f·p / q with q = 1 − (1 − p)^n (a truncated geometric, drawn by inverse CDF:
+    F = ⌊log(1 − u·q) / log(1 − p)⌋), the features before F are off and those after it are on independently
+    with probability p. Empty inputs are left out because the model maps x = 0 to x̂ = ReLU(0) = 0 with zero
+    loss and zero gradient: they only rescale the objective (`occurrence_scale`). p = 0 is the limit p → 0:
+    F uniform over the n features and nothing else on, i.e. a uniformly drawn basis vector (small p gives
+    the same inputs on the same uniforms). Drawing every p from the same uniforms couples the points of a
+    sweep (common random numbers), so that they are paired on the instance.
+    """
+    n = rest_uniform.shape[-1]
+    if p == 0:
+        first = (first_uniform * n).floor()
+    else:
+        q = -math.expm1(n * math.log1p(-p))  # 1 − (1 − p)^n without cancellation for small p
+        first = torch.floor(torch.log1p(-first_uniform * q) / math.log1p(-p))
+    first = first.clamp(0, n - 1)
+    index = torch.arange(n, dtype=first.dtype, device=first.device)
+    after = (index > first) & (rest_uniform < p)
+    return ((index == first) | after).float()
+
+
+def occurrence_scale(n: int, p: float) -> float:
+    """q/p with q = 1 − (1 − p)^n, the probability that a Bernoulli(p) input is non-empty; n at p = 0.
+
+    The co-occurrence loss is (q/p)·mean over non-empty inputs = E_x[loss(x)]/p over all inputs, i.e. the
+    loss per expected feature occurrence; since E_x[loss(x)] = p·Σ_i loss(e_i) + O(p²), its p → 0 limit is the
+    basis loss Σ_i loss(e_i), so λ and the learning rate mean the same at every p.
+    """
+    if p == 0:
+        return float(n)
+    return -math.expm1(n * math.log1p(-p)) / p
+
+
+class _InputStream:
+    """Per-instance co-occurring inputs, a block of steps at a time: yields X of shape [instance, batch, n]."""
+
+    def __init__(self, config: IncidentalConfig, device: torch.device) -> None:
+        self.config = config
+        self.device = device
+        self.block_steps = max(1, _NOISE_BLOCK_NUMBERS // (config.batch_size * (config.n + 1)))
+        self.generators = [
+            instance_generator(config.seed, index, _DATA_STREAM) for index in _instance_indices(config)
+        ]
+        self.block: torch.Tensor | None = None
+
+    def at(self, step: int) -> torch.Tensor:
+        position = step % self.block_steps
+        if position == 0 or self.block is None:
+            draws = []
+            for generator in self.generators:
+                shape = (self.block_steps, self.config.batch_size)
+                first = torch.rand((*shape, 1), generator=generator, dtype=torch.float64)
+                rest = torch.rand((*shape, self.config.n), generator=generator)
+                draws.append(cooccurring_inputs(first, rest, self.config.p))
+            self.block = torch.stack(draws, dim=1).to(self.device)  # [block, instance, batch, n]
+        return self.block[position]
+
+
+def evaluation_inputs(config: IncidentalConfig, samples: int = EVALUATION_SAMPLES) -> torch.Tensor:
+    """Fixed co-occurring inputs for measuring the data loss, [instance, samples, n], from a stream of their own."""
+    draws = []
+    for index in _instance_indices(config):
+        generator = instance_generator(config.seed, index, _EVALUATION_STREAM)
+        first = torch.rand((samples, 1), generator=generator, dtype=torch.float64)
+        rest = torch.rand((samples, config.n), generator=generator)
+        draws.append(cooccurring_inputs(first, rest, config.p))
+    return torch.stack(draws)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Model and training
 
@@ -355,6 +472,81 @@ def loss_gradient(weights: torch.Tensor, l1: float, noise: torch.Tensor | None =
     return gradient
 
 
+def batch_losses(weights: torch.Tensor, inputs: torch.Tensor, l1: float, scale: float = 1.0) -> torch.Tensor:
+    """scale·mean over inputs of ‖ReLU(x W Wᵀ) − x‖² + λ·‖x W‖₁, per instance: [instance].
+
+    weights: [instance, n, m]; inputs: [instance, batch, n]. With scale = `occurrence_scale(n, p)` and
+    non-empty co-occurring inputs this estimates E_x[loss(x)]/p (see there).
+    """
+    hidden = inputs @ weights
+    output = torch.relu(hidden @ weights.transpose(-1, -2))
+    per_input = (output - inputs).square().sum(dim=-1) + l1 * hidden.abs().sum(dim=-1)
+    return scale * per_input.mean(dim=-1)
+
+
+def batch_loss_gradient(weights: torch.Tensor, inputs: torch.Tensor, l1: float, scale: float) -> torch.Tensor:
+    """∂/∂W of the summed `batch_losses`, written out: [instance, n, m].
+
+    With H = X W, Y = H Wᵀ and G = ∂L/∂Y = 2·(ReLU(Y) − X)⊙1[Y > 0]: ∂L/∂W = Xᵀ(G W + λ·sign(H)) (through the
+    encoder) + Gᵀ H (through the tied decoder), times scale/batch. With X = I this is `loss_gradient`.
+    Tests check it against autograd.
+    """
+    hidden = inputs @ weights
+    logits = hidden @ weights.transpose(-1, -2)
+    upstream = 2 * (torch.relu(logits) - inputs) * (logits > 0)
+    through_encoder = upstream @ weights
+    if l1 > 0:
+        through_encoder = through_encoder + l1 * torch.sign(hidden)
+    gradient = inputs.transpose(-1, -2) @ through_encoder + upstream.transpose(-1, -2) @ hidden
+    return gradient * (scale / inputs.shape[-2])
+
+
+def make_optimizer(weights: torch.Tensor, config: IncidentalConfig) -> torch.optim.Optimizer:
+    """The config's optimizer over `weights` (a leaf tensor), fresh state."""
+    if config.optimizer == "adamw":
+        # torch's fused AdamW (one pass over the weights instead of a dozen foreach passes) where it
+        # exists. The step's two matrix products run at 80–160 GFLOP/s on 2 cores at n = 64, m = 64…512;
+        # the foreach update then took 40–60 % of the step (a step at 40–66 GFLOP/s, 19–31 % of the
+        # measured 216 GFLOP/s peak); fused, a step runs at 45–95 GFLOP/s, 1.1× (m = 64) to 1.8× faster.
+        return torch.optim.AdamW(
+            [weights],
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            fused=True if weights.device.type in ("cpu", "cuda") else None,
+        )
+    return torch.optim.SGD([weights], lr=config.lr)
+
+
+def continue_training(
+    weights: torch.Tensor,
+    config: IncidentalConfig,
+    steps: int,
+    *,
+    every: int,
+    measure: Callable[[torch.Tensor, int], None],
+) -> torch.Tensor:
+    """Train given weights [instance, n, m'] on the basis data of `config` (its λ and optimizer, fresh
+    optimizer state, no hidden noise) for `steps` more steps; returns the final weights on the CPU.
+
+    measure(weights, step) is called with the detached weights at step 0, every `every` steps and at the
+    end. Any width m' works: the splitting remedy trains models grown by the split copies. Columns that are
+    exactly zero stay zero (their gradient (G + Gᵀ)·0 and sign(0) are 0, and AdamW's decay keeps 0), so
+    instances of one batch may be padded with zero columns.
+    """
+    device = resolve_device(config.device)
+    current = weights.detach().clone().to(device).requires_grad_(True)
+    optimizer = make_optimizer(current, config)
+    measure(current.detach(), 0)
+    for step in range(steps):
+        with torch.no_grad():
+            current.grad = loss_gradient(current, config.l1)
+        optimizer.step()
+        done = step + 1
+        if done % every == 0 or done == steps:
+            measure(current.detach(), done)
+    return current.detach().cpu().clone()
+
+
 def train_incidental(
     config: IncidentalConfig, progress: Callable[[int], None] | None = None
 ) -> IncidentalResult:
@@ -366,22 +558,16 @@ def train_incidental(
     device = resolve_device(config.device)
     start = initial_weights(config)
     weights = start.clone().to(device).requires_grad_(True)
-    if config.optimizer == "adamw":
-        # torch's fused AdamW (one pass over the weights instead of a dozen foreach passes) where it
-        # exists. The step's two matrix products run at 80–160 GFLOP/s on 2 cores at n = 64, m = 64…512;
-        # the foreach update then took 40–60 % of the step (a step at 40–66 GFLOP/s, 19–31 % of the
-        # measured 216 GFLOP/s peak); fused, a step runs at 45–95 GFLOP/s, 1.1× (m = 64) to 1.8× faster.
-        optimizer: torch.optim.Optimizer = torch.optim.AdamW(
-            [weights],
-            lr=config.lr,
-            weight_decay=config.weight_decay,
-            fused=True if device.type in ("cpu", "cuda") else None,
-        )
-    else:
-        optimizer = torch.optim.SGD([weights], lr=config.lr)
+    optimizer = make_optimizer(weights, config)
     noise = _NoiseStream(config, device) if config.noise != "none" else None
+    sampled = config.data == "bernoulli"
+    inputs = _InputStream(config, device) if sampled else None
+    scale = occurrence_scale(config.n, config.p)
+    evaluation = evaluation_inputs(config).to(device) if sampled else None
 
     curves: dict[str, list[float]] = {"step": [], "loss": [], "fourth_norm": [], "polysemantic_neurons": []}
+    if sampled:
+        curves["data_loss"] = []
 
     def record(step: int) -> None:
         with torch.no_grad():
@@ -391,12 +577,18 @@ def train_incidental(
             curves["fourth_norm"].append(fourth_norm(current).mean().item())
             count = polysemantic_neurons(current, config.polysemantic_low, config.polysemantic_high)
             curves["polysemantic_neurons"].append(count.float().mean().item())
+            if evaluation is not None:
+                curves["data_loss"].append(batch_losses(current, evaluation, config.l1, scale).mean().item())
 
     record(0)
     for step in range(config.steps):
-        step_noise = noise.at(step) if noise is not None else None
         with torch.no_grad():
-            weights.grad = loss_gradient(weights, config.l1, step_noise)
+            if inputs is not None:
+                weights.grad = batch_loss_gradient(weights, inputs.at(step), config.l1, scale)
+            else:
+                weights.grad = loss_gradient(
+                    weights, config.l1, noise.at(step) if noise is not None else None
+                )
         optimizer.step()
         done = step + 1
         if done % config.curve_every == 0 or done == config.steps:
@@ -410,7 +602,9 @@ def train_incidental(
         initial_weights=start,
         final_weights=final,
         curves=curves,
-        measurements=measure_instances(start, final, config),
+        measurements=measure_instances(
+            start, final, config, evaluation.cpu() if evaluation is not None else None
+        ),
         instance_indices=_instance_indices(config),
         wall_time_s=time.perf_counter() - started,
         device=str(device),
@@ -418,11 +612,15 @@ def train_incidental(
 
 
 def measure_instances(
-    initial: torch.Tensor, final: torch.Tensor, config: IncidentalConfig
+    initial: torch.Tensor,
+    final: torch.Tensor,
+    config: IncidentalConfig,
+    evaluation: torch.Tensor | None = None,
 ) -> dict[str, list[float]]:
     """Every per-instance measurement of a trained batch, as plain lists (one entry per instance).
 
-    initial, final: [instance, n, m].
+    initial, final: [instance, n, m]. evaluation: fixed co-occurring inputs [instance, samples, n]
+    (`evaluation_inputs`), given for data "bernoulli": adds data_loss, the co-occurrence loss on them.
     """
     low, high = config.polysemantic_low, config.polysemantic_high
     measured = {
@@ -437,7 +635,13 @@ def measure_instances(
         "initial_benign_pairs": initial_colliding_pairs(initial, opposite_signs=True),
         "winner_was_initial_argmax": winner_was_initial_argmax(initial, final),
         "final_loss": instance_losses(final, config.l1),
+        "features_represented": features_represented(final),
+        "features_per_neuron": features_per_neuron(final),
     }
+    if evaluation is not None:
+        measured["data_loss"] = batch_losses(
+            final, evaluation, config.l1, occurrence_scale(config.n, config.p)
+        )
     return {name: [float(value) for value in values.tolist()] for name, values in measured.items()}
 
 
@@ -462,6 +666,37 @@ def polysemantic_neurons(weights: torch.Tensor, low: float = 0.8, high: float = 
     Source: Lecomte et al. (seed 001), the count behind the n²/(4m) figure; docs/science.md §2.2.
     """
     return (_represented(weights, low, high).sum(dim=-2) >= 2).sum(dim=-1)
+
+
+def monosemantic_neurons(weights: torch.Tensor, low: float = 0.8, high: float = 1.2) -> torch.Tensor:
+    """[..., m] bool: neuron j carries exactly one feature at about unit strength (|W_ij| ∈ [low, high])."""
+    return _represented(weights, low, high).sum(dim=-2) == 1
+
+
+def features_represented(weights: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Number of features whose encoding has squared length ‖W_i‖² ≥ threshold: [..., n, m] → [...].
+
+    A feature the model drops (as it must when dense features outnumber the neurons) has ‖W_i‖² → 0; one it
+    reconstructs has ‖W_i‖² ≈ 1 (x̂_i = ‖W_i‖² for a lone feature), whether one-hot or spread over neurons.
+    """
+    return (weights.square().sum(dim=-1) >= threshold).sum(dim=-1)
+
+
+def features_per_neuron(weights: torch.Tensor, threshold: float = 0.25) -> torch.Tensor:
+    """Mean over used neurons of the participation ratio (Σ_i W_ij²)² / Σ_i W_ij⁴: [..., n, m] → [...].
+
+    The effective number of features a neuron answers to, without a threshold on single weights: 1 for a
+    monosemantic neuron, 2 for a neuron holding two features at equal strength, k for k equal features, and
+    large for the dense rotated encodings of co-occurring features, whose weights all lie below the [0.8, 1.2]
+    window of `polysemantic_neurons`. A neuron is used when Σ_i W_ij² ≥ threshold; NaN without used neurons.
+    """
+    squared = weights.square().sum(dim=-2)
+    fourth = weights.pow(4).sum(dim=-2)
+    used = squared >= threshold
+    ratio = squared.square() / fourth.clamp_min(torch.finfo(weights.dtype).tiny)
+    total = torch.where(used, ratio, torch.zeros_like(ratio)).sum(dim=-1)
+    count = used.sum(dim=-1)
+    return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, math.nan))
 
 
 def opposite_sign_polysemantic_neurons(

@@ -235,4 +235,4 @@ def test_design_round_trips_through_its_dict(tmp_path):
     design = load_design("lambda")
     again = parse_design(design.to_dict(), name="lambda")
     assert again.configs() == design.configs()
-    assert isinstance(design, Design) and len(design.configs()) == 10
+    assert isinstance(design, Design) and len(design.configs()) == 18

@@ -2,7 +2,7 @@
 
 Each reference below is written from the paper's equations, one model at a time, in plain torch with
 autograd (no custom autograd functions, no top-k-and-scatter: selections come from sorting), in float64.
-The registry's batched code (pipeline/sae.py) runs three models at once on the same weights, and each
+The registry's batched code (pipeline/sae/) runs three models at once on the same weights, and each
 model's forward pass, loss and gradients must match its reference to float64 rounding (1e-10). A last
 test runs the training engine itself for a few epochs and follows it with torch.optim.Adam on the
 references. Where SAELens is installed (requirements-dev.txt), its implementations are a second, external

@@ -2,7 +2,8 @@
 
 Run tree (experiment "incidental" unless told otherwise); every run is tagged study=incidental:
 
-    sweep run    kind=sweep     one per command invocation; tags command (collisions | noise | dynamics) and
+    sweep run    kind=sweep     one per command invocation; tags command (collisions | noise | dynamics |
+                                cooccurrence | splitting) and
                                 sweep_id; the sweep's table (CSV; first columns run_id, reused) and figure
                                 (PNG); the fitted log–log slope as metrics (collisions); points_trained,
                                 points_reused, points_retired
@@ -10,14 +11,17 @@ Run tree (experiment "incidental" unless told otherwise); every run is tagged st
                                 instances (non-finite values are skipped, e.g. a std over one instance); curves
                                 as step series `curve.<name>`; per_instance.csv (collisions, noise) or
                                 simulation.csv (dynamics); a collisions point also has metric converged (1/0)
-                                and tag convergence ("converged" or "unconverged: <reason>")
+                                and tag convergence ("converged" or "unconverged: <reason>"); a splitting
+                                point (one arm: baseline or ε) has per_instance.csv, checkpoints.csv (outcome
+                                counts per instance and extra step) and splits.csv (each split neuron's
+                                features on its copies, after the split and at the end)
     report run   kind=analysis  the report's markdown, CSVs and PNGs, the slopes as metrics
 
 A run is FINISHED only after all its artifacts are logged; an exception marks the open runs FAILED with the
 reason in the `failure_reason` tag, then propagates. This module records and reads; it never trains: the
 caller passes the function that trains (or simulates) one point.
 
-Collisions and noise sweeps resume (`track_points`). A point's identity is its config hash, the code
+Collisions, noise, co-occurrence and splitting sweeps resume (`track_points`, `track_splitting`). A point's identity is its config hash, the code
 version and the command (tags, with study and kind). A config whose identity has a FINISHED point run in the
 experiment is not trained again: the new sweep reads that run back, lists it in its table (reused = True)
 and counts it in points_reused; the point keeps its own sweep_id, and `point_runs` finds it through the
@@ -47,18 +51,37 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from pipeline.config_tools import config_hash, flatten, from_dict
-from pipeline.experiments.incidental import POINT_METRICS, DynamicsPoint, PointResult
+from pipeline.experiments.incidental import (
+    DynamicsPoint,
+    PointResult,
+    point_metric_names,
+    uses_sparsity_check,
+)
+from pipeline.experiments.incidental_splitting import (
+    SPLIT_METRICS,
+    SplitPointResult,
+    SplittingConfig,
+    splitting_config_from_params,
+)
 from pipeline.incidental import IncidentalConfig, assess_convergence
 from pipeline.incidental_analysis import (
     collisions_table,
+    cooccurrence_summary,
     curves_by_label,
     noise_label,
     slope_sentence,
     slope_table,
+    splitting_summary,
     summarize_points,
     unconverged_notes,
 )
-from pipeline.plots.incidental import collisions_plot, fourth_norm_plot, sparsification_plot
+from pipeline.plots.incidental import (
+    collisions_plot,
+    cooccurrence_plot,
+    fourth_norm_plot,
+    sparsification_plot,
+    splitting_plot,
+)
 from tracking.recorder import (
     CURVE_PREFIX,
     FINISHED,
@@ -88,10 +111,12 @@ from tracking.store import Store, TrackingError, code_version, git_commit, log_i
 
 STUDY = "incidental"
 DEFAULT_EXPERIMENT = "incidental"
-COMMANDS = ("collisions", "noise", "dynamics")
+COMMANDS = ("collisions", "noise", "dynamics", "cooccurrence", "splitting")
 POINT_KIND = "point"
 PER_INSTANCE_ARTIFACT = "per_instance.csv"
 SIMULATION_ARTIFACT = "simulation.csv"
+CHECKPOINTS_ARTIFACT = "checkpoints.csv"
+SPLITS_ARTIFACT = "splits.csv"
 # Trajectories of a dynamics point, logged as step series (step = Euler step index t/dt) and in its CSV.
 SIMULATION_SERIES = ("l1_norm", "nonzeros", "l2_norm", "predicted_l1_norm", "predicted_nonzeros")
 
@@ -303,6 +328,8 @@ def _describe_config(
     def describe(config: IncidentalConfig) -> tuple[str, dict[str, str], dict[str, str]]:
         if command == "noise":
             name = f"{noise_label(config)} (n={config.n}, m={config.m})"
+        elif command == "cooccurrence":
+            name = f"n={config.n} m={config.m} p={config.p:g}"
         else:
             name = f"n={config.n} m={config.m} λ={config.l1:g}"
         params = {key: str(value) for key, value in flatten(config).items()}
@@ -372,6 +399,21 @@ def _summarize_noise(points: list[PointResult]) -> _Summary:
     return _Summary(table, {"fourth_norm": figure}, {}, "\n".join(lines))
 
 
+def _summarize_cooccurrence(points: list[PointResult]) -> _Summary:
+    per_instance = pd.concat(
+        [point.per_instance.assign(n=point.config.n, m=point.config.m, p=point.config.p) for point in points],
+        ignore_index=True,
+    )
+    summary = cooccurrence_summary(per_instance)
+    lines = [
+        f"m = {row.m}, p = {row.p:g}: polysemantic neurons {row.polysemantic_neurons:.2f} "
+        f"[{row.ci_low:.2f}, {row.ci_high:.2f}]"
+        for row in summary.itertuples()
+    ]
+    table = summarize_points(points, {name: name for name in ("n", "m", "p", "l1", "batch_size")})
+    return _Summary(table, {"cooccurrence": cooccurrence_plot(summary)}, {}, "\n".join(lines))
+
+
 def point_identity(command: str, config: IncidentalConfig) -> dict[str, str]:
     """What a point computed, as the tags a FINISHED point run is found by: the study, the command, the
     config hash (every field, seed and device included) and the code version (a hash of the `pipeline/`
@@ -403,12 +445,14 @@ def read_point(store: Store, run: Run, config: IncidentalConfig) -> PointResult:
     empty [0, n, m] tensors, which nothing downstream of a sweep reads."""
     metrics = run.data.metrics
     per_instance = read_csv_artifact(store, run.info.run_id, PER_INSTANCE_ARTIFACT)
-    convergence = assess_convergence(per_instance["encoding_sparsity"]) if config.noise == "none" else None
+    convergence = (
+        assess_convergence(per_instance["encoding_sparsity"]) if uses_sparsity_check(config) else None
+    )
     empty = torch.empty((0, config.n, config.m))
     return PointResult(
         config=config,
         params=flatten(config),
-        metrics={name: metrics.get(name, math.nan) for name in POINT_METRICS},
+        metrics={name: metrics.get(name, math.nan) for name in point_metric_names(config)},
         per_instance=per_instance,
         curves=_curves_of(store, run),
         initial_weights=empty,
@@ -444,13 +488,18 @@ def track_points(
     metrics points_trained, points_reused and points_retired. `adopted_run_id` (the run `mlflow run`
     created) becomes the sweep run.
     """
-    if command not in ("collisions", "noise"):
-        raise ValueError(f"track_points records collisions or noise sweeps; got {command!r}")
+    summarizers = {
+        "collisions": _summarize_collisions,
+        "noise": _summarize_noise,
+        "cooccurrence": _summarize_cooccurrence,
+    }
+    if command not in summarizers:
+        raise ValueError(f"track_points records collisions, noise or cooccurrence sweeps; got {command!r}")
     configs = list(configs)
     hashes = [config_hash(config) for config in configs]
     if len(set(hashes)) != len(hashes):
         raise ValueError("configs repeat a configuration (same config hash); give each one once")
-    summarize = _summarize_collisions if command == "collisions" else _summarize_noise
+    summarize = summarizers[command]
     return _run_sweep(
         store,
         experiment_id,
@@ -469,6 +518,116 @@ def track_points(
             force=force,
             on_reuse=on_reuse,
         ),
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The splitting remedy
+
+
+def split_identity(config: SplittingConfig) -> dict[str, str]:
+    """What a splitting arm computed: study, command, the hash of its config (base included), code version."""
+    return {
+        "study": STUDY,
+        "command": "splitting",
+        "config_hash": config_hash(config),
+        "code_version": code_version(),
+    }
+
+
+def _describe_split(config: SplittingConfig) -> tuple[str, dict[str, str], dict[str, str]]:
+    base = config.base
+    name = f"{config.label()} (n={base.n}, m={base.m}, λ={base.l1:g}, +{config.extra_steps} steps)"
+    params = {key: str(value) for key, value in flatten(config).items()}
+    return name, params, {"config_hash": config_hash(config), "arm": config.label()}
+
+
+def log_split_result(store: Store, run_id: str, point: SplitPointResult) -> None:
+    """Finite metrics, curves as step series (step = extra step), per_instance.csv, checkpoints.csv and
+    splits.csv of one splitting arm."""
+    timestamp = now_ms()
+    metrics = finite_metrics({**point.metrics, "wall_time_s": point.wall_time_s}, timestamp)
+    for name, values in point.curves.items():
+        if name != "step":
+            metrics.extend(step_series(name, point.curves["step"], values, timestamp))
+    log_in_batches(store, run_id, metrics=metrics)
+    log_files(
+        store,
+        run_id,
+        {
+            PER_INSTANCE_ARTIFACT: lambda path: point.per_instance.to_csv(path, index=False),
+            CHECKPOINTS_ARTIFACT: lambda path: point.checkpoints.to_csv(path, index=False),
+            SPLITS_ARTIFACT: lambda path: point.splits.to_csv(path, index=False),
+        },
+    )
+
+
+def read_split_point(store: Store, run: Run, config: SplittingConfig) -> SplitPointResult:
+    """A splitting arm rebuilt from its FINISHED run: metrics, the three tables and the curves."""
+    run_id = run.info.run_id
+    return SplitPointResult(
+        config=config,
+        params=flatten(config),
+        metrics={name: run.data.metrics.get(name, math.nan) for name in SPLIT_METRICS},
+        per_instance=read_csv_artifact(store, run_id, PER_INSTANCE_ARTIFACT),
+        checkpoints=read_csv_artifact(store, run_id, CHECKPOINTS_ARTIFACT),
+        splits=_read_splits(store, run_id),
+        curves=_curves_of(store, run),
+        wall_time_s=run.data.metrics.get("wall_time_s", math.nan),
+    )
+
+
+def _read_splits(store: Store, run_id: str) -> pd.DataFrame:
+    """splits.csv, which may have a header and no rows (nothing was polysemantic)."""
+    return read_csv_artifact(store, run_id, SPLITS_ARTIFACT)
+
+
+def _summarize_splitting(points: list[SplitPointResult]) -> _Summary:
+    summary = splitting_summary(
+        {point.config.label(): point.per_instance for point in points},
+        {point.config.label(): point.checkpoints for point in points},
+        {point.config.label(): point.splits for point in points},
+        n_resamples=999,
+    )
+    lines = [
+        f"{row.arm}: resolved {row.resolved_fraction:.3f} [{row.resolved_ci_low:.3f}, {row.resolved_ci_high:.3f}], "
+        f"polysemantic after {row.polysemantic_after:.2f} (before {row.polysemantic_before:.2f})"
+        for row in summary.arms.itertuples()
+    ]
+    figure = splitting_plot(summary, {point.config.label(): point.splits for point in points})
+    return _Summary(summary.arms, {"splitting": figure}, {}, "\n".join(lines))
+
+
+def track_splitting(
+    store: Store,
+    experiment_id: str,
+    configs: Sequence[SplittingConfig],
+    *,
+    trainer: Callable[[SplittingConfig], SplitPointResult],
+    sweep_params: Mapping[str, Any] | None = None,
+    adopted_run_id: str | None = None,
+    force: bool = False,
+    on_reuse: Callable[[SplittingConfig, str], None] | None = None,
+) -> TrackedSweep:
+    """Record a splitting sweep: one point run per arm (the baseline and each ε), resumed like
+    `track_points` (identity `split_identity`); the sweep run gets splitting.csv and splitting.png."""
+    configs = list(configs)
+    hashes = [config_hash(config) for config in configs]
+    if len(set(hashes)) != len(hashes):
+        raise ValueError("configs repeat an arm (same config hash); give each one once")
+    return _run_sweep(
+        store,
+        experiment_id,
+        "splitting",
+        configs,
+        describe=_describe_split,
+        run=trainer,
+        log_result=log_split_result,
+        summarize=_summarize_splitting,
+        sweep_name=f"splitting ({len(configs)} arms)",
+        sweep_params=sweep_params or {},
+        adopted_run_id=adopted_run_id,
+        resume=_Resume(identity=split_identity, read_back=read_split_point, force=force, on_reuse=on_reuse),
     )
 
 
@@ -624,7 +783,12 @@ def points_frame(runs: Sequence) -> pd.DataFrame:
             "sweep_id": tags.get("sweep_id"),
             "command": tags.get("command"),
         }
-        row.update(flatten(config_of(run)) if tags.get("command") != "dynamics" else _dynamics_params(run))
+        if tags.get("command") == "dynamics":
+            row.update(_dynamics_params(run))
+        elif tags.get("command") == "splitting":
+            row.update(flatten(splitting_config_from_params(run.data.params)))
+        else:
+            row.update(flatten(config_of(run)))
         row.update({k: v for k, v in run.data.metrics.items() if not k.startswith(CURVE_PREFIX)})
         rows.append(row)
     return pd.DataFrame(rows)
@@ -678,6 +842,8 @@ class StudyRecords:
     dynamics_table: pd.DataFrame | None
     simulations: list[dict[str, Any]]
     notes: list[str]
+    cooccurrence_instances: pd.DataFrame | None = None
+    splitting: dict[str, dict[str, pd.DataFrame]] | None = None
 
     def query(self) -> str:
         return "; ".join(f"{command}: {', '.join(ids)}" for command, ids in self.sweeps.items())
@@ -729,7 +895,10 @@ def load_study(store: Store, experiment_id: str, sweep_ids: Sequence[str] = ()) 
         )
     noise_runs = runs.get("noise", [])
     dynamics_runs = runs.get("dynamics", [])
+    cooccurrence_runs = runs.get("cooccurrence", [])
     return StudyRecords(
+        cooccurrence_instances=per_instance_frame(store, cooccurrence_runs) if cooccurrence_runs else None,
+        splitting=splitting_records(store, runs["splitting"]) if runs.get("splitting") else None,
         sweeps=by_command,
         collisions_instances=per_instance_frame(store, runs["collisions"]) if "collisions" in runs else None,
         noise_instances=per_instance_frame(store, noise_runs) if noise_runs else None,
@@ -742,6 +911,22 @@ def load_study(store: Store, experiment_id: str, sweep_ids: Sequence[str] = ()) 
         simulations=[simulation_of(store, run) for run in dynamics_runs],
         notes=notes,
     )
+
+
+def splitting_records(store: Store, runs: Sequence[Run]) -> dict[str, dict[str, pd.DataFrame]]:
+    """{arm label: {"per_instance", "checkpoints", "splits", "config"}} of the splitting point runs, the
+    baseline first, then by ε; "config" is a one-row frame of the flattened arm config."""
+    records = {}
+    configs = [(splitting_config_from_params(run.data.params), run) for run in runs]
+    for config, run in sorted(configs, key=lambda item: (item[0].split, item[0].epsilon)):
+        run_id = run.info.run_id
+        records[config.label()] = {
+            "per_instance": read_csv_artifact(store, run_id, PER_INSTANCE_ARTIFACT),
+            "checkpoints": read_csv_artifact(store, run_id, CHECKPOINTS_ARTIFACT),
+            "splits": _read_splits(store, run_id),
+            "config": pd.DataFrame([flatten(config)]),
+        }
+    return records
 
 
 def log_study_report(

@@ -2,7 +2,10 @@
 
 - collisions: polysemantic neurons vs m against n²/(4m), L1 as the winner-take-all force (§2.2);
 - noise: fourth norm under hidden-layer noise of negative, zero and positive excess kurtosis (§2.3);
-- dynamics: the sparsification ODE against its closed-form prediction (§2.4).
+- dynamics: the sparsification ODE against its closed-form prediction (§2.4);
+- cooccurrence: polysemantic neurons when features co-occur (each on with probability p), m below and
+  above n (the open question of seed 001's discussion).
+The splitting remedy lives in `pipeline.experiments.incidental_splitting`.
 
 A point is one config; `run_point` trains it and returns params (the flattened config), scalar metrics,
 per-instance rows and curves, so a tracking layer can log each point as one run. Nothing here writes files.
@@ -20,7 +23,7 @@ import pandas as pd
 import torch
 
 from pipeline.config_tools import flatten
-from pipeline.experiments.incidental_defaults import COLLISIONS, DYNAMICS, NOISE
+from pipeline.experiments.incidental_defaults import COLLISIONS, COOCCURRENCE, DYNAMICS, NOISE
 from pipeline.incidental import (
     SPARSIFICATION_MIDDLE_WINDOW,
     Convergence,
@@ -47,6 +50,21 @@ POINT_METRICS = (
     "unconverged_instances",
     "converged",
 )
+# Added for co-occurrence points (data "bernoulli"): the loss on their fixed evaluation inputs, the mean
+# features_per_neuron and features_represented, and how much the mean count moved over the last quarter of
+# training (curve points at or after 3/4 of the steps, max − min): the stability check of a point whose
+# encodings may stay dense by design, so that the sparsity criterion of an L1 point does not apply.
+COOCCURRENCE_METRICS = (
+    "data_loss",
+    "features_per_neuron",
+    "features_represented",
+    "polysemantic_neurons_last_quarter_range",
+)
+
+
+def point_metric_names(config: IncidentalConfig) -> tuple[str, ...]:
+    """The scalar metrics of a point of this config, in order."""
+    return POINT_METRICS + (COOCCURRENCE_METRICS if config.data == "bernoulli" else ())
 
 
 @dataclass
@@ -78,6 +96,13 @@ class PointResult:
     convergence: Convergence | None = None
 
 
+def uses_sparsity_check(config: IncidentalConfig) -> bool:
+    """Whether a point's convergence is judged by encoding sparsity (`assess_convergence`): L1 points on basis
+    data. Noise points and co-occurrence points are not: whether encodings sparsify is what they measure
+    (Gaussian noise and dense co-occurring features keep them spread)."""
+    return config.noise == "none" and config.data == "basis"
+
+
 def run_point(config: IncidentalConfig, progress: Callable[[int], None] | None = None) -> PointResult:
     """Train one config (all its instances in one batched pass) and summarise it."""
     result = train_incidental(config, progress=progress)
@@ -98,7 +123,18 @@ def run_point(config: IncidentalConfig, progress: Callable[[int], None] | None =
         ),
         "final_loss": float(per_instance["final_loss"].mean()),
     }
-    convergence = assess_convergence(per_instance["encoding_sparsity"]) if config.noise == "none" else None
+    if config.data == "bernoulli":
+        steps = np.asarray(result.curves["step"])
+        late = np.asarray(result.curves["polysemantic_neurons"])[steps >= 0.75 * config.steps]
+        metrics |= {
+            "data_loss": float(per_instance["data_loss"].mean()),
+            "features_per_neuron": float(per_instance["features_per_neuron"].mean()),
+            "features_represented": float(per_instance["features_represented"].mean()),
+            "polysemantic_neurons_last_quarter_range": float(late.max() - late.min()),
+        }
+    convergence = (
+        assess_convergence(per_instance["encoding_sparsity"]) if uses_sparsity_check(config) else None
+    )
     metrics |= {
         "encoding_sparsity_min": convergence.lowest_sparsity if convergence else math.nan,
         "unconverged_instances": float(convergence.unconverged_instances) if convergence else math.nan,
@@ -107,7 +143,7 @@ def run_point(config: IncidentalConfig, progress: Callable[[int], None] | None =
     return PointResult(
         config=config,
         params=flatten(config),
-        metrics={name: metrics[name] for name in POINT_METRICS},
+        metrics={name: metrics[name] for name in point_metric_names(config)},
         per_instance=per_instance,
         curves=result.curves,
         initial_weights=result.initial_weights,
@@ -184,6 +220,47 @@ def noise_points(
         )
         for noise in noise_types
         for sigma in sigmas
+    ]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Experiment 4: co-occurring features
+
+
+def cooccurrence_points(
+    n: int = COOCCURRENCE["n"],
+    ms: Iterable[int] = COOCCURRENCE["ms"],
+    p_values: Iterable[float] = COOCCURRENCE["p_values"],
+    l1: float = COOCCURRENCE["l1"],
+    instances: int = COOCCURRENCE["instances"],
+    steps: int = COOCCURRENCE["steps"],
+    batch_size: int = COOCCURRENCE["batch_size"],
+    lr: float = COOCCURRENCE["lr"],
+    **overrides: Any,
+) -> list[IncidentalConfig]:
+    """Configs of the co-occurrence sweep (data "bernoulli"), ordered by m then p.
+
+    Each feature is on independently with probability p, at value 1 like a basis vector
+    (`pipeline.incidental.cooccurring_inputs`); p = 0 is one feature per input. Instance k of every point
+    with the same m and seed starts from the same weights and draws its inputs from the same uniforms, so
+    points that differ only in p are paired on the instance; instances within a point are independent
+    (their own init and input streams). `overrides` go to every IncidentalConfig (seed, device, …).
+    """
+    return [
+        IncidentalConfig(
+            n=n,
+            m=m,
+            l1=l1,
+            instances=instances,
+            steps=steps,
+            lr=lr,
+            data="bernoulli",
+            p=p,
+            batch_size=batch_size,
+            **overrides,
+        )
+        for m in ms
+        for p in p_values
     ]
 
 

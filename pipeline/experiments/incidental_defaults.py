@@ -36,3 +36,33 @@ DYNAMICS = {
     "dt": 0.5,
     "seed": 0,
 }
+
+# Co-occurring features (`incidental cooccurrence`): n = 32 with m below, at and above n (superposition →
+# incidental), p from 0 (one feature per input) to 0.3; λ = 1e-2 and lr 1e-2 so that encodings sparsify
+# within 4000 steps (measured: the counts at p ≤ 3e-3 do not change between 3000 and 6000 steps).
+COOCCURRENCE = {
+    "n": 32,
+    "ms": (16, 24, 32, 64, 128),
+    "p_values": (0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3),
+    "l1": 1e-2,
+    "lr": 1e-2,
+    "instances": 12,
+    "steps": 4000,
+    "batch_size": 64,
+}
+# Inputs per step of a co-occurrence point, at most (the flag --i-know-it-is-big lifts it).
+COOCCURRENCE_MAX_BATCH = 65_536
+
+# The splitting remedy (`incidental splitting`): a collisions point trained as usual, then every polysemantic
+# neuron split into two copies w/√2 with noise of scale ε, trained on with a fresh AdamW.
+SPLITTING = {
+    "n": 32,
+    "m": 64,
+    "l1": 1e-2,
+    "lr": 1e-2,
+    "instances": 32,
+    "steps": 4000,
+    "epsilons": (0.0, 0.003, 0.01, 0.03, 0.1, 0.3),
+    "extra_steps": 4000,
+    "measure_every": 250,
+}

@@ -185,3 +185,113 @@ def sparsification_plot(simulations: Sequence[Mapping[str, Any]]) -> Figure:
     nonzeros_axes.set_title("m′ vs ‖w‖₁² prediction")
     nonzeros_axes.set_ylim(bottom=0.5)
     return figure
+
+
+def cooccurrence_plot(summary: pd.DataFrame) -> Figure:
+    """Left: polysemantic neurons vs p, one series per m (mean, 95 % CI over instances), p = 0 drawn on a
+    symmetric-log axis with its linear part below the smallest positive p. Right: the same counts vs m/n, one
+    series per p, with the basis-data law n²/(4m) and the capacity bound (n − m)₊ (superposition for m < n).
+
+    summary: `pipeline.incidental_analysis.cooccurrence_summary`.
+    """
+    figure = Figure(figsize=(12, 4.8), layout="constrained")
+    by_p, by_m = figure.subplots(1, 2)
+    positive = summary["p"][summary["p"] > 0]
+    threshold = float(positive.min()) if len(positive) else 1e-3
+    colormap = matplotlib.colormaps["viridis"]
+    ms = sorted(summary["m"].unique())
+    for index, m in enumerate(ms):
+        group = summary[summary["m"] == m].sort_values("p")
+        color = colormap(index / max(len(ms) - 1, 1))
+        means = group["polysemantic_neurons"].to_numpy(dtype=float)
+        errors = np.vstack([means - group["ci_low"], group["ci_high"] - means])
+        n = int(group["n"].iloc[0])
+        by_p.errorbar(
+            group["p"], means, yerr=np.nan_to_num(errors), fmt="o-", color=color, capsize=3,
+            label=f"m = {m} (m/n = {m / n:g})",
+        )  # fmt: skip
+    by_p.set_xscale("symlog", linthresh=threshold)
+    by_p.set_xlim(left=0)
+    by_p.set_xlabel("p (each feature on independently with probability p)")
+    by_p.set_ylabel("polysemantic neurons (mean, 95 % CI)")
+    by_p.set_title("Polysemantic neurons vs co-occurrence")
+    by_p.grid(True, which="both", alpha=0.3)
+    by_p.legend(fontsize="small")
+    ps = sorted(summary["p"].unique())
+    plasma = matplotlib.colormaps["plasma"]
+    for index, p in enumerate(ps):
+        group = summary[summary["p"] == p].sort_values("m")
+        means = group["polysemantic_neurons"].to_numpy(dtype=float)
+        errors = np.vstack([means - group["ci_low"], group["ci_high"] - means])
+        by_m.errorbar(
+            group["m_over_n"], means, yerr=np.nan_to_num(errors), fmt="o-",
+            color=plasma(0.85 * index / max(len(ps) - 1, 1)), capsize=3, label=f"p = {p:g}",
+        )  # fmt: skip
+    ratios = np.geomspace(summary["m_over_n"].min(), summary["m_over_n"].max(), 100)
+    n = int(summary["n"].iloc[0])
+    by_m.plot(ratios, n / (4 * ratios), "k--", label="n²/(4m) (incidental, p = 0)")
+    by_m.plot(ratios, np.maximum(n - ratios * n, 0), "k:", label="(n − m)₊ (capacity)")
+    by_m.axvline(1.0, color="grey", linewidth=0.8)
+    by_m.set_xscale("log", base=2)
+    by_m.set_xlabel("m / n")
+    by_m.set_ylabel("polysemantic neurons")
+    by_m.set_title(f"Superposition (m < n) to incidental (m > n), n = {n}")
+    by_m.grid(True, which="both", alpha=0.3)
+    by_m.legend(fontsize="small", ncol=2)
+    return figure
+
+
+def splitting_plot(summary: Any, splits: Mapping[str, pd.DataFrame]) -> Figure:
+    """The splitting remedy from stored arms. Top left: the resolved fraction vs extra steps per arm (pooled
+    over instances, 95 % cluster-bootstrap band). Top right: polysemantic neurons vs extra steps. Bottom:
+    before/after for the split arm with the most resolved neurons: each feature of each split neuron as a
+    point (weight on copy 1, weight on copy 2) right after the split (left) and after training on (right),
+    coloured by its neuron's outcome; resolved features end on an axis, each pair on different axes.
+
+    summary: `pipeline.incidental_analysis.SplittingSummary`; splits: {arm: splits.csv}.
+    """
+    figure = Figure(figsize=(12, 9), layout="constrained")
+    (resolved_axes, count_axes), (start_axes, end_axes) = figure.subplots(2, 2)
+    cycle = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, (arm, group) in enumerate(summary.curves.groupby("arm", sort=False)):
+        color = "black" if arm.startswith("baseline") else cycle[index % len(cycle)]
+        style = "--" if arm.startswith("baseline") else "-"
+        resolved_axes.plot(group["step"], group["resolved_fraction"], style, color=color, label=arm)
+        resolved_axes.fill_between(group["step"], group["ci_low"], group["ci_high"], color=color, alpha=0.15)
+        count_axes.plot(group["step"], group["polysemantic_neurons"], style, color=color, label=arm)
+    resolved_axes.set_xlabel("extra training steps")
+    resolved_axes.set_ylabel("fraction of split neurons resolved")
+    resolved_axes.set_ylim(-0.02, 1.02)
+    resolved_axes.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
+    resolved_axes.set_title("Resolved: each copy carries one of the neuron's features")
+    count_axes.set_xlabel("extra training steps")
+    count_axes.set_ylabel("polysemantic neurons (mean over instances)")
+    count_axes.set_title("Polysemantic neurons after the split")
+    for axes in (resolved_axes, count_axes):
+        axes.grid(True, alpha=0.3)
+        axes.legend(fontsize="small")
+    split_arms = [arm for arm in splits if not arm.startswith("baseline") and len(splits[arm])]
+    if split_arms:
+        shown = max(split_arms, key=lambda arm: (splits[arm]["outcome"] == "resolved").mean())
+        table = splits[shown]
+        colors = {"resolved": "tab:green", "recollided": "tab:red", "other": "tab:grey"}
+        for axes, first, second, when in (
+            (start_axes, "first_start", "second_start", "right after the split"),
+            (end_axes, "first_after", "second_after", "after training on"),
+        ):
+            for name, color in colors.items():
+                selected = table[table["outcome"] == name]
+                axes.scatter(selected[first], selected[second], s=14, color=color, alpha=0.7, label=name)
+            axes.axhline(0, color="black", linewidth=0.5)
+            axes.axvline(0, color="black", linewidth=0.5)
+            axes.set_xlim(-1.3, 1.3)
+            axes.set_ylim(-1.3, 1.3)
+            axes.set_aspect("equal")
+            axes.set_xlabel("weight on copy 1")
+            axes.set_ylabel("weight on copy 2")
+            axes.set_title(f"{shown}: features of split neurons, {when}")
+            axes.legend(fontsize="small", title="neuron's outcome")
+    else:
+        for axes in (start_axes, end_axes):
+            axes.set_axis_off()
+    return figure
