@@ -189,11 +189,13 @@ def moderation_readings(table: pd.DataFrame, alpha: float = 0.05) -> list[str]:
                 if np.isfinite(r.difference_p_holm) and r.difference_p_holm < alpha
             ]
             text = f"{shown} under {reference}"
-            text += (
-                " persists (same sign, CI clear of 0) under every other " + moderator.rpartition(".")[2]
-                if not lost
-                else f" persists under {', '.join(kept) or 'none'} but not under {', '.join(lost)}"
-            )
+            other = moderator.rpartition(".")[2]
+            if not lost:
+                text += f" persists (same sign, CI clear of 0) under every other {other}"
+            elif not kept:
+                text += f" persists under no other {other} ({', '.join(lost)})"
+            else:
+                text += f" persists under {', '.join(kept)} but not under {', '.join(lost)}"
             if differs:
                 text += f"; its size differs clearly under {'; '.join(differs)}"
             parts.append(text)
