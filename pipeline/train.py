@@ -49,8 +49,14 @@ def metrics_failure(metrics: dict[str, float]) -> str | None:
     """Why a seed's evaluated metrics make it a failed seed (see LOSS_METRICS), or None."""
     for name in LOSS_METRICS:
         value = metrics.get(name)
-        if value is not None and not math.isfinite(value):
-            return f"{name} is {value} after training (diverged)"
+        if value is None or math.isfinite(value):
+            continue
+        if name == "sae_fvu" and math.isnan(value) and math.isfinite(metrics.get("sae_mse", math.nan)):
+            # FVU is 0/0 when the last hidden layer has no variance: every unit dead, a network that strong
+            # regularization collapsed (L1 at λ ≥ 1e-3). The SAE did not diverge (its error is finite), so the
+            # seed is a result, not a failure; the report names its NaN and leaves it out of that metric only.
+            continue
+        return f"{name} is {value} after training (diverged)"
     fvu = metrics.get("sae_fvu")
     if fvu is not None and fvu > SAE_FVU_LIMIT:
         return f"sae_fvu is {fvu:.3g} after training, above the limit {SAE_FVU_LIMIT:g} (the SAE diverged)"

@@ -352,6 +352,9 @@ def test_non_finite_or_exploding_metrics_fail_the_seed(tiny):
 
     assert metrics_failure({"val_mse": 0.1, "sae_fvu": 0.2, "macs": float("nan")}) is None
     assert "sae_fvu" in metrics_failure({"sae_fvu": float("nan")})
+    assert "sae_mse is inf" in metrics_failure({"sae_fvu": float("nan"), "sae_mse": float("inf")})
+    # A collapsed network (no variance left in its last hidden layer) has an undefined FVU, not a diverged SAE.
+    assert metrics_failure({"sae_fvu": float("nan"), "sae_mse": 0.01, "val_mse": 0.1}) is None
     assert "above the limit" in metrics_failure({"sae_fvu": SAE_FVU_LIMIT * 10})
     seed = SeedResult(config=tiny, seed=0)
     seed.metrics = {"val_mse": float("inf"), "sae_fvu": 0.2}
@@ -373,3 +376,27 @@ def test_the_report_names_nan_metrics_and_blames_only_given_options():
     assert _blamed("baseline 'q' has no finished seeds", ReportRequest(sweep_id="latest")).startswith(
         "the selected runs (--sweep-id latest"
     )
+
+
+def test_a_network_whose_last_hidden_layer_died_is_a_finished_seed_with_nan_fvu(tiny):
+    """Strong regularization can kill every unit of the last hidden layer: FVU is then 0/0 (NaN), every
+    other metric is defined, and the seed is a result to report, not a failure."""
+    import math
+
+    import torch
+
+    from pipeline.data import make_dataset
+    from pipeline.evaluation import evaluate_seed
+    from pipeline.experiments.taming import run_ablation
+    from pipeline.train import metrics_failure
+
+    trained = run_ablation(tiny, seeds=[0]).seeds[0]
+    network = trained.network
+    with torch.no_grad():
+        last_hidden = network.layers[-2]
+        last_hidden.weight.zero_()
+        last_hidden.bias.fill_(-1.0)  # ReLU(−1) = 0 for every sample: no variance left
+    metrics = evaluate_seed(tiny, network, trained.sae, make_dataset(tiny.data, 0))
+    assert math.isnan(metrics["sae_fvu"]) and math.isfinite(metrics["sae_mse"])
+    assert metrics["neuron_polysemantic"] == 0
+    assert metrics_failure(metrics) is None
