@@ -56,6 +56,7 @@ METRIC_DIRECTIONS: dict[str, Direction] = {
     "sae_mse": Direction(-1, SAE_FIT, "better SAE reconstruction", "worse SAE reconstruction"),
     "l0_sparsity": Direction(-1, SAE_FIT, "sparser SAE codes", "denser SAE codes"),
     "dead_latents": Direction(-1, SAE_FIT, "fewer dead latents", "more dead latents"),
+    "dead_neurons": Direction(-1, TASK, "fewer dead hidden units", "more dead hidden units"),
     "sparsity_w4": Direction(+1, TASK, "sparser network weights", "denser network weights"),
     "train_mse": Direction(-1, TASK, "lower task loss", "higher task loss"),
     "val_mse": Direction(-1, TASK, "lower task loss", "higher task loss"),

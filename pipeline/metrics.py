@@ -29,6 +29,7 @@ TAMING_METRIC_NAMES: tuple[str, ...] = (
     "interference_seed",
     "l0_sparsity",
     "dead_latents",
+    "dead_neurons",
     "sparsity_w4",
     "sae_mse",
     "sae_fvu",
@@ -73,6 +74,7 @@ METRIC_RANGES: dict[str, tuple[float, float]] = {
     "l0_sparsity": (0.0, 1.0),
     "dead_latents": (0.0, 1.0),
     # Mean fourth power of the weights.
+    "dead_neurons": (0.0, 1.0),
     "sparsity_w4": (0.0, _UNBOUNDED_ABOVE),
     # Reconstruction error; FVU exceeds 1 when the SAE does worse than predicting the mean.
     "sae_mse": (0.0, _UNBOUNDED_ABOVE),
@@ -363,6 +365,31 @@ def dead_latents(latents: torch.Tensor) -> float:
     return float((~(_matrix("latents", latents) > 0).any(dim=0)).double().mean())
 
 
+def dead_neurons(hidden: torch.Tensor) -> float:
+    """Fraction of the network's last-hidden-layer units whose activation never varies over the inputs
+    (a ReLU unit that is never active, or any constant unit): units the SAE has nothing to learn from.
+
+    hidden: [sample, hidden], raw activations.
+    """
+    matrix = _matrix("hidden", hidden)
+    return float((matrix.amax(dim=0) == matrix.amin(dim=0)).double().mean())
+
+
+# Metrics of the SAE's directions and of how its latents match the features: undefined (NaN) when every unit
+# of the last hidden layer is dead, because the SAE then trained on a constant and its directions are its
+# initialization drifted by the penalty, not a decomposition of anything (strong regularization collapses
+# networks this way: designs/lambda.toml at λ ≥ 1e-3 under L1).
+SAE_GEOMETRY_METRICS = (
+    "macs",
+    "macs_published_form",
+    "calibrated_macs",
+    "interference",
+    "interference_seed",
+    "feature_mmcs",
+    "feature_mcc",
+)
+
+
 def sparsity_w4(weights: Sequence[torch.Tensor]) -> float:
     """Fourth power of the weights per entry: Σ_matrices Σ W⁴ / (total number of entries).
 
@@ -601,6 +628,7 @@ def taming_metrics(
         "interference_seed": interference_seed(decoder, importances),
         "l0_sparsity": l0_sparsity(latents),
         "dead_latents": dead_latents(latents),
+        "dead_neurons": dead_neurons(hidden),
         "sparsity_w4": sparsity_w4(network_weights),
         "sae_mse": reconstruction_mse(standardized_hidden, reconstruction),
         "sae_fvu": fraction_of_variance_unexplained(standardized_hidden, reconstruction),
@@ -608,4 +636,6 @@ def taming_metrics(
         **polysemanticity_summary(latents, features, groups, "latent"),
         **feature_recovery(decoder, standardized_hidden, features),
     }
+    if results["dead_neurons"] == 1.0:
+        results.update({name: math.nan for name in SAE_GEOMETRY_METRICS})
     return {name: results[name] for name in TAMING_METRIC_NAMES}

@@ -398,5 +398,11 @@ def test_a_network_whose_last_hidden_layer_died_is_a_finished_seed_with_nan_fvu(
         last_hidden.bias.fill_(-1.0)  # ReLU(−1) = 0 for every sample: no variance left
     metrics = evaluate_seed(tiny, network, trained.sae, make_dataset(tiny.data, 0))
     assert math.isnan(metrics["sae_fvu"]) and math.isfinite(metrics["sae_mse"])
-    assert metrics["neuron_polysemantic"] == 0
+    assert metrics["neuron_polysemantic"] == 0 and metrics["dead_neurons"] == 1.0
+    # The SAE trained on a constant: its directions decompose nothing, so their metrics are undefined.
+    assert (
+        math.isnan(metrics["macs"])
+        and math.isnan(metrics["interference"])
+        and math.isnan(metrics["feature_mcc"])
+    )
     assert metrics_failure(metrics) is None

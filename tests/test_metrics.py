@@ -397,3 +397,10 @@ def test_every_metric_has_a_direction_and_every_direction_a_metric():
 
     assert set(METRIC_DIRECTIONS) == set(METRIC_NAMES)
     assert set(HEADLINE_METRICS) <= set(METRIC_NAMES)
+
+
+def test_dead_neurons_counts_units_that_never_vary():
+    hidden = torch.tensor([[0.0, 1.0, 2.0, 0.5], [0.0, 3.0, 2.0, 0.0], [0.0, 0.0, 2.0, 0.0]])
+    # unit 0 never active, unit 2 constant (not dead in the ReLU sense, but nothing to decompose)
+    assert metrics.dead_neurons(hidden) == 0.5
+    assert metrics.dead_neurons(torch.zeros(5, 3)) == 1.0
