@@ -64,6 +64,7 @@ paired t-interval and p-value (0 and NaN at the lowest level itself)."""
 
 TEST_COLUMNS = [
     "group",
+    "levels_left_out",
     "axis",
     "metric",
     "log_scale",
@@ -101,7 +102,8 @@ TEST_COLUMNS = [
 ]
 """Columns of :attr:`DoseResponse.tests` after the group columns: one row per group.
 
-``levels`` is the number of tested levels, from ``range_low`` to ``range_high`` (axis units). ``seeds`` is
+``levels_left_out`` lists the levels left out of the tests because fewer than half the group's seeds have
+a value there. ``levels`` is the number of tested levels, from ``range_low`` to ``range_high`` (axis units). ``seeds`` is
 the number of seeds present at every level (those the fits and bootstrap use), ``seeds_total``
 the number seen at any level. ``trend_*`` is the slope of the metric per unit of x (per decade when
 ``log_scale``), ``curvature_*`` the coefficient of (x − x̄)²; ``*_reason`` says why a test is NaN ("" when it
@@ -459,11 +461,22 @@ def dose_response(
         level_rows.extend(
             {**group, "group": group_label, **row} for row in _level_rows(table, tested, x, confidence)
         )
+        # A level where the metric is undefined for most seeds (e.g. SAE metrics of networks that strong
+        # regularization collapsed) would leave almost no seed complete across levels: it is left out of the
+        # tests (still described in the levels table), and the reading says so.
+        defined = table.notna().sum()
+        sparse = defined[defined < len(table) / 2].index
+        fitted = table.drop(columns=sparse)
+        fitted_levels = fitted.columns.to_numpy(dtype=float)
+        fitted_x = np.log10(fitted_levels) if use_log else fitted_levels
         test_rows.append(
             {
                 **group,
                 "group": group_label,
-                **_group_tests(table, tested, x, use_log, confidence, n_resamples, random_state),
+                **_group_tests(
+                    fitted, fitted_levels, fitted_x, use_log, confidence, n_resamples, random_state
+                ),
+                "levels_left_out": ", ".join(format_level(float(level), use_log) for level in sparse),
             }
         )
 
@@ -685,6 +698,8 @@ def _reading(row: pd.Series, metric: str, axis_label: str, log_scale: bool, conf
     seeds = f"{row['seeds']} seeds" + (
         f" of {row['seeds_total']} (only those at every level)" if row["seeds"] < row["seeds_total"] else ""
     )
+    if row.get("levels_left_out"):
+        seeds += f"; {axis_label} = {row['levels_left_out']} left out (the metric is undefined for most seeds there)"
     if row["trend_reason"]:
         return f"{head}: not testable — {row['trend_reason']}."
     level_text = format_level(row["minimum_level"], log_scale)

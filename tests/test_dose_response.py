@@ -503,3 +503,22 @@ def test_matched_level_differences_are_paired_t_tests_with_holm():
     assert table["p_holm"].to_numpy() == pytest.approx(multipletests(table["p"], method="holm")[1])
     (reading,) = matched_readings(table, "λ")
     assert "clear (Holm p < 0.05) at 1 of 3 levels: λ=1e-3" in reading
+
+
+def test_a_level_undefined_for_most_seeds_is_left_out_of_the_tests_and_named():
+    """Seeds whose metric is NaN at the top level (a collapsed network's SAE metrics) must not shrink the
+    per-seed fits to the few seeds defined everywhere: that level leaves the tests, and the reading says so."""
+    rows = []
+    for seed in range(8):
+        for position, level in enumerate((1e-5, 1e-4, 1e-3, 1e-2)):
+            value = 1.0 + 0.5 * position + 0.01 * seed * position
+            if level == 1e-2 and seed >= 2:
+                value = float("nan")  # defined for 2 of 8 seeds only
+            rows.append({"seed": seed, "lambda": level, "y": value})
+    result = dose_response(pd.DataFrame(rows), "lambda", "y")
+    (test,) = result.tests.to_dict("records")
+    assert test["levels"] == 3 and test["seeds"] == 8 and test["levels_left_out"] == "0.01"
+    # the slope per decade over the three kept levels, by hand: seed s rises 0.5 + 0.01 s per decade
+    assert test["trend_estimate"] == pytest.approx(0.5 + 0.01 * np.mean(range(8)))
+    assert "0.01 left out" in test["reading"]
+    assert len(result.levels) == 4  # the level is still described
