@@ -458,14 +458,15 @@ def dose_response(
         )
         tested = table.columns.to_numpy(dtype=float)
         x = np.log10(tested) if use_log else tested
-        level_rows.extend(
-            {**group, "group": group_label, **row} for row in _level_rows(table, tested, x, confidence)
-        )
         # A level where the metric is undefined for most seeds (e.g. SAE metrics of networks that strong
         # regularization collapsed) would leave almost no seed complete across levels: it is left out of the
-        # tests (still described in the levels table), and the reading says so.
+        # tests and the seed-blocked intervals (still described in the levels table), and the reading says so.
         defined = table.notna().sum()
         sparse = defined[defined < len(table) / 2].index
+        level_rows.extend(
+            {**group, "group": group_label, **row}
+            for row in _level_rows(table, tested, x, confidence, sparse)
+        )
         fitted = table.drop(columns=sparse)
         fitted_levels = fitted.columns.to_numpy(dtype=float)
         fitted_x = np.log10(fitted_levels) if use_log else fitted_levels
@@ -497,23 +498,28 @@ def dose_response(
     )
 
 
-def _level_rows(table: pd.DataFrame, tested: np.ndarray, x: np.ndarray, confidence: float) -> list[dict]:
-    """Per-level summaries of ``table: [seed, level]`` (NaN where a seed did not run a level)."""
+def _level_rows(
+    table: pd.DataFrame, tested: np.ndarray, x: np.ndarray, confidence: float, sparse: Sequence = ()
+) -> list[dict]:
+    """Per-level summaries of ``table: [seed, level]`` (NaN where a seed did not run a level). The
+    seed-blocked interval uses the seeds complete over the levels not in ``sparse`` (those the tests fit);
+    a sparse level gets none."""
     rows = []
     lowest = table.iloc[:, 0] if table.shape[1] else None
-    complete = table.dropna().to_numpy(dtype=float)  # [seed, level], seeds present at every level
+    fitted = table.drop(columns=list(sparse))
+    complete = fitted.dropna().to_numpy(dtype=float)  # [seed, level], seeds present at every fitted level
     levels_count = complete.shape[1]
+    within_half = pd.Series(math.nan, index=table.columns)
     if len(complete) >= 2 and levels_count >= 2:
         normalized = complete - complete.mean(axis=1, keepdims=True) + complete.mean()
         correction = math.sqrt(levels_count / (levels_count - 1))
-        within_half = (
+        within_half[fitted.columns] = (
             scipy.stats.t.ppf(0.5 + confidence / 2, len(complete) - 1)
             * normalized.std(axis=0, ddof=1)
             / math.sqrt(len(complete))
             * correction
         )
-    else:
-        within_half = np.full(levels_count, math.nan)
+    within_half = within_half.to_numpy()
     for index, level in enumerate(tested):
         column = table.iloc[:, index]
         summary = describe(column.to_numpy())
