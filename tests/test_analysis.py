@@ -215,3 +215,30 @@ def test_report_on_a_missing_experiment_is_a_usage_error(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = CliRunner().invoke(cli.cli, ["report", "--tracking-uri", uri, "--experiment", "nothing-here"])
     assert result.exit_code == 2 and "--experiment 'nothing-here' does not exist" in result.output
+
+
+def test_a_factorial_at_two_sae_architectures_gets_the_effects_by_architecture_section():
+    """The SAE × training study's report: with a complete 2⁴ factorial at each of two architectures, the
+    report estimates each factor's effect per architecture and tests the difference paired on seed."""
+    cells = list(itertools.product(*FACTOR_LEVELS.values()))
+    frames = []
+    for architecture, effect in (("leaky_relu", -0.05), ("topk", 0.0)):
+        frame = synthetic_seeds(cells, seeds=4, effect_of_reg=effect)
+        frame["sae.architecture"] = architecture
+        frame["config"] = frame["config"] + f" · architecture={architecture}"
+        frame["config_hash"] = frame["config"]  # one identity per configuration, as the store gives
+        # synthetic_seeds draws the same noise every call; an architecture's SAE adds its own
+        frame["macs"] += np.random.default_rng(len(frames) + 1).normal(0, 0.01, len(frame))
+        frames.append(frame)
+    table = pd.concat(frames, ignore_index=True)
+    report = build_report(
+        table, metrics=["macs"], baseline="random·bipolar·l1·relu · architecture=leaky_relu", n_resamples=200
+    )
+    assert report.moderation is not None and "effects_by_architecture" in report.figures
+    reg = report.moderation[report.moderation["effect"] == "reg"].set_index("level")
+    assert reg.loc["leaky_relu", "reference"] == "leaky_relu"
+    assert reg.loc["leaky_relu", "estimate"] == pytest.approx(-0.05, abs=0.01)
+    assert reg.loc["topk", "difference"] == pytest.approx(0.05, abs=0.01)
+    assert reg.loc["topk", "difference_p_holm"] < 0.05
+    assert any(line.startswith("macs (4 seeds): ") for line in report.moderation_readings)
+    assert "Do the training factors' effects persist" in report.markdown()
