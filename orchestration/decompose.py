@@ -36,6 +36,7 @@ class DecomposeRequest:
     device: str = "cpu"
     force: bool = False
     artifacts: bool = True
+    workers: int | None = None  # worker processes on CPU; None: one per core
 
 
 def check_sae_paths(paths) -> None:
@@ -72,12 +73,6 @@ def decomposition_design(request: DecomposeRequest):
 def run_decomposition(request: DecomposeRequest) -> SweepResult:
     """Train (or reuse) one SAE per seed of every configuration of the source sweep × SAE setting; the
     networks come from the source's checkpoints, none is trained. Returns the new sweep's result."""
-    from pipeline.config_tools import ConfigError
-    from pipeline.design import DesignError, configuration_labels, label_paths
-    from pipeline.experiments.decompose import decompose_ablations
-    from tracking.decompose import SAE_ONLY, TRAINED_TAG, read_source_sweep
-    from tracking.taming import SweepNaming, run_tracked_sweep
-
     design = decomposition_design(request)
     if request.device != "cpu":
         from pipeline.train import resolve_device
@@ -86,6 +81,29 @@ def run_decomposition(request: DecomposeRequest) -> SweepResult:
             resolve_device(request.device)
         except ValueError as error:
             raise InputError(f"--device: {error}") from None
+    pool = None
+    if request.device == "cpu":
+        from pipeline.experiments.pool import PassPool, usable_cores
+
+        workers = request.workers or usable_cores()
+        if workers > 1:
+            # Started first, so the workers import torch while the store is read. Evaluation costs as much
+            # as SAE training here, and one process would do all of it (bench/decompose.py).
+            pool = PassPool(workers).start()
+    try:
+        return _decompose_into_store(request, design, pool)
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+def _decompose_into_store(request: DecomposeRequest, design, pool) -> SweepResult:
+    from pipeline.config_tools import ConfigError
+    from pipeline.design import DesignError, configuration_labels, label_paths
+    from pipeline.experiments.decompose import decompose_ablations
+    from tracking.decompose import SAE_ONLY, TRAINED_TAG, read_source_sweep
+    from tracking.taming import SweepNaming, run_tracked_sweep
+
     store = open_store(request.tracking_uri)
     experiment_id, experiment_name, adopted = experiment_and_adopted_run(
         store, request.experiment, create=False
@@ -139,7 +157,13 @@ def run_decomposition(request: DecomposeRequest) -> SweepResult:
 
     def trainer(group, seed_list, share_passes, progress, on_seed):
         return decompose_ablations(
-            group, seed_list, networks=networks, progress=progress, device=request.device, on_seed=on_seed
+            group,
+            seed_list,
+            networks=networks,
+            progress=progress,
+            device=request.device,
+            on_seed=on_seed,
+            pool=pool,
         )
 
     reused: list[str] = []

@@ -170,3 +170,31 @@ def test_decomposing_a_sweep_without_checkpoints_is_one_sentence(tmp_path):
     result = CliRunner().invoke(cli.cli, ["decompose", "--set", "sae.d_sae=8", "--tracking-uri", uri])
     assert result.exit_code == 2, result.output
     assert "--no-artifacts cannot be decomposed" in result.output
+
+
+def test_a_pool_of_workers_gives_the_same_decomposition_as_one_process():
+    from pipeline.experiments.decompose import decompose_ablations
+    from pipeline.experiments.pool import PassPool
+
+    base = tiny_config()
+    configs = [base, base.with_factors("orthogonal", "bipolar", "l2", "gelu")]
+    seeds = [0, 1, 2, 3]
+    trained = {
+        (config.hash(), result.seed): result.network
+        for config in configs
+        for result in train_pass([config] * 4, seeds)
+    }
+    target = [dataclasses.replace(config, sae=dataclasses.replace(config.sae, d_sae=8)) for config in configs]
+    source_hash = {t.hash(): c.hash() for t, c in zip(target, configs, strict=True)}
+
+    def networks(config, seed):
+        return trained[(source_hash[config.hash()], seed)]
+
+    alone = decompose_ablations(target, seeds, networks=networks)
+    with PassPool(2) as pool:
+        pooled = decompose_ablations(target, seeds, networks=networks, pool=pool)
+    for one, other in zip(alone, pooled, strict=True):
+        for a, b in zip(one.seeds, other.seeds, strict=True):
+            assert a.seed == b.seed and a.finished and b.finished
+            for name, value in a.metrics.items():
+                assert b.metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-6, nan_ok=True), name

@@ -26,6 +26,7 @@ from pipeline import sae as sae_architectures
 from pipeline.config import AblationConfig
 from pipeline.config_tools import leaf_fields, leaf_values
 from pipeline.data import make_dataset
+from pipeline.experiments.pool import PassPool
 from pipeline.experiments.taming import AblationResult, evaluate
 from pipeline.models import MLP, mlp_forward_features, runs_of
 from pipeline.train import (
@@ -130,6 +131,18 @@ def decompose_pass(
     return results
 
 
+def _decompose_chunk(configs, seeds, networks, device) -> list[SeedResult]:
+    """In a worker process of a `PassPool`: one decomposition pass over a chunk, evaluated."""
+    from pipeline.experiments.pool import worker_progress
+
+    progress, flush = worker_progress()
+    models = len(configs)
+    counted = None if progress is None else lambda count: progress(count * models)
+    trained = decompose_pass(configs, seeds, networks, counted, device)
+    flush()
+    return [evaluate(result) for result in trained]
+
+
 def decompose_ablations(
     configs: Sequence[AblationConfig],
     seeds: Iterable[int],
@@ -138,6 +151,7 @@ def decompose_ablations(
     progress: Progress | None = None,
     device: str = "cpu",
     on_seed: Callable[[int, SeedResult], None] | None = None,
+    pool: PassPool | None = None,
 ) -> list[AblationResult]:
     """Decompose every (configuration, seed) from its stored network; one AblationResult per config.
 
@@ -145,6 +159,8 @@ def decompose_ablations(
     seed, or a one-sentence reason there is none (the seed then fails with it, untrained). Seeds are
     evaluated and handed to `on_seed(config index, seed result)` as each pass finishes, like
     `pipeline.experiments.taming.run_ablations`. `progress(count)` counts SAE-epochs (one model, one epoch).
+    With a `pool`, each pass is split by seed over its workers, which train and evaluate their chunks in
+    parallel (evaluation costs as much as SAE training here, and one process would do it alone).
     """
     seeds = list(seeds)
     if not seeds:
@@ -164,18 +180,54 @@ def decompose_ablations(
                 deliver(config_index, SeedResult(config=config, seed=seed, failure=network))
                 continue
             passes.setdefault(decomposition_key(config), []).append((config_index, seed, network))
-    for members in passes.values():
-        # Progress counts SAE-epochs (one per model and epoch); a pass's epoch trains all of its models.
-        models = len(members)
-        trained = decompose_pass(
-            [configs[index] for index, _, _ in members],
-            [seed for _, seed, _ in members],
-            [network for _, _, network in members],
-            None if progress is None else lambda count, models=models: progress(count * models),
-            device,
-        )
-        for (config_index, _, _), seed_result in zip(members, trained, strict=True):
-            deliver(config_index, evaluate(seed_result))
+    if pool is not None:
+        _decompose_in_pool(pool, configs, list(passes.values()), deliver, progress, device)
+    else:
+        for members in passes.values():
+            # Progress counts SAE-epochs (one per model and epoch); a pass's epoch trains all its models.
+            models = len(members)
+            trained = decompose_pass(
+                [configs[index] for index, _, _ in members],
+                [seed for _, seed, _ in members],
+                [network for _, _, network in members],
+                None if progress is None else lambda count, models=models: progress(count * models),
+                device,
+            )
+            for (config_index, _, _), seed_result in zip(members, trained, strict=True):
+                deliver(config_index, evaluate(seed_result))
     for result in results:
         result.seeds.sort(key=lambda seed_result: seed_result.seed)
     return results
+
+
+def _decompose_in_pool(pool, configs, passes, deliver, progress, device) -> None:
+    """Every pass split by seed over the pool's workers; each chunk handed to `deliver` when it is done."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    from pipeline.experiments.pool import pool_chunks
+
+    futures = {}
+    for members in passes:
+        network_of = {(index, seed): network for index, seed, network in members}
+        for chunk in pool_chunks([(index, seed) for index, seed, _ in members], pool.workers):
+            future = pool.submit_task(
+                _decompose_chunk,
+                [configs[index] for index, _ in chunk],
+                [seed for _, seed in chunk],
+                [network_of[key] for key in chunk],
+                device,
+            )
+            futures[future] = chunk
+    pending = set(futures)
+    try:
+        while pending:
+            done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+            pool.drain_progress(progress)
+            for future in done:
+                for (config_index, _), seed_result in zip(futures[future], future.result(), strict=True):
+                    deliver(config_index, seed_result)
+        pool.drain_progress(progress)
+    except BaseException:
+        for future in pending:
+            future.cancel()
+        raise

@@ -183,11 +183,11 @@ def _ready() -> bool:
     return True
 
 
-def _train_chunk(configs: Sequence[AblationConfig], seeds: Sequence[int], device: str) -> list[SeedResult]:
-    """In a worker process: one batched pass over a seed chunk, evaluated (progress sent to the parent)."""
-    from pipeline.experiments.taming import evaluate
-    from pipeline.train import train_pass
-
+def worker_progress() -> tuple[Progress | None, Callable[[], None]]:
+    """In a worker process: (progress callback that sends counts to the parent PROGRESS_BATCH at a time, or
+    None outside a pool; a function that sends what is left)."""
+    if _worker_progress is None:
+        return None, lambda: None
     pending = 0
 
     def progress(count: int) -> None:
@@ -197,9 +197,23 @@ def _train_chunk(configs: Sequence[AblationConfig], seeds: Sequence[int], device
             _worker_progress.put(pending)
             pending = 0
 
-    trained = train_pass(configs, seeds, progress if _worker_progress is not None else None, device)
-    if pending and _worker_progress is not None:
-        _worker_progress.put(pending)
+    def flush() -> None:
+        nonlocal pending
+        if pending:
+            _worker_progress.put(pending)
+            pending = 0
+
+    return progress, flush
+
+
+def _train_chunk(configs: Sequence[AblationConfig], seeds: Sequence[int], device: str) -> list[SeedResult]:
+    """In a worker process: one batched pass over a seed chunk, evaluated (progress sent to the parent)."""
+    from pipeline.experiments.taming import evaluate
+    from pipeline.train import train_pass
+
+    progress, flush = worker_progress()
+    trained = train_pass(configs, seeds, progress, device)
+    flush()
     return [evaluate(result) for result in trained]
 
 
@@ -255,7 +269,13 @@ class PassPool:
         return prefetched or self._submit(list(configs), list(seeds), device)
 
     def _submit(self, configs: list[AblationConfig], seeds: list[int], device: str) -> Future:
-        future = self.executor.submit(_train_chunk, configs, seeds, device)
+        return self.submit_task(_train_chunk, configs, seeds, device)
+
+    def submit_task(self, function: Callable, *arguments) -> Future:
+        """Run `function(*arguments)` (module-level, picklable) in a worker, e.g. a chunk of SAEs trained
+        on stored networks (`pipeline.experiments.decompose`); it reports progress through
+        `worker_progress`."""
+        future = self.executor.submit(function, *arguments)
         self.outstanding.append(future)
         return future
 
