@@ -794,6 +794,143 @@ def decompose(sweep_id, grid_texts, set_texts, experiment, tracking_uri, device,
     _print_sweep_result(result, "decomposition")
 
 
+EXAMPLES_SPLIT = """
+\b
+Examples:
+  python cli.py split                                               # the latest sweep, ε 0,0.01,0.1,0.3, +200 and +1000 epochs
+  python cli.py split --sweep-id latest --epsilon 0,0.01,0.1 --epochs 200,1000
+  python cli.py split --sweep-id 3f2a9c0d1e4b --report-only --out reports/split   # from stored runs only
+Re-running skips every (network, arm, epochs) that already has a FINISHED split run; --force recomputes.
+"""
+
+
+class _NumberList(click.ParamType):
+    """Comma-separated numbers, each checked by `item` (a LimitedInt or LimitedFloat); no repeats."""
+
+    def __init__(self, item: click.ParamType) -> None:
+        self.item = item
+        self.name = f"{item.name}[,...]"
+
+    def get_metavar(self, param, ctx):
+        kind = "INTEGER" if isinstance(self.item, click.IntRange) else "FLOAT"
+        return f"{kind}[,...] ({self.item._describe_range()})"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        texts = [text.strip() for text in str(value).split(",")]
+        if any(not text for text in texts):
+            self.fail(f"empty item in {value!r}; give comma-separated numbers", param, ctx)
+        if len(texts) > MAX_LIST_ITEMS:
+            self.fail(f"more than {MAX_LIST_ITEMS} values in {value!r}", param, ctx)
+        values = tuple(self.item.convert(text, param, ctx) for text in texts)
+        if len(set(values)) != len(values):
+            self.fail(f"{value!r} repeats a value; give each once", param, ctx)
+        return values
+
+
+@cli.command(epilog=EXAMPLES_SPLIT)
+@click.option(
+    "--sweep-id",
+    type=SweepId(latest=True),
+    default="latest",
+    show_default=True,
+    help="The taming sweep whose stored networks are split: its 12-character id, or 'latest'.",
+)
+@click.option(
+    "--epsilon",
+    "epsilons",
+    type=_NumberList(LimitedFloat(min=0, max=10)),
+    default="0,0.01,0.1,0.3",
+    show_default=True,
+    help="Noise scales ε of the copies' incoming weights, as a fraction of the split row's norm.",
+)
+@click.option(
+    "--epochs",
+    type=_NumberList(LimitedInt(min=1, max=100_000)),
+    default="200,1000",
+    show_default=True,
+    help="Fine-tuning lengths E after the split (the no-split baseline is fine-tuned as long).",
+)
+@experiment_option("taming")
+@tracking_uri_option()
+@click.option(
+    "--force", is_flag=True, help="Recompute even where FINISHED split runs have the same identity."
+)
+@click.option(
+    "--report-only",
+    is_flag=True,
+    help="Train nothing: rebuild the table and figures from the stored split runs of the sweep.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=OutFolder(),
+    default=None,
+    help="Folder for splitting.csv, per_configuration.csv, splitting.md and PNGs [default: reports/split-<time>].",
+)
+@override_option()
+def split(sweep_id, epsilons, epochs, experiment, tracking_uri, force, report_only, out_dir):
+    """The splitting remedy on a stored sweep's networks: split, fine-tune, compare with no split.
+
+    \b
+    For every stored network (seed run checkpoint) of the sweep: the polysemantic neurons of the last
+    hidden layer (the ground-truth definition behind neuron_polysemantic) are each duplicated, the
+    outgoing weights of both copies halved (the network computes exactly the same function), each copy's
+    incoming weights perturbed by Gaussian noise of scale ε·‖row‖, and the widened network fine-tuned for E
+    epochs with its training objective (MSE, its regularization, its noise; Adam at its lr). The same
+    network fine-tuned E epochs without splitting is the baseline. One run per (network, arm, E), kind
+    "split", tagged with the network's seed run id (network_run_id) and source_sweep_id. The table compares
+    each (ε, E) with the baseline, paired on (configuration, seed), differences averaged over configurations
+    within seed, t-intervals across seeds.
+    """
+    from orchestration.taming import InputError, StoreUnavailable
+    from orchestration.taming_splitting import SplitRequest, run_split
+    from pipeline.tables import markdown_table
+
+    request = SplitRequest(
+        sweep_id=sweep_id,
+        epsilons=epsilons,
+        epochs=epochs,
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        force=force,
+        report_only=report_only,
+        out_dir=out_dir,
+    )
+    try:
+        result = run_split(request, on_status=lambda text: click.echo(text, err=True))
+    except InputError as error:
+        _fail_usage(str(error))
+    except StoreUnavailable as error:
+        raise click.ClickException(str(error)) from error
+    if result.table is not None:
+        columns = [
+            "epsilon",
+            "epochs",
+            "metric",
+            "before",
+            "baseline",
+            "split",
+            "difference",
+            "ci_low",
+            "ci_high",
+            "p_holm",
+            "seeds",
+        ]
+        click.echo(markdown_table(result.table, columns))
+        click.echo("")
+    for line in result.readings:
+        click.echo(line)
+    if not report_only:
+        click.echo(
+            f"\nRecorded {result.recorded} split run(s), reused {result.reused}, under run {result.run_id} in "
+            f"experiment '{result.experiment_name}' ({result.wall_s:.0f} s)."
+        )
+    if result.folder is not None:
+        click.echo(f"Files in {result.folder}/.")
+
+
 @cli.command()
 @click.argument("run_id", type=RunId())
 @tracking_uri_option()

@@ -127,6 +127,13 @@ def build_and_log_report(request: ReportRequest, on_status=lambda text: None) ->
         )
     except ValueError as error:
         raise InputError(f"{_blamed(str(error), request)}: {error}") from None
+    if request.sweep_id is not None:
+        from tracking.taming_splitting import splitting_section
+
+        # `split` runs on this sweep's networks (the splitting remedy) get their section in its report.
+        splitting = splitting_section(store, experiment_id, request.sweep_id)
+        if splitting is not None:
+            built.add_splitting(*splitting)
     networks = 0
     if request.published_ladder:
         from pipeline.published import published_ladder as train_ladder

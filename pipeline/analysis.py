@@ -126,7 +126,15 @@ class Report:
     # main effects per level and their differences from the baseline's level (pipeline.moderation).
     moderation: pd.DataFrame | None = None
     moderation_readings: list[str] = field(default_factory=list)
+    # The splitting remedy on this sweep's stored networks (`split` runs; pipeline.taming_splitting).
+    splitting: pd.DataFrame | None = None
+    splitting_readings: list[str] = field(default_factory=list)
     figures: dict[str, Figure] = field(default_factory=dict)
+
+    def add_splitting(self, table: pd.DataFrame, readings: list[str], figures: dict[str, Figure]) -> None:
+        """Attach the splitting study of this sweep's networks (tracking.taming_splitting.splitting_section)."""
+        self.splitting, self.splitting_readings = table, list(readings)
+        self.figures.update(figures)
 
     def add_published_ladder(self, per_seed: pd.DataFrame) -> None:
         """Attach `pipeline.published.published_ladder`'s per-seed table (the baseline's stored networks)."""
@@ -161,6 +169,8 @@ class Report:
             sections.append(
                 (MODERATION_TITLE, [*self.moderation_readings, MODERATION_METHOD], self.moderation)
             )
+        if self.splitting is not None:
+            sections.append((SPLITTING_TITLE, self.splitting_readings, self.splitting))
         if self.caveats:
             sections.append(("Caveats", self.caveats, None))
         sections.append(("How the numbers were computed", self.notes, None))
@@ -249,6 +259,8 @@ class Report:
             tables["published_ladder.csv"] = self.ladder_per_seed
         if self.moderation is not None:
             tables["effects_by_level.csv"] = self.moderation
+        if self.splitting is not None:
+            tables["splitting.csv"] = self.splitting
         if self.dose_matched is not None:
             tables["dose_response_matched.csv"] = self.dose_matched
         if self.dose_tests is not None:
@@ -305,6 +317,7 @@ class Report:
         return "\n".join(parts)
 
 
+SPLITTING_TITLE = "Splitting the polysemantic neurons of the last hidden layer (the split runs of this sweep)"
 MODERATION_TITLE = "Do the training factors' effects persist across levels of another setting?"
 MODERATION_METHOD = (
     "Each main effect is estimated at each level from the seeds that ran all 16 cells at every level: per "

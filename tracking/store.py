@@ -430,6 +430,7 @@ RESULT_SOURCES = (
     "pipeline/experiments/incidental_splitting.py",
     "pipeline/experiments/pool.py",
     "pipeline/experiments/taming.py",
+    "pipeline/experiments/taming_splitting.py",
     "pipeline/fused.py",
     "pipeline/incidental.py",
     "pipeline/metrics.py",
@@ -464,6 +465,7 @@ OTHER_SOURCES = (
     "pipeline/runtime.py",
     "pipeline/stats.py",
     "pipeline/tables.py",
+    "pipeline/taming_splitting.py",
 )
 
 
