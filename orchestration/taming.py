@@ -151,12 +151,7 @@ def reports_store_faults(command: Callable) -> Callable:
 
     @functools.wraps(command)
     def wrapper(*arguments, **keywords):
-        from tracking.store import (
-            TrackingError,
-            describe_store_failure,
-            is_store_failure,
-            resolve_tracking_uri,
-        )
+        from tracking.uri import TrackingError  # not tracking.store: MLflow (1 s) waits for the workers
 
         try:
             return command(*arguments, **keywords)
@@ -165,6 +160,8 @@ def reports_store_faults(command: Callable) -> Callable:
         except TrackingError as error:
             raise InputError(str(error)) from None
         except Exception as error:
+            from tracking.store import describe_store_failure, is_store_failure, resolve_tracking_uri
+
             if not is_store_failure(error):
                 raise
             option = keywords.get(

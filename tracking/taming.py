@@ -252,7 +252,8 @@ def log_seed(
         **_identity_tags(config, [seed_result.seed]),
         **recorder.owner_tags(),
     }
-    run_id = store.client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+    run_info = store.client.create_run(experiment_id, run_name=name, tags=tags).info
+    run_id = run_info.run_id
     try:
         timestamp = now_ms()
         metrics = [
@@ -298,6 +299,7 @@ def log_seed(
                     CHECKPOINT_PATH: lambda path: torch.save(saved, path),
                     "overlap.png": lambda path: path.write_bytes(png),
                 },
+                artifact_uri=run_info.artifact_uri,
             )
         if terminate:
             store.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))

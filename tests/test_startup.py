@@ -1,0 +1,68 @@
+"""What the sweep command's start-up and recording rely on for speed, checked so it does not creep back.
+
+The sweep starts its worker processes right after its configs are checked, so checking them must not
+import torch (about 0.8 s on 2 cores, during which a second core would sit idle); and a seed run's
+artifacts go straight to its local artifact folder, without the client's look-up of the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import SAEConfig, check_field_choices
+from pipeline.config_tools import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_default_sae_architecture_is_in_the_registry():
+    # check_field_choices skips the registry look-up for a default value; that is sound only if the
+    # default is a registered architecture.
+    from pipeline.sae import ARCHITECTURES
+
+    default = next(item.default for item in dataclasses.fields(SAEConfig) if item.name == "architecture")
+    assert default in ARCHITECTURES
+    check_field_choices(SAEConfig(), "sae.")
+
+
+def test_an_unknown_sae_architecture_is_still_rejected():
+    with pytest.raises(ConfigError, match="sae.architecture must be one of leaky_relu"):
+        SAEConfig(architecture="matching_pursuit")
+
+
+def test_checking_the_preset_configs_does_not_import_torch():
+    code = (
+        "import sys\n"
+        "from pipeline.config import AblationConfig, preset_configs\n"
+        "for preset in ('strategic', 'factorial'):\n"
+        "    preset_configs(preset, AblationConfig())\n"
+        "print('torch' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, timeout=120
+    )
+    assert result.stdout.strip() == "False"
+
+
+def test_log_files_with_the_run_artifact_uri_writes_into_the_run(tmp_path):
+    from tracking.recorder import log_files
+    from tracking.store import open_store
+
+    store = open_store(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id = store.client.create_experiment("startup", artifact_location=str(tmp_path / "artifacts"))
+    info = store.client.create_run(experiment_id).info
+    log_files(
+        store,
+        info.run_id,
+        {"nested/a.txt": lambda path: path.write_text("a"), "b.bin": lambda path: path.write_bytes(b"b")},
+        artifact_uri=info.artifact_uri,
+    )
+    listed = {item.path for item in store.client.list_artifacts(info.run_id)}
+    assert listed == {"nested", "b.bin"}
+    assert [item.path for item in store.client.list_artifacts(info.run_id, "nested")] == ["nested/a.txt"]
+    assert (Path(info.artifact_uri.removeprefix("file://")) / "nested" / "a.txt").read_text() == "a"
