@@ -134,7 +134,11 @@ def _decompose_into_store(request: DecomposeRequest, design, pool) -> SweepResul
             for target in targets
         },
         seed_tags={
-            (target.hash(), seed): {TRAINED_TAG: SAE_ONLY, "network_run_id": run_id}
+            (target.hash(), seed): {
+                TRAINED_TAG: SAE_ONLY,
+                "network_run_id": run_id,
+                "network_code_version": source.code_versions[(network_hash, seed)],
+            }
             for target in targets
             for (network_hash, seed), run_id in source.seed_runs.items()
             if network_hash == network_of[target.hash()]

@@ -92,6 +92,7 @@ def test_decomposition_records_a_sweep_whose_seeds_link_to_their_networks(decomp
     for run in decomposed:
         assert run.info.status == "FINISHED"
         source = sources[run.data.tags["network_run_id"]]
+        assert run.data.tags["network_code_version"] == source.data.tags["code_version"]
         assert source.data.tags["seed"] == run.data.tags["seed"]
         assert source.data.params["network.reg"] == run.data.params["network.reg"]
         config, _, network, sae = load_checkpoint(load_seed_checkpoint(store, run.info.run_id))

@@ -8,6 +8,7 @@ from:
     sweep run      source_sweep_id      the sweep whose networks were decomposed
     ablation run   source_run_id        the ablation run that trained the networks
     seed run       network_run_id       the seed run whose checkpoint held this seed's network
+                   network_code_version the code version that trained it (it may predate this run's own)
     all three      trained              "sae only": no network was trained by this run
 """
 
@@ -43,6 +44,7 @@ class SourceSweep:
     labels: dict[str, str] = field(default_factory=dict)
     ablation_runs: dict[str, str] = field(default_factory=dict)
     seed_runs: dict[tuple[str, int], str] = field(default_factory=dict)
+    code_versions: dict[tuple[str, int], str] = field(default_factory=dict)
     missing: dict[tuple[str, int], str] = field(default_factory=dict)
     networks: dict[tuple[str, int], MLP] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
@@ -105,6 +107,7 @@ def read_source_sweep(store: Store, experiment_id: str, sweep_id: str) -> Source
             config = config or saved_config
             source.networks[key] = network
             source.seed_runs[key] = row.run_id
+            source.code_versions[key] = str(row.code_version)
             source.ablation_runs[config_hash] = row.parent_run_id
         if config is None:
             source.skipped.append(label)
