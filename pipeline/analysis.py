@@ -10,6 +10,7 @@ import base64
 import html
 import io
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,6 +130,10 @@ class Report:
     # The splitting remedy on this sweep's stored networks (`split` runs; pipeline.taming_splitting).
     splitting: pd.DataFrame | None = None
     splitting_readings: list[str] = field(default_factory=list)
+    # One other setting at two levels (gradient clipping off/on): per configuration, the paired mean
+    # difference and the Pitman–Morgan comparison of the seed variances (pipeline.variance).
+    two_levels: pd.DataFrame | None = None
+    two_levels_readings: list[str] = field(default_factory=list)
     figures: dict[str, Figure] = field(default_factory=dict)
 
     def add_splitting(self, table: pd.DataFrame, readings: list[str], figures: dict[str, Figure]) -> None:
@@ -171,6 +176,10 @@ class Report:
             )
         if self.splitting is not None:
             sections.append((SPLITTING_TITLE, self.splitting_readings, self.splitting))
+        if self.two_levels is not None:
+            sections.append(
+                (TWO_LEVELS_TITLE, [*self.two_levels_readings, TWO_LEVELS_METHOD], self.two_levels)
+            )
         if self.caveats:
             sections.append(("Caveats", self.caveats, None))
         sections.append(("How the numbers were computed", self.notes, None))
@@ -261,6 +270,8 @@ class Report:
             tables["effects_by_level.csv"] = self.moderation
         if self.splitting is not None:
             tables["splitting.csv"] = self.splitting
+        if self.two_levels is not None:
+            tables["two_levels.csv"] = self.two_levels
         if self.dose_matched is not None:
             tables["dose_response_matched.csv"] = self.dose_matched
         if self.dose_tests is not None:
@@ -317,6 +328,14 @@ class Report:
         return "\n".join(parts)
 
 
+TWO_LEVELS_TITLE = "One setting at two levels: its effect on each configuration's mean and seed variance"
+TWO_LEVELS_METHOD = (
+    "Within each configuration (the other settings fixed), the two levels share every seed's data, inits and "
+    "noise, so both comparisons are paired on seed: the mean by a paired t-test, the seed variance by the "
+    "Pitman–Morgan test (correlation of the pairs' sums and differences, df = pairs − 2; Levene's or the F "
+    "test would assume independent samples), with the variance ratio (second level over first) and its "
+    "interval. Holm over every configuration and metric, separately for means and variances."
+)
 SPLITTING_TITLE = "Splitting the polysemantic neurons of the last hidden layer (the split runs of this sweep)"
 MODERATION_TITLE = "Do the training factors' effects persist across levels of another setting?"
 MODERATION_METHOD = (
@@ -429,6 +448,93 @@ def dose_response_section(
             adjusted[finite] = multipletests(p_values[finite], method="holm")[1]
         tests_frame[f"{test}_p_holm"] = adjusted
     return pd.concat(levels, ignore_index=True), tests_frame, readings, plots, matched_frame
+
+
+def two_levels_section(finished: pd.DataFrame, metrics: Sequence[str]):
+    """(table, readings) when exactly one setting other than the four factors varies and takes two values
+    (the clipping study: `sae.grad_clip` 0 and 1); else None. One row per (configuration, metric)."""
+    from pipeline.design import FACTOR_PATHS
+    from pipeline.stats import adjust_pvalues, one_sample_t_across_seeds
+    from pipeline.variance import paired_variance_comparison
+
+    others = [path for path in varying_settings(finished) if path not in FACTOR_PATHS]
+    if len(others) != 1:
+        return None
+    setting = others[0]
+    values = sorted(pd.unique(finished[setting].astype(str)), key=lambda text: (_as_number(text), text))
+    if len(values) != 2:
+        return None
+    frame = finished.assign(**{setting: finished[setting].astype(str)})
+    groups = list(FACTOR_LEVELS)
+    rows = []
+    for metric in metrics:
+        table = paired_variance_comparison(frame, setting, metric, group_columns=groups, levels=tuple(values))
+        for row in table.to_dict("records"):
+            cell = frame
+            for column in groups:
+                cell = cell[cell[column] == row[column]]
+            wide = cell.pivot_table(index="seed", columns=setting, values=metric, aggfunc="first")
+            wide = wide.reindex(columns=values).apply(pd.to_numeric, errors="coerce").dropna()
+            differences = (wide[values[1]] - wide[values[0]]).to_numpy(dtype=float)
+            scale = np.asarray(2 * np.abs(wide.to_numpy(dtype=float)).max()) if len(wide) else np.asarray(1.0)
+            test = one_sample_t_across_seeds(differences, scale) if len(differences) else None
+            row.update(
+                config="·".join(str(row[column]) for column in groups),
+                mean_difference=float(test["estimate"]) if test else math.nan,
+                mean_ci_low=float(test["ci_low"]) if test else math.nan,
+                mean_ci_high=float(test["ci_high"]) if test else math.nan,
+                mean_p=float(test["p"]) if test else math.nan,
+            )
+            rows.append(row)
+    result = pd.DataFrame(rows)
+    for column in ("mean_p", "p"):
+        tested = result[column].notna()
+        result[f"{column}_holm"] = math.nan
+        if tested.any():
+            result.loc[tested, f"{column}_holm"] = adjust_pvalues(
+                result.loc[tested, column].to_numpy(), "holm"
+            )
+    shown = [
+        "config", "metric", "pairs", "reference_mean", "mean", "mean_difference", "mean_ci_low", "mean_ci_high",
+        "mean_p_holm", "reference_variance", "variance", "variance_ratio", "ratio_ci_low", "ratio_ci_high",
+        "pair_correlation", "p", "p_holm",
+    ]  # fmt: skip
+    result = result[shown].rename(columns={"p": "variance_p", "p_holm": "variance_p_holm"})
+    readings = []
+    name = setting.rpartition(".")[2]
+    for metric, rows_of_metric in result.groupby("metric", sort=False):
+        narrower = rows_of_metric[
+            (rows_of_metric["variance_p_holm"] < 0.05) & (rows_of_metric["variance_ratio"] < 1)
+        ]
+        wider = rows_of_metric[
+            (rows_of_metric["variance_p_holm"] < 0.05) & (rows_of_metric["variance_ratio"] > 1)
+        ]
+        moved = rows_of_metric[rows_of_metric["mean_p_holm"] < 0.05]
+        ratios = rows_of_metric["variance_ratio"].dropna()
+        readings.append(
+            f"{metric}: {name} {values[1]} against {values[0]} — seed variance clearly narrower in {len(narrower)} "
+            f"and wider in {len(wider)} of {len(rows_of_metric)} configurations (Holm); variance ratio "
+            f"{ratios.min():.3g} … {ratios.max():.3g} (median {ratios.median():.3g}); mean clearly moved in "
+            f"{len(moved)} configuration(s)"
+            + (
+                ": "
+                + "; ".join(
+                    f"{row.config} {row.mean_difference:+.3g} [{row.mean_ci_low:.3g}, {row.mean_ci_high:.3g}]"
+                    for row in moved.itertuples()
+                )
+                if len(moved)
+                else ""
+            )
+            + "."
+        )
+    return result, readings
+
+
+def _as_number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.inf
 
 
 def moderation_section(finished: pd.DataFrame, metrics: Sequence[str], baseline: str):
@@ -715,6 +821,9 @@ def build_report(
     if dose is not None:
         report.dose_levels, report.dose_tests, report.dose_readings, dose_figures, report.dose_matched = dose
         report.figures.update(dose_figures)
+    two_levels = two_levels_section(finished, metrics)
+    if two_levels is not None:
+        report.two_levels, report.two_levels_readings = two_levels
     moderation = moderation_section(finished, metrics, baseline)
     if moderation is not None:
         report.moderation, report.moderation_readings = moderation

@@ -29,7 +29,7 @@ from pipeline.config_tools import (
 
 INITS = ("random", "orthogonal")
 NOISES = ("none", "bipolar", "positive_kurtosis", "gaussian")
-REGULARIZATIONS = ("none", "l1", "l2")
+REGULARIZATIONS = ("none", "l1", "l2", "elastic")
 ACTIVATIONS = ("relu", "gelu")
 L2_FORMS = ("decay", "penalty")
 TARGETS = ("published", "pairwise")
@@ -182,7 +182,12 @@ class NetworkConfig:
     noise: str = setting(
         "bipolar", "Noise on the last hidden layer during training.", per_model=True, choices=NOISES
     )
-    reg: str = setting("l1", "Regularization.", per_model=True, choices=REGULARIZATIONS)
+    reg: str = setting(
+        "l1",
+        "Regularization (elastic: λ·(α·Σ|W| + (1−α)·ΣW²) over weight matrices, α = --elastic-alpha).",
+        per_model=True,
+        choices=REGULARIZATIONS,
+    )
     act: str = setting("relu", "Hidden activation.", per_model=True, choices=ACTIVATIONS)
     # Maxima: a pass holds [model, sample, hidden_dim] activations per layer; 1024 × 64 is far past any
     # network the study needs and still fits one seed in memory at the published sample count.
@@ -212,7 +217,32 @@ class NetworkConfig:
         per_model=True,
         choices=L2_FORMS,
     )
+    # Added after stores existed, as grad_clip below: left out of the config hash at its default, so old
+    # results keep their ids. The elastic net (Zou & Hastie 2005) mixes the two penalty forms on the same
+    # weights as the L1 and L2-penalty forms; its L2 part is always a penalty in the loss (l2_form does not
+    # apply), so α = 1 is the L1 form and α = 0 the L2 penalty form.
+    elastic_alpha: float = setting(
+        0.5,
+        "Elastic-net mix α (reg elastic only): λ·(α·Σ|W| + (1−α)·ΣW²); 1 is L1, 0 the L2 penalty.",
+        per_model=True,
+        short="α",
+        hash_omit_default=True,
+        minimum=0,
+        maximum=1,
+    )
     lr: float = setting(1e-3, "Network Adam learning rate.", per_model=True, minimum=0, maximum=100)
+    # Clipping by global norm (torch.nn.utils.clip_grad_norm_ on one model's parameters): the penalty forms'
+    # gradients are part of the clipped vector, Adam's coupled decay (l2_form decay) is added after it, as
+    # torch.optim.Adam(weight_decay=λ) does after a clip. No maximum: a large c is simply no clipping.
+    grad_clip: float = setting(
+        0.0,
+        "Scale each model's network gradient to at most this L2 norm before each Adam step, as "
+        "torch.nn.utils.clip_grad_norm_ does (0 = off).",
+        per_model=True,
+        short="clip",
+        hash_omit_default=True,
+        minimum=0,
+    )
     # 100 000 epochs: 50× the published training, about an hour for one seed of a wide network on 2 cores.
     epochs: int = setting(2000, "Network training epochs (full batch).", minimum=1, maximum=100_000)
 
@@ -222,6 +252,8 @@ class NetworkConfig:
         check_integer("network.hidden_layers", self.hidden_layers, minimum=1)
         check_positive("network.sigma", self.sigma, allow_zero=True)
         check_positive("network.lambda_reg", self.lambda_reg, allow_zero=True)
+        check_fraction("network.elastic_alpha", self.elastic_alpha)
+        check_positive("network.grad_clip", self.grad_clip, allow_zero=True)
         check_positive("network.lr", self.lr)
         check_integer("network.epochs", self.epochs, minimum=1)
         check_field_maxima(self, "network.")
@@ -243,6 +275,18 @@ class SAEConfig:
         1e-4, "SAE sparsity coefficient.", option="--sae-l1", short="sae λ", minimum=0, maximum=1000
     )
     lr: float = setting(1e-3, "SAE Adam learning rate.", per_model=True, minimum=0, maximum=100)
+    # Added after stores existed: left out of the config hash at its default. See network.grad_clip; for
+    # unit-norm architectures the clipped gradient is the one after the decoder rows' parallel component is
+    # removed (pipeline.sae.before_update), the gradient Adam then sees.
+    grad_clip: float = setting(
+        0.0,
+        "Scale each model's SAE gradient (all its trained parameters) to at most this L2 norm before each "
+        "Adam step, as torch.nn.utils.clip_grad_norm_ does (0 = off).",
+        per_model=True,
+        short="sae clip",
+        hash_omit_default=True,
+        minimum=0,
+    )
     epochs: int = setting(1000, "SAE training epochs.", minimum=1, maximum=100_000)
     encoder_bias_high: float = setting(
         0.1, "Encoder biases start uniform in [0, this].", minimum=0, maximum=100
@@ -323,6 +367,7 @@ class SAEConfig:
         check_integer("sae.d_sae", self.d_sae, minimum=2)  # MACS and overlaps need two latents
         check_positive("sae.l1_coefficient", self.l1_coefficient, allow_zero=True)
         check_positive("sae.lr", self.lr)
+        check_positive("sae.grad_clip", self.grad_clip, allow_zero=True)
         check_integer("sae.epochs", self.epochs, minimum=1)
         check_positive("sae.encoder_bias_high", self.encoder_bias_high, allow_zero=True)
         check_fraction("sae.leaky_slope", self.leaky_slope)
@@ -419,8 +464,13 @@ class AblationConfig:
             f"with {init} init, {noise} noise (σ={self.network.sigma}) on the last hidden layer, {reg} "
             f"regularization (λ={self.network.lambda_reg}"
             + (f", form {self.network.l2_form}" if reg == "l2" else "")
-            + f") and {act} activations; a {self.sae.architecture} SAE with {self.sae.d_sae} latents decomposes "
-            f"the last hidden layer. {contrast}"
+            + (f", α={self.network.elastic_alpha}" if reg == "elastic" else "")
+            + f") and {act} activations"
+            + (f", its gradient norm clipped at {self.network.grad_clip}" if self.network.grad_clip else "")
+            + f"; a {self.sae.architecture} SAE with {self.sae.d_sae} latents decomposes "
+            f"the last hidden layer"
+            + (f" (gradient norm clipped at {self.sae.grad_clip})" if self.sae.grad_clip else "")
+            + f". {contrast}"
         )
 
 

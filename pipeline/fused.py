@@ -14,7 +14,8 @@ disk (`cache=True`).
 What stays the same as the torch engine (the reference, kept for GPUs, for SAE architectures this module
 does not fuse, and when numba is missing): the initial parameters (drawn by the same torch code), the
 noise (the same numbers bit for bit, from the same numpy generators, drawn chunk by chunk a chunk
-ahead in a thread and handed to the kernel), the loss and its regularization forms, Adam's formulas in
+ahead in a thread and handed to the kernel), the loss and its regularization forms (the elastic net as
+its L1 and L2-penalty parts), gradient clipping by each model's global norm, Adam's formulas in
 float32, the divergence rule and its messages, the curve points (computed by the same torch functions on
 the kernel's parameters). Results agree to float rounding, until a sample sits within rounding of a ReLU
 kink and the engines take different sides of it: then Adam can move a few parameters up to about one
@@ -113,6 +114,7 @@ if numba is not None:
     _ONE = np.float32(1.0)
     _DIVERGENCE_FACTOR = np.float32(1e3)  # pipeline.train.DIVERGENCE_FACTOR, as float32 like its torch check
     _DIVERGENCE_FLOOR = np.float32(10.0)  # pipeline.train.DIVERGENCE_FLOOR
+    _CLIP_EPSILON = np.float32(1e-6)  # pipeline.train.CLIP_EPSILON (torch.nn.utils.clip_grad_norm_'s)
 
     # erf(z) ≈ z·P(w)/Q(w) with w = z²/4.5², for |z| ≤ 4.5 (beyond, erf = ±1 to 2e-10). The coefficients
     # were fitted for this module by weighted linear least squares on 6000 points of [0, 4.5]
@@ -291,6 +293,22 @@ if numba is not None:
             parameters[index] -= first / denominator * step_size
 
     @njit(inline="always", cache=True)
+    def _clip_norm(gradient, max_norm):
+        """gradient ← gradient · min(1, c / (‖gradient‖₂ + 1e-6)) for one model's flat gradient, as
+        torch.nn.utils.clip_grad_norm_ (pipeline.train.clip_gradient_norms_); nothing when c = 0. The
+        squares are summed in float64, the coefficient formed in float32 as torch forms it."""
+        if max_norm == _ZERO:
+            return
+        total = 0.0
+        for index in range(gradient.shape[0]):
+            value = np.float64(gradient[index])
+            total += value * value
+        coefficient = max_norm / (np.float32(np.sqrt(total)) + _CLIP_EPSILON)
+        if coefficient < _ONE:  # torch multiplies by the coefficient capped at 1: by 1 changes nothing
+            for index in range(gradient.shape[0]):
+                gradient[index] *= coefficient
+
+    @njit(inline="always", cache=True)
     def _check_divergence(loss, epoch, bounds, failed_at, model):
         """The torch engine's rule (pipeline.train._PassState.check): the first epoch sets the bound
         max(1e3·loss, 10); a loss that is not finite or above it fails the model. True if it failed."""
@@ -318,6 +336,7 @@ if numba is not None:
         learning_rate,
         l1_strength,
         l2_penalty_strength,
+        grad_clip,
         decay,
         use_decay,
         use_gelu,
@@ -338,11 +357,12 @@ if numba is not None:
         inputs, targets: `[model, feature, sample]`. noise: unit noise `[stream, epoch, hidden, sample]`
         (epoch counted from `noise_offset`; zero streams when no model is noisy), scaled by sigma
         `[model]` and added to the last hidden activation. learning_rate, l1_strength,
-        l2_penalty_strength, decay `[model]` float32; use_gelu `[model]` bool. bounds `[model]` float32,
-        failed_at `[model]` int64 (−1 while alive) carry the divergence state between calls; losses
-        `[model, epoch_count]` receives each epoch's loss before its step.
-        ReLU/GELU are exact; the loss is MSE over [feature, sample] + λ₁Σ|W| + λ₂ΣW² (weights only),
-        with Adam's coupled decay λ·p on every parameter where `decay` is set.
+        l2_penalty_strength, grad_clip, decay `[model]` float32; use_gelu `[model]` bool. bounds `[model]`
+        float32, failed_at `[model]` int64 (−1 while alive) carry the divergence state between calls;
+        losses `[model, epoch_count]` receives each epoch's loss before its step.
+        ReLU/GELU are exact; the loss is MSE over [feature, sample] + λ₁Σ|W| + λ₂ΣW² (weights only; the
+        elastic net sets both), its gradient clipped to norm grad_clip where that is > 0, then Adam's
+        coupled decay λ·p on every parameter where `decay` is set.
         """
         models = parameters.shape[0]
         samples = inputs.shape[2]
@@ -483,6 +503,8 @@ if numba is not None:
                         # The penalties' gradients, in the torch engine's order: + λ₁·sign(W) + 2λ₂·W.
                         gradient[index] = gradient[index] + l1 * sign + doubled * value
                     loss = loss + l1 * absolute_sum + l2 * square_sum
+                # The torch engine's order: penalties, clip, then the coupled decay inside Adam's step.
+                _clip_norm(gradient, grad_clip[model])
                 if use_decay:
                     strength = decay[model]
                     for index in range(model_parameters.shape[0]):
@@ -515,6 +537,7 @@ if numba is not None:
         learning_rate,
         l1_strength,
         l2_penalty_strength,
+        grad_clip,
         decay,
         use_decay,
         use_gelu,
@@ -542,6 +565,7 @@ if numba is not None:
             learning_rate,
             l1_strength,
             l2_penalty_strength,
+            grad_clip,
             decay,
             use_decay,
             use_gelu,
@@ -569,6 +593,7 @@ if numba is not None:
         l1_coefficient,
         leaky_slope,
         learning_rate,
+        grad_clip,
         first_epoch,
         epoch_count,
         bounds,
@@ -583,8 +608,9 @@ if numba is not None:
         parameters, first_moments, second_moments: `[model, parameter]` float32, laid out encoder
         `[hidden, latent]`, encoder_bias `[latent]`, decoder `[latent, hidden]`, then (ReLU SAE only)
         decoder_bias `[hidden]`, each row-major. inputs: `[model, hidden, sample]`. kind: _LEAKY_RELU,
-        _LEAKY_RELU_TIED or _RELU (pipeline.sae's leaky_relu, published_tied, relu). bounds, failed_at,
-        losses as in `_network_epochs_kernel`.
+        _LEAKY_RELU_TIED or _RELU (pipeline.sae's leaky_relu, published_tied, relu). learning_rate,
+        grad_clip `[model]` float32 (the gradient's norm limit, 0 = none). bounds, failed_at, losses as in
+        `_network_epochs_kernel`.
         Leaky: z = LeakyReLU(W_encᵀx + b), x̂ = W_decᵀz, loss = mean (x̂ − x)² + λΣ|z|.
         ReLU: z = ReLU(W_encᵀ(x − b_dec) + b_enc), x̂ = W_decᵀz + b_dec, loss = mean (x̂ − x)² +
         λ·mean_t Σ_k z_k‖d_k‖. Tied: after each step the shared weight is decoder + encoderᵀ − decoder
@@ -705,6 +731,7 @@ if numba is not None:
                     )
                 losses[model, local_epoch] = loss
                 newly_failed = alive and _check_divergence(loss, epoch, bounds, failed_at, model)
+                _clip_norm(gradient, grad_clip[model])
                 if kind == _LEAKY_RELU_TIED:
                     decoder_before[:] = decoder
                 _adam(
@@ -737,6 +764,7 @@ if numba is not None:
         l1_coefficient,
         leaky_slope,
         learning_rate,
+        grad_clip,
         first_epoch,
         epoch_count,
         bounds,
@@ -756,6 +784,7 @@ if numba is not None:
             l1_coefficient,
             leaky_slope,
             learning_rate,
+            grad_clip,
             first_epoch,
             epoch_count,
             bounds,
@@ -866,15 +895,9 @@ def train_networks(configs, seeds, datasets, state, progress, device):
     def per_model(values) -> np.ndarray:
         return np.asarray(list(values), dtype=np.float32)
 
-    def strength(reg: str, form: str | None = None) -> np.ndarray:
-        return per_model(
-            config.network.lambda_reg
-            if config.network.reg == reg and (form is None or config.network.l2_form == form)
-            else 0.0
-            for config in configs
-        )
-
-    decay = strength("l2", "decay")
+    l1_strength, l2_penalty_strength, decay = (
+        per_model(strengths) for strengths in reference.regularization_strengths(configs)
+    )
     train_inputs = reference._stack_features([dataset.train_inputs for dataset in datasets], device)
     train_targets = reference._stack_features([dataset.train_targets for dataset in datasets], device)
     validation_inputs = reference._stack_features([dataset.validation_inputs for dataset in datasets], device)
@@ -893,8 +916,9 @@ def train_networks(configs, seeds, datasets, state, progress, device):
     use_gelu = np.array([config.network.act == "gelu" for config in configs])
     arguments = (
         per_model(config.network.lr for config in configs),
-        strength("l1"),
-        strength("l2", "penalty"),
+        l1_strength,
+        l2_penalty_strength,
+        per_model(config.network.grad_clip for config in configs),
         decay,
         bool(decay.any()),
         use_gelu,
@@ -1012,6 +1036,7 @@ def train_saes_on_hidden(configs, seeds, hidden, state, progress, device):
     ]
     features = training_inputs.transpose(1, 2).contiguous().numpy()  # [model, hidden, sample]
     learning_rate = np.asarray([config.sae.lr for config in configs], dtype=np.float32)
+    grad_clip = np.asarray([config.sae.grad_clip for config in configs], dtype=np.float32)
     curves: dict[str, list] = {"epoch": [], "sae_loss": [], "sae_l0": [], "sae_dead_fraction": []}
     epochs = sae_config.epochs
     for first_epoch, count in _segments(epochs, first.curve_every):
@@ -1029,6 +1054,7 @@ def train_saes_on_hidden(configs, seeds, hidden, state, progress, device):
                 np.float32(sae_config.l1_coefficient),
                 np.float32(sae_config.leaky_slope),
                 learning_rate,
+                grad_clip,
                 first_epoch,
                 count,
                 bounds,

@@ -3,9 +3,10 @@
 A pass trains M models at once: the MLP (docs/science.md §1.2) for `network.epochs` full-batch Adam steps, then
 an SAE on each model's clean last hidden layer for `sae.epochs` steps. Models in a pass must share shapes
 and schedules (data config, widths, depth, epochs, SAE config); they may differ in the four factors, σ, λ,
-the L2 form and the learning rate. Each model draws its data, init, noise and SAE init from its own
-generators (`pipeline.data.generator_for`), and every operation acts on each model's slice separately, so
-a model's result does not depend on which other models share its pass (up to float rounding).
+the L2 form, the elastic-net mix, the learning rates and the gradient-clipping norms. Each model draws its
+data, init, noise and SAE init from its own generators (`pipeline.data.generator_for`), and every
+operation acts on each model's slice separately, so a model's result does not depend on which other
+models share its pass (up to float rounding).
 """
 
 from __future__ import annotations
@@ -131,6 +132,53 @@ class BatchedAdam:
     def zero_grad(self) -> None:
         for parameter in self.parameters:
             parameter.grad = None
+
+
+def regularization_strengths(
+    configs: Sequence[AblationConfig],
+) -> tuple[list[float], list[float], list[float]]:
+    """Per model: (λ₁ of the L1 term λ₁Σ|W|, λ₂ of the penalty λ₂ΣW², λ of Adam's coupled decay).
+
+    The penalties act on the weight matrices, the decay on every parameter (docs/science.md §1.2). The
+    elastic net λ·(α·Σ|W| + (1−α)·ΣW²) (Zou & Hastie 2005) is the sum of the two penalty forms with
+    λ₁ = λα and λ₂ = λ(1−α), so every engine trains it through the terms it already has; at α = 1 it is
+    the L1 form and at α = 0 the L2 penalty form, number for number.
+    """
+    l1, l2_penalty, decay = [], [], []
+    for config in configs:
+        network = config.network
+        strength, alpha = network.lambda_reg, network.elastic_alpha
+        l1.append(strength if network.reg == "l1" else strength * alpha if network.reg == "elastic" else 0.0)
+        l2_penalty.append(
+            strength
+            if network.reg == "l2" and network.l2_form == "penalty"
+            else strength * (1 - alpha)
+            if network.reg == "elastic"
+            else 0.0
+        )
+        decay.append(strength if network.reg == "l2" and network.l2_form == "decay" else 0.0)
+    return l1, l2_penalty, decay
+
+
+# torch.nn.utils.clip_grad_norm_ scales by max_norm / (norm + 1e-6), capped at 1.
+CLIP_EPSILON = 1e-6
+
+
+@torch.no_grad()
+def clip_gradient_norms_(gradients: Sequence[torch.Tensor], max_norms: torch.Tensor) -> None:
+    """Clip each model's gradient by its global norm, in place: what `torch.nn.utils.clip_grad_norm_`
+    does to one model's parameters, for every model of a batch at once.
+
+    gradients: tensors `[model, ...]`, together one model's whole gradient vector g per slice;
+    max_norms: `[model]`, c per model, 0 for a model left unclipped. g ← g · min(1, c / (‖g‖₂ + 1e-6)).
+    A model whose gradient is not finite gets a non-finite one; the optimizer's `active` mask drops it.
+    """
+    models = max_norms.shape[0]
+    squares = sum(gradient.reshape(models, -1).square().sum(dim=1) for gradient in gradients)
+    coefficients = (max_norms / (squares.sqrt() + CLIP_EPSILON)).clamp(max=1.0)
+    coefficients = torch.where(max_norms > 0, coefficients, 1.0)
+    for gradient in gradients:
+        gradient.mul_(coefficients.reshape(-1, *([1] * (gradient.dim() - 1))))
 
 
 def _student_t3_unit(count: int, generator: np.random.Generator) -> np.ndarray:
@@ -466,23 +514,12 @@ def _train_networks(configs, seeds, datasets, state: _PassState, progress, devic
     flat_weights = flat[:, : sum(weight[0].numel() for weight in weights)]
     weight_count = flat_weights.shape[1]
 
-    def strength(reg: str, form: str | None = None) -> torch.Tensor:
-        return _per_model_tensor(
-            (
-                config.network.lambda_reg
-                if config.network.reg == reg and (form is None or config.network.l2_form == form)
-                else 0.0
-                for config in configs
-            ),
-            device,
-        ).reshape(-1, 1)
-
     l1_strength, l2_penalty_strength, decay = (
-        strength("l1"),
-        strength("l2", "penalty"),
-        strength("l2", "decay"),
+        _per_model_tensor(strengths, device).reshape(-1, 1) for strengths in regularization_strengths(configs)
     )
     use_l1, use_l2_penalty = bool(l1_strength.any()), bool(l2_penalty_strength.any())
+    clip = _per_model_tensor((config.network.grad_clip for config in configs), device)
+    use_clip = bool(clip.any())  # without clipping not one operation more (nor a device sync per step)
     optimizer = BatchedAdam(
         [flat],
         lr=_per_model_tensor((config.network.lr for config in configs), device),
@@ -524,6 +561,9 @@ def _train_networks(configs, seeds, datasets, state: _PassState, progress, devic
             gradient[:, :weight_count].add_(l1_strength * flat_weights.sign())
         if use_l2_penalty:
             gradient[:, :weight_count].add_(2 * l2_penalty_strength * flat_weights)
+        if use_clip:
+            # The penalties' gradients are clipped with the rest; the coupled decay comes after, in the step.
+            clip_gradient_norms_([gradient], clip)
         optimizer.step(None if state.all_alive else alive, [gradient])
         if newly_failed:
             _freeze_failed([flat], alive)
@@ -604,6 +644,8 @@ def train_saes_on_hidden(
         sae_architectures.trained_parameters(architecture, parameters),
         lr=_per_model_tensor((c.sae.lr for c in configs), device),
     )
+    clip = _per_model_tensor((c.sae.grad_clip for c in configs), device)
+    use_clip = bool(clip.any())
     tied = getattr(architecture, "tied", False)
     training_state: dict[str, torch.Tensor] = {}  # the architecture's own bookkeeping (AuxK's dead latents)
     curves: dict[str, list] = {"epoch": [], "sae_loss": [], "sae_l0": [], "sae_dead_fraction": []}
@@ -624,11 +666,17 @@ def train_saes_on_hidden(
             alive = state.alive
         decoder_before = parameters["decoder"].detach().clone() if tied else None
         if hand_written is not None:
-            optimizer.step(None if state.all_alive else alive, [gradients[name] for name in parameters])
+            gradient_list = [gradients[name] for name in parameters]
+            if use_clip:
+                clip_gradient_norms_(gradient_list, clip)
+            optimizer.step(None if state.all_alive else alive, gradient_list)
         else:
             optimizer.zero_grad()
             (losses if state.all_alive else torch.where(alive, losses, 0.0)).sum().backward()
             sae_architectures.before_update(architecture, parameters)
+            if use_clip:
+                # After the unit-norm projection of the decoder's gradient: the gradient Adam is about to see.
+                clip_gradient_norms_([p.grad for p in optimizer.parameters if p.grad is not None], clip)
             optimizer.step(None if state.all_alive else alive)
             sae_architectures.after_update(architecture, parameters)
         if tied:

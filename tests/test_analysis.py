@@ -242,3 +242,46 @@ def test_a_factorial_at_two_sae_architectures_gets_the_effects_by_architecture_s
     assert reg.loc["topk", "difference_p_holm"] < 0.05
     assert any(line.startswith("macs (4 seeds): ") for line in report.moderation_readings)
     assert "Do the training factors' effects persist" in report.markdown()
+
+
+def test_one_setting_at_two_levels_compares_means_and_paired_seed_variances():
+    """The clipping study's section: per configuration, the paired t of the means and the Pitman–Morgan
+    test of the seed variances, each checked against scipy (pearsonr of sums and differences)."""
+    generator = np.random.default_rng(5)
+    rows = []
+    cells = [("random", "bipolar", "l1", "relu"), ("orthogonal", "bipolar", "l2", "gelu")]
+    for cell in cells:
+        for seed in range(12):
+            shared = generator.normal(0, 1)  # seed k of both levels shares its random numbers
+            for clip, spread in (("0.0", 1.0), ("1.0", 0.3)):
+                value = 5 + shared * spread + generator.normal(0, 0.05) + (0.4 if clip == "1.0" else 0)
+                name = "·".join(cell) + f" · clip={clip}"
+                rows.append(
+                    {
+                        "config": name,
+                        "config_hash": name,
+                        **dict(zip(FACTOR_LEVELS, cell, strict=True)),
+                        "sae.grad_clip": clip,
+                        "seed": seed,
+                        "status": "FINISHED",
+                        "sae_fvu": value,
+                    }
+                )
+    table = pd.DataFrame(rows)
+    report = build_report(
+        table,
+        metrics=["sae_fvu"],
+        baseline="random·bipolar·l1·relu · clip=0.0",
+        n_resamples=200,
+        figures=False,
+    )
+    assert report.two_levels is not None and len(report.two_levels) == 2
+    for row in report.two_levels.itertuples():
+        cell = table[table["config"].str.startswith(row.config + " ·")]
+        wide = cell.pivot(index="seed", columns="sae.grad_clip", values="sae_fvu")
+        x, y = wide["1.0"], wide["0.0"]
+        assert row.mean_difference == pytest.approx((x - y).mean())
+        assert row.variance_ratio == pytest.approx(x.var(ddof=1) / y.var(ddof=1))
+        assert row.variance_p == pytest.approx(scipy_stats.pearsonr(x + y, x - y).pvalue)
+        assert row.variance_ratio < 0.2 and row.variance_p_holm < 0.05
+    assert "clearly narrower in 2" in report.two_levels_readings[0]

@@ -466,6 +466,7 @@ OTHER_SOURCES = (
     "pipeline/stats.py",
     "pipeline/tables.py",
     "pipeline/taming_splitting.py",
+    "pipeline/variance.py",
 )
 
 

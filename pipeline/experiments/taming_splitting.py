@@ -20,14 +20,15 @@ same data and thresholds `pipeline.evaluation` uses), so the "before" count is t
 `neuron_polysemantic` of the seed run.
 
 Fine-tuning (`fine_tune`): the original objective, full batch on the train split: MSE + the config's
-regularization (L1 λΣ|W|, L2 as Adam's coupled decay or as λΣW², none) + the config's noise (kind, σ) on
-the last hidden layer, Adam at the config's learning rate, starting from a fresh Adam state (the checkpoint
-does not hold the original optimizer's moments, so the first steps move every parameter by about lr
-whether it is split or not: the no-split baseline, fine-tuned the same way, absorbs that). All networks of
-all arms train in one batched pass (leading model dimension, `pipeline.models`' hand-written backward and
-`pipeline.train.BatchedAdam`), padded with zero units to the widest widened layer; a zero unit has zero
-incoming row, bias, outgoing column and noise, so its gradients and Adam updates are exactly zero and it
-stays zero. A network's result therefore does not depend on what shares its pass (up to float rounding).
+regularization (L1 λΣ|W|, L2 as Adam's coupled decay or as λΣW², the elastic net as both penalties, none)
++ the config's noise (kind, σ) on the last hidden layer, the config's gradient clipping (a padded zero unit
+adds nothing to a gradient's norm), Adam at the config's learning rate, starting from a fresh Adam state
+(the checkpoint does not hold the original optimizer's moments, so the first steps move every parameter by
+about lr whether it is split or not: the no-split baseline, fine-tuned the same way, absorbs that). All
+networks of all arms train in one batched pass (leading model dimension, `pipeline.models`' hand-written
+backward and `pipeline.train.BatchedAdam`), padded with zero units to the widest widened layer; a zero unit
+has zero incoming row, bias, outgoing column and noise, so its gradients and Adam updates are exactly zero
+and it stays zero. A network's result therefore does not depend on what shares its pass (up to float rounding).
 
 Random numbers are shared where the comparison is paired: the copy perturbations z come from a stream per
 seed, drawn for every neuron whether split or not, so every ε perturbs along the same directions; the
@@ -49,7 +50,14 @@ from pipeline import metrics
 from pipeline.config import AblationConfig
 from pipeline.data import Dataset, make_dataset
 from pipeline.models import ACTIVATION_FUNCTIONS, MLP, mlp_backward, mlp_forward_features, runs_of
-from pipeline.train import DIVERGENCE_FACTOR, DIVERGENCE_FLOOR, BatchedAdam, fill_unit_noise
+from pipeline.train import (
+    DIVERGENCE_FACTOR,
+    DIVERGENCE_FLOOR,
+    BatchedAdam,
+    clip_gradient_norms_,
+    fill_unit_noise,
+    regularization_strengths,
+)
 
 # Seed-sequence stream ids of this study, beside pipeline.data.STREAMS (0–6): SeedSequence([seed, stream])
 # and SeedSequence([seed, stream, kind]) never coincide with the training streams' [seed, stream] entropy.
@@ -58,7 +66,7 @@ FINE_TUNE_NOISE_STREAM = 102
 FINE_TUNE_NOISE_KINDS = ("bipolar", "positive_kurtosis", "gaussian")
 # Fine-tuning noise is drawn this many epochs at a time per (seed, kind) stream.
 NOISE_CHUNK_EPOCHS = 10
-SUPPORTED_REGULARIZATIONS = ("none", "l1", "l2")
+SUPPORTED_REGULARIZATIONS = ("none", "l1", "l2", "elastic")
 
 # What became of an originally polysemantic neuron (its copies, or itself without splitting):
 RESOLVED = "resolved"  # no copy polysemantic and at least one copy responsive (each live copy monosemantic)
@@ -440,15 +448,9 @@ def _fine_tune_pass(items, datasets, checkpoints, progress):
     def per_model(values) -> torch.Tensor:
         return torch.tensor(list(values), dtype=torch.float32)
 
-    def strength(reg: str, form: str | None = None) -> torch.Tensor:
-        return per_model(
-            c.network.lambda_reg
-            if c.network.reg == reg and (form is None or c.network.l2_form == form)
-            else 0.0
-            for c in configs
-        )
-
-    l1, l2_penalty, decay = strength("l1"), strength("l2", "penalty"), strength("l2", "decay")
+    l1, l2_penalty, decay = (per_model(strengths) for strengths in regularization_strengths(configs))
+    clip = per_model(c.network.grad_clip for c in configs)
+    use_clip = bool(clip.any())
     optimizer = BatchedAdam(
         [*weights, *biases],
         lr=per_model(c.network.lr for c in configs),
@@ -495,6 +497,8 @@ def _fine_tune_pass(items, datasets, checkpoints, progress):
         for weight, gradient in zip(weights, weight_gradients, strict=True):
             gradient.add_(l1.reshape(-1, 1, 1) * weight.sign())
             gradient.add_(2 * l2_penalty.reshape(-1, 1, 1) * weight)
+        if use_clip:
+            clip_gradient_norms_([*weight_gradients, *bias_gradients], clip)
         optimizer.step(None if bool(alive.all()) else alive, [*weight_gradients, *bias_gradients])
         if progress is not None:
             progress(models)
