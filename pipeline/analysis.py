@@ -365,7 +365,11 @@ DOSE_METHOD = (
 
 
 def dose_response_section(
-    finished: pd.DataFrame, metrics: Sequence[str], n_resamples: int = 2000, figures: bool = True
+    finished: pd.DataFrame,
+    metrics: Sequence[str],
+    n_resamples: int = 2000,
+    figures: bool = True,
+    baseline: str | None = None,
 ):
     """Dose–response of every metric along each numeric setting that takes ≥ 3 values among the
     configurations, grouped by the other varying settings. Returns (levels, tests, readings, figures)
@@ -373,6 +377,7 @@ def dose_response_section(
     from pipeline.design import FACTOR_PATHS, field_specs
     from pipeline.dose_response import (
         dose_response,
+        group_label,
         matched_level_differences,
         matched_readings,
         numeric_axes,
@@ -425,7 +430,12 @@ def dose_response_section(
             tests.append(result.tests)
             readings.extend(result.readings)
             if groups:
-                matched.append(matched_level_differences(rows, axis, metric, groups))
+                # The baseline's group (L1 in the λ study) is what the others are compared with.
+                reference = None
+                if baseline is not None and baseline in set(rows["config"]):
+                    values = tuple(rows.loc[rows["config"] == baseline, groups].iloc[0])
+                    reference = group_label(groups, values)
+                matched.append(matched_level_differences(rows, axis, metric, groups, reference=reference))
         if figures:
             plots[f"dose_response_{axis.rpartition('.')[2]}"] = dose_response_figures(results)
     if not tests:
@@ -817,7 +827,7 @@ def build_report(
         caveats=caveats,
         published_absent=published_absent,
     )
-    dose = dose_response_section(finished, metrics, figures=figures)
+    dose = dose_response_section(finished, metrics, figures=figures, baseline=baseline)
     if dose is not None:
         report.dose_levels, report.dose_tests, report.dose_readings, dose_figures, report.dose_matched = dose
         report.figures.update(dose_figures)

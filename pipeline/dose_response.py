@@ -367,7 +367,7 @@ def _choose_log_scale(levels: np.ndarray, log_scale: bool | None, axis: str) -> 
     return bool(log_scale)
 
 
-def _group_label(columns: Sequence[str], values: tuple) -> str:
+def group_label(columns: Sequence[str], values: tuple) -> str:
     if not columns:
         return "all"
     # "network.reg" reads as "reg" unless two group columns would then share a name.
@@ -450,9 +450,9 @@ def dose_response(
     for key, rows in grouped:
         values = key if isinstance(key, tuple) else (key,)
         group = dict(zip(group_columns, values, strict=True))
-        group_label = _group_label(group_columns, values)
+        label_of_group = group_label(group_columns, values)
         # A duplicate is a bookkeeping error whatever its metric value, so it is checked before NaNs go.
-        _check_duplicates(rows, axis, seed_column, group_label)
+        _check_duplicates(rows, axis, seed_column, label_of_group)
         table = (
             rows.dropna(subset=["y"]).pivot(index=seed_column, columns="level", values="y").sort_index(axis=1)
         )
@@ -464,7 +464,7 @@ def dose_response(
         defined = table.notna().sum()
         sparse = defined[defined < len(table) / 2].index
         level_rows.extend(
-            {**group, "group": group_label, **row}
+            {**group, "group": label_of_group, **row}
             for row in _level_rows(table, tested, x, confidence, sparse)
         )
         fitted = table.drop(columns=sparse)
@@ -473,7 +473,7 @@ def dose_response(
         test_rows.append(
             {
                 **group,
-                "group": group_label,
+                "group": label_of_group,
                 **_group_tests(
                     fitted, fitted_levels, fitted_x, use_log, confidence, n_resamples, random_state
                 ),
@@ -779,7 +779,7 @@ def matched_level_differences(
     both, a one-sample t across them (df = seeds − 1), Holm over every row of the metric.
 
     Groups are the combinations of ``group_columns`` (labelled as in :func:`dose_response`); ``reference``
-    is a group label (default: the first group in sorted order). Returns :data:`MATCHED_COLUMNS`; empty
+    is a group label (default: the first group in sorted order; the report passes the baseline's group). Returns :data:`MATCHED_COLUMNS`; empty
     when fewer than two groups exist.
     """
     group_columns = tuple(group_columns)
@@ -788,7 +788,7 @@ def matched_level_differences(
     data = pd.DataFrame({seed_column: frame[seed_column], "level": _numeric_axis(frame, axis)})
     data["y"] = pd.to_numeric(frame[metric], errors="raise").astype(float)
     data["group"] = [
-        _group_label(group_columns, tuple(values))
+        group_label(group_columns, tuple(values))
         for values in frame[list(group_columns)].itertuples(index=False)
     ]
     data = data.dropna(subset=["y"])
