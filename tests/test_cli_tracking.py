@@ -101,8 +101,6 @@ def test_checkpoint_reproduces_logged_metrics(strategic_store):
     for name in METRIC_NAMES:
         assert seed_run.data.metrics[name] == pytest.approx(recomputed[name], rel=1e-9, abs=1e-12)
     result = invoke("inspect", seed_run.info.run_id, "--tracking-uri", uri)
-    from pipeline.evaluation import METRIC_NAMES
-
     count = len(METRIC_NAMES)
     assert result.exit_code == 0 and f"{count}/{count} metrics reproduced" in result.output
     ablation = runs_of_kind(client, "ablation")[0]

@@ -90,12 +90,13 @@ def test_raw_training_differs_from_standardized_training():
 
 def test_new_field_keeps_old_config_hashes():
     config = AblationConfig()
-    # The hash as it was computed before `sae.train_on` (and the later SAE settings, all marked
+    # The hash as it was computed before `sae.train_on` (and the later SAE and network settings, all marked
     # hash_omit_default) existed: sha256 of the canonical JSON without them.
     as_dict = json.loads(json.dumps(dataclasses.asdict(config)))
-    for item in dataclasses.fields(SAEConfig):
-        if item.metadata.get("hash_omit_default"):
-            del as_dict["sae"][item.name]
+    for section, cls in (("sae", SAEConfig), ("network", NetworkConfig)):
+        for item in dataclasses.fields(cls):
+            if item.metadata.get("hash_omit_default"):
+                del as_dict[section][item.name]
     old = hashlib.sha256(json.dumps(as_dict, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
     assert config.hash() == old
     changed = dataclasses.replace(config, sae=dataclasses.replace(config.sae, train_on="raw"))
