@@ -125,6 +125,7 @@ def _decompose_into_store(request: DecomposeRequest, design, pool) -> SweepResul
         design=f"{source.design} decomposed",
         labels=dict(zip((t.hash() for t in targets), configuration_labels(targets, paths), strict=True)),
         axes=tuple(paths),
+        sweep_tags={TRAINED_TAG: SAE_ONLY, "source_sweep_id": source.sweep_id},
         ablation_tags={
             target.hash(): {
                 TRAINED_TAG: SAE_ONLY,
@@ -200,20 +201,4 @@ def _decompose_into_store(request: DecomposeRequest, design, pool) -> SweepResul
     finally:
         if bar is not None:
             bar.close()
-    _tag_sweep(store, experiment_id, sweep_id, source.sweep_id)
     return SweepResult(sweep_id, experiment_id, experiment_name, store.uri, outcomes, reused)
-
-
-def _tag_sweep(store, experiment_id: str, sweep_id: str, source_sweep_id: str) -> None:
-    from mlflow.entities import RunTag
-
-    from tracking.decompose import SAE_ONLY, TRAINED_TAG
-    from tracking.recorder import search_all
-    from tracking.store import log_in_batches
-
-    for run in search_all(store, [experiment_id], f"tags.kind = 'sweep' and tags.sweep_id = '{sweep_id}'"):
-        log_in_batches(
-            store,
-            run.info.run_id,
-            tags=[RunTag("source_sweep_id", source_sweep_id), RunTag(TRAINED_TAG, SAE_ONLY)],
-        )

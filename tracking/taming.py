@@ -77,6 +77,7 @@ class SweepNaming:
     # ablation run, by (config hash, seed) on the seed run.
     ablation_tags: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     seed_tags: Mapping[tuple[str, int], Mapping[str, str]] = field(default_factory=dict)
+    sweep_tags: Mapping[str, str] = field(default_factory=dict)  # on the sweep run
 
     def label(self, config: AblationConfig) -> str:
         return self.labels.get(config.hash(), config.name)
@@ -601,6 +602,7 @@ def start_sweep_run(
                 RunTag("design", naming.design),
                 RunTag(MLFLOW_RUN_NAME, name),
                 RunTag("code_version", code_version()),
+                *[RunTag(name, value) for name, value in naming.sweep_tags.items()],
                 RunTag("git_commit", git_commit()),
                 *[RunTag(name, value) for name, value in recorder.owner_tags().items()],
             ],

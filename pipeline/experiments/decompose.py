@@ -32,6 +32,7 @@ from pipeline.models import MLP, mlp_forward_features, runs_of
 from pipeline.train import (
     Progress,
     SeedResult,
+    _curve_slice,
     _PassState,
     _stack_features,
     resolve_device,
@@ -113,12 +114,7 @@ def decompose_pass(
     for position, index in enumerate(order):
         config, seed, network = ordered_configs[position], ordered_seeds[position], ordered_networks[position]
         result = SeedResult(config=config, seed=seed, failure=state.failures[position], wall_seconds=elapsed)
-        result.curves = {
-            "sae": {
-                name: list(values) if name == "epoch" else [float(row[position]) for row in values]
-                for name, values in curves.items()
-            }
-        }
+        result.curves = {"sae": _curve_slice(curves, position)}
         if result.finished:
             result.network = network
             result.sae = sae_architectures.SparseAutoencoder(
@@ -131,16 +127,22 @@ def decompose_pass(
     return results
 
 
+def _decompose_and_evaluate(configs, seeds, networks, progress, device) -> list[SeedResult]:
+    """One decomposition pass, every seed evaluated. `progress` counts SAE-epochs: a pass's epoch trains
+    all of its models."""
+    models = len(configs)
+    counted = None if progress is None else lambda count: progress(count * models)
+    return [evaluate(result) for result in decompose_pass(configs, seeds, networks, counted, device)]
+
+
 def _decompose_chunk(configs, seeds, networks, device) -> list[SeedResult]:
     """In a worker process of a `PassPool`: one decomposition pass over a chunk, evaluated."""
     from pipeline.experiments.pool import worker_progress
 
     progress, flush = worker_progress()
-    models = len(configs)
-    counted = None if progress is None else lambda count: progress(count * models)
-    trained = decompose_pass(configs, seeds, networks, counted, device)
+    results = _decompose_and_evaluate(configs, seeds, networks, progress, device)
     flush()
-    return [evaluate(result) for result in trained]
+    return results
 
 
 def decompose_ablations(
@@ -184,17 +186,15 @@ def decompose_ablations(
         _decompose_in_pool(pool, configs, list(passes.values()), deliver, progress, device)
     else:
         for members in passes.values():
-            # Progress counts SAE-epochs (one per model and epoch); a pass's epoch trains all its models.
-            models = len(members)
-            trained = decompose_pass(
+            evaluated = _decompose_and_evaluate(
                 [configs[index] for index, _, _ in members],
                 [seed for _, seed, _ in members],
                 [network for _, _, network in members],
-                None if progress is None else lambda count, models=models: progress(count * models),
+                progress,
                 device,
             )
-            for (config_index, _, _), seed_result in zip(members, trained, strict=True):
-                deliver(config_index, evaluate(seed_result))
+            for (config_index, _, _), seed_result in zip(members, evaluated, strict=True):
+                deliver(config_index, seed_result)
     for result in results:
         result.seeds.sort(key=lambda seed_result: seed_result.seed)
     return results
@@ -202,9 +202,7 @@ def decompose_ablations(
 
 def _decompose_in_pool(pool, configs, passes, deliver, progress, device) -> None:
     """Every pass split by seed over the pool's workers; each chunk handed to `deliver` when it is done."""
-    from concurrent.futures import FIRST_COMPLETED, wait
-
-    from pipeline.experiments.pool import pool_chunks
+    from pipeline.experiments.pool import collect_chunks, pool_chunks
 
     futures = {}
     for members in passes:
@@ -218,16 +216,4 @@ def _decompose_in_pool(pool, configs, passes, deliver, progress, device) -> None
                 device,
             )
             futures[future] = chunk
-    pending = set(futures)
-    try:
-        while pending:
-            done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
-            pool.drain_progress(progress)
-            for future in done:
-                for (config_index, _), seed_result in zip(futures[future], future.result(), strict=True):
-                    deliver(config_index, seed_result)
-        pool.drain_progress(progress)
-    except BaseException:
-        for future in pending:
-            future.cancel()
-        raise
+    collect_chunks(pool, futures, deliver, progress)

@@ -343,6 +343,18 @@ def run_in_pool(
         for chunk in pool_chunks(members, pool.workers):
             future = pool.submit([configs[index] for index, _ in chunk], [seed for _, seed in chunk], device)
             futures[future] = chunk
+    collect_chunks(pool, futures, deliver, progress)
+
+
+def collect_chunks(
+    pool: PassPool,
+    futures: dict[Future, list[tuple[int, int]]],
+    deliver: Callable[[int, SeedResult], None],
+    progress: Progress | None,
+) -> None:
+    """Hand each chunk's seeds (`futures[future]`: its (config index, seed) members, in the order the
+    future returns its results) to `deliver` as the chunk finishes, forwarding the workers' progress;
+    on any failure the chunks not yet started are cancelled."""
     pending = set(futures)
     try:
         while pending:

@@ -18,7 +18,7 @@ from matplotlib.lines import Line2D
 
 from pipeline.dose_response import DoseResponse
 
-_COLORS = (
+LINE_COLORS = (
     "tab:blue",
     "tab:red",
     "tab:green",
@@ -34,7 +34,7 @@ _PANEL_WIDTH, _PANEL_HEIGHT, _MAX_COLUMNS = 5.0, 3.8, 3
 MINIMUM_LABEL_PREFIX = "_minimum"
 
 
-def _half_widths(centre: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+def half_widths(centre: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
     """``[2, n]`` (below, above) extents for `Axes.errorbar`; 0 where the interval is undefined."""
     below = np.where(np.isfinite(low), centre - low, 0.0)
     above = np.where(np.isfinite(high), high - centre, 0.0)
@@ -46,7 +46,7 @@ def draw_dose_response(ax: Axes, result: DoseResponse, metric: str | None = None
     line, and the level with the lowest mean (as the readings name it) as a diamond with its bootstrap CI
     over seeds as a horizontal bar."""
     for index, (group, levels) in enumerate(result.levels.groupby("group", sort=False)):
-        color = _COLORS[index % len(_COLORS)]
+        color = LINE_COLORS[index % len(LINE_COLORS)]
         level = levels["level"].to_numpy(dtype=float)
         mean = levels["mean"].to_numpy(dtype=float)
         ax.errorbar(
@@ -54,7 +54,7 @@ def draw_dose_response(ax: Axes, result: DoseResponse, metric: str | None = None
             mean,
             # Seed-blocked intervals (Cousineau–Morey), the variation the paired tests see; a level's own
             # t-interval would carry the offset each seed shares across levels and hide real differences.
-            yerr=_half_widths(
+            yerr=half_widths(
                 mean, levels["within_ci_low"].to_numpy(float), levels["within_ci_high"].to_numpy(float)
             ),
             marker="o",
@@ -70,7 +70,7 @@ def draw_dose_response(ax: Axes, result: DoseResponse, metric: str | None = None
         ax.errorbar(
             [where],
             [np.nanmin(mean)],
-            xerr=_half_widths(np.array([where]), np.array([low]), np.array([high])),
+            xerr=half_widths(np.array([where]), np.array([low]), np.array([high])),
             fmt="D",
             markersize=7,
             markerfacecolor="white",

@@ -13,16 +13,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-_COLORS = (
-    "tab:blue",
-    "tab:red",
-    "tab:green",
-    "tab:purple",
-    "tab:orange",
-    "tab:brown",
-    "tab:pink",
-    "tab:olive",
-)
+from pipeline.plots.dose_response import LINE_COLORS, half_widths
 
 
 def effects_by_level_figure(table: pd.DataFrame, max_columns: int = 3) -> Figure:
@@ -42,18 +33,13 @@ def effects_by_level_figure(table: pd.DataFrame, max_columns: int = 3) -> Figure
             x = np.arange(len(effects)) + (position - (len(levels) - 1) / 2) * width
             centre = shown["estimate"].to_numpy(dtype=float)
             low, high = shown["ci_low"].to_numpy(dtype=float), shown["ci_high"].to_numpy(dtype=float)
-            extent = np.vstack(
-                [
-                    np.where(np.isfinite(low), centre - low, 0.0),
-                    np.where(np.isfinite(high), high - centre, 0.0),
-                ]
-            )
+            extent = half_widths(centre, low, high)
             axis.errorbar(
                 x,
                 centre,
                 yerr=extent,
                 fmt="o",
-                color=_COLORS[position % len(_COLORS)],
+                color=LINE_COLORS[position % len(LINE_COLORS)],
                 capsize=3,
                 label=str(level),
             )
