@@ -464,7 +464,7 @@ def two_levels_section(finished: pd.DataFrame, metrics: Sequence[str]):
     """(table, readings) when exactly one setting other than the four factors varies and takes two values
     (the clipping study: `sae.grad_clip` 0 and 1); else None. One row per (configuration, metric)."""
     from pipeline.design import FACTOR_PATHS
-    from pipeline.stats import adjust_pvalues, one_sample_t_across_seeds
+    from pipeline.stats import adjust_pvalues
     from pipeline.variance import paired_variance_comparison
 
     others = [path for path in varying_settings(finished) if path not in FACTOR_PATHS]
@@ -479,23 +479,10 @@ def two_levels_section(finished: pd.DataFrame, metrics: Sequence[str]):
     rows = []
     for metric in metrics:
         table = paired_variance_comparison(frame, setting, metric, group_columns=groups, levels=tuple(values))
-        for row in table.to_dict("records"):
-            cell = frame
-            for column in groups:
-                cell = cell[cell[column] == row[column]]
-            wide = cell.pivot_table(index="seed", columns=setting, values=metric, aggfunc="first")
-            wide = wide.reindex(columns=values).apply(pd.to_numeric, errors="coerce").dropna()
-            differences = (wide[values[1]] - wide[values[0]]).to_numpy(dtype=float)
-            scale = np.asarray(2 * np.abs(wide.to_numpy(dtype=float)).max()) if len(wide) else np.asarray(1.0)
-            test = one_sample_t_across_seeds(differences, scale) if len(differences) else None
-            row.update(
-                config="·".join(str(row[column]) for column in groups),
-                mean_difference=float(test["estimate"]) if test else math.nan,
-                mean_ci_low=float(test["ci_low"]) if test else math.nan,
-                mean_ci_high=float(test["ci_high"]) if test else math.nan,
-                mean_p=float(test["p"]) if test else math.nan,
-            )
-            rows.append(row)
+        table["config"] = [
+            "·".join(str(value) for value in cell) for cell in table[groups].itertuples(index=False)
+        ]
+        rows.extend(table.to_dict("records"))
     result = pd.DataFrame(rows)
     for column in ("mean_p", "p"):
         tested = result[column].notna()

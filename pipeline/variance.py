@@ -36,6 +36,8 @@ import pandas as pd
 import scipy.stats
 from numpy.typing import ArrayLike
 
+from pipeline.stats import one_sample_t_across_seeds
+
 PAIRED_VARIANCE_COLUMNS = [
     "setting",
     "reference_level",
@@ -44,6 +46,10 @@ PAIRED_VARIANCE_COLUMNS = [
     "pairs",
     "reference_mean",
     "mean",
+    "mean_difference",
+    "mean_ci_low",
+    "mean_ci_high",
+    "mean_p",
     "reference_variance",
     "variance",
     "variance_ratio",
@@ -57,7 +63,8 @@ PAIRED_VARIANCE_COLUMNS = [
 ]
 """Columns of `paired_variance_comparison` after the group columns: one row per group. ``variance_ratio``
 = variance / reference_variance (at ``level`` over at ``reference_level``, seed variances with ddof 1),
-below 1 when ``level`` narrows the spread; ``ratio_ci_low/high`` its interval; ``pair_correlation`` the
+below 1 when ``level`` narrows the spread; ``mean_difference`` = mean(level − reference) over the pairs with
+its paired t-interval and p (`pipeline.stats.one_sample_t_across_seeds`); ``ratio_ci_low/high`` its interval; ``pair_correlation`` the
 correlation of the paired values; ``sum_difference_correlation``, ``t``, ``df``, ``p`` the Pitman–Morgan
 test (two-sided) of equal variances."""
 
@@ -189,6 +196,17 @@ def paired_variance_comparison(
             "reference_mean": float(complete[reference].mean()) if len(complete) else math.nan,
             "mean": float(complete[level].mean()) if len(complete) else math.nan,
         }
+        if len(complete):
+            paired = complete.to_numpy(dtype=float)
+            mean_test = one_sample_t_across_seeds(
+                paired[:, 1] - paired[:, 0], np.asarray(2 * np.abs(paired).max()), confidence
+            )
+            row.update(
+                mean_difference=float(mean_test["estimate"]),
+                mean_ci_low=float(mean_test["ci_low"]),
+                mean_ci_high=float(mean_test["ci_high"]),
+                mean_p=float(mean_test["p"]),
+            )
         if len(complete) >= 3:
             test = pitman_morgan(complete[level].to_numpy(), complete[reference].to_numpy(), confidence)
             row.update(
