@@ -448,15 +448,8 @@ def dose_response_section(
         matched_frame = None
     tests_frame = pd.concat(tests, ignore_index=True)
     # Many rows (metrics × groups × axes) are read at once: Holm across all of them, beside the raw p.
-    from statsmodels.stats.multitest import multipletests
-
     for test in ("trend", "curvature"):
-        p_values = tests_frame[f"{test}_p"]
-        adjusted = pd.Series(float("nan"), index=tests_frame.index)
-        finite = p_values.notna()
-        if finite.any():
-            adjusted[finite] = multipletests(p_values[finite], method="holm")[1]
-        tests_frame[f"{test}_p_holm"] = adjusted
+        tests_frame[f"{test}_p_holm"] = stats.adjust_pvalues(tests_frame[f"{test}_p"].to_numpy(), "holm")
     return pd.concat(levels, ignore_index=True), tests_frame, readings, plots, matched_frame
 
 
