@@ -188,3 +188,70 @@ def test_a_bad_tracking_uri_is_refused_before_any_worker_starts(tmp_path, monkey
     assert result.exit_code == 2, result.output
     assert "--tracking-uri points into a folder that does not exist" in result.output
     assert not missing.parent.exists()
+
+
+FORKED_POOL_SCRIPT = """
+import json, sys
+from pipeline.config import preset_configs
+from pipeline.experiments.pool import PassPool
+from pipeline.experiments.taming import run_ablations
+from tests.conftest import tiny_config
+
+configs = preset_configs("strategic", tiny_config())[:2]
+seeds = [0, 1, 2, 3]
+with PassPool(2) as pool:
+    method = pool.start_method
+    pooled = run_ablations(configs, seeds, pool=pool)
+alone = run_ablations(configs, seeds)  # after the pool: this starts numba's threads in this process
+print(json.dumps({
+    "method": method,
+    "pooled": [seed.metrics for result in pooled for seed in result.seeds],
+    "alone": [seed.metrics for result in alone for seed in result.seeds],
+}))
+"""
+
+
+def test_a_fresh_process_forks_its_workers_and_they_train_the_same_seeds():
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    finished = subprocess.run(
+        [sys.executable, "-c", FORKED_POOL_SCRIPT], capture_output=True, text=True, cwd=root, timeout=600
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    reported = json.loads(finished.stdout.strip().splitlines()[-1])
+    assert reported["method"] == "fork"
+    assert len(reported["pooled"]) == len(reported["alone"]) == 8
+    for pooled, alone in zip(reported["pooled"], reported["alone"], strict=True):
+        assert metrics_match(alone, pooled)
+
+
+def test_a_process_with_another_thread_or_numbas_threads_spawns(monkeypatch):
+    import threading
+
+    from numba.np.ufunc import parallel
+
+    monkeypatch.delenv(pool_module.START_METHOD_VARIABLE, raising=False)
+    release = threading.Event()
+    other = threading.Thread(target=release.wait)
+    other.start()
+    try:
+        assert pool_module.start_method() == "spawn"
+    finally:
+        release.set()
+        other.join()
+    monkeypatch.setattr(parallel, "_is_initialized", True)
+    assert pool_module.start_method() == "spawn"
+    monkeypatch.setattr(parallel, "_is_initialized", False)
+    if threading.active_count() == 1:
+        assert pool_module.start_method() == "fork"
+
+
+def test_the_start_method_variable_overrides_and_is_checked(monkeypatch):
+    monkeypatch.setenv(pool_module.START_METHOD_VARIABLE, "spawn")
+    assert pool_module.start_method() == "spawn"
+    monkeypatch.setenv(pool_module.START_METHOD_VARIABLE, "forkserver")
+    with pytest.raises(ValueError, match="POLYLAB_START_METHOD must be fork or spawn; got 'forkserver'"):
+        pool_module.start_method()

@@ -1,8 +1,9 @@
 """Worker processes for the taming study: how passes are cut into seed chunks, and the pool that trains them.
 
-Importing this module costs nothing heavy (no torch): the sweep command decides on and starts its workers
-before it imports torch and MLflow, so the workers' own start-up (about 1.5 s each) overlaps with them.
-The worker side imports the engine when it starts.
+Importing this module costs nothing heavy (no torch): the sweep command decides on its workers before it
+imports torch and MLflow. Starting the pool imports the engine once in this process and forks the workers
+from it where that is safe (`start_method`), so no worker pays the imports (about 1.5 s of a core each),
+and they train while this process imports MLflow; elsewhere they are spawned and import it themselves.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -159,13 +161,55 @@ def _die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
+def start_method() -> str:
+    """ "fork" where forking this process is safe, else "spawn"; a fork imports the workers' modules here
+    first, so that every worker starts with them loaded.
+
+    Safe means: the platform forks, this process runs no other Python thread (a fork copies only the
+    calling thread, and a lock another thread held would stay locked in the child), numba has not started
+    its thread pool, and CUDA is not initialized (neither survives a fork). The sweep and decompose
+    commands start their pool before anything else runs, so they fork; a process that has already
+    trained on the fused engine (a test session, say) spawns. Forking costs the parent the imports once
+    (about 1.2 s, which it needs anyway to record) instead of each worker paying them (1.5 s of a core
+    each, bench/scale.py --start-method).
+    """
+    forced = os.environ.get(START_METHOD_VARIABLE, "").strip()
+    if forced:
+        if forced not in ("fork", "spawn"):
+            raise ValueError(f"{START_METHOD_VARIABLE} must be fork or spawn; got {forced!r}")
+        return forced
+    if "fork" not in multiprocessing.get_all_start_methods() or threading.active_count() > 1:
+        return "spawn"
+    import torch
+
+    import pipeline.experiments.taming  # noqa: F401  (evaluation, and the engine through it)
+    import pipeline.train  # noqa: F401
+    from pipeline import fused
+
+    if torch.cuda.is_initialized():
+        return "spawn"
+    if fused.numba is not None:
+        from numba.np.ufunc import parallel
+
+        if parallel._is_initialized:
+            return "spawn"
+    return "fork"
+
+
+# Set to fork or spawn to override `start_method` (a spawned pool is the one every platform has).
+START_METHOD_VARIABLE = "POLYLAB_START_METHOD"
+
+
 def _start_worker(progress: multiprocessing.Queue, parent_pid: int | None = None) -> None:
     global _worker_progress
     import signal
 
     # Ctrl-C reaches every process of the terminal's group: the parent handles it (marks its runs FAILED,
-    # stops the pool), so a worker ignores it instead of printing a traceback of its own.
+    # stops the pool), so a worker ignores it instead of printing a traceback of its own. A forked worker
+    # also inherits the command's TERM handler (orchestration.signals), which would unwind it as if it
+    # were the command: the pool stops workers with TERM, so it must simply end them.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if parent_pid is not None:
         _die_with_parent(parent_pid)
     import torch
@@ -218,7 +262,8 @@ def _train_chunk(configs: Sequence[AblationConfig], seeds: Sequence[int], device
 
 
 class PassPool:
-    """N worker processes (spawn, one torch thread each) that train seed chunks of batched passes.
+    """N worker processes (forked or spawned, `start_method`; one torch thread each) that train seed chunks
+    of batched passes.
 
     Start it once for a sweep (`with PassPool(2) as pool:`) and hand it to every `run_ablations` call:
     starting a process costs about as much as importing torch.
@@ -227,7 +272,8 @@ class PassPool:
     def __init__(self, workers: int) -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1; got {workers}")
-        context = multiprocessing.get_context("spawn")
+        self.start_method = start_method()
+        context = multiprocessing.get_context(self.start_method)
         self.workers = workers
         self.progress = context.Queue()
         self.executor = ProcessPoolExecutor(
