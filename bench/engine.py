@@ -6,9 +6,14 @@
     python bench/engine.py --repeats 5          # more interleaved rounds (medians are reported)
     python bench/engine.py --profile            # plus cProfile's top functions of one fused run
     python bench/engine.py --serial-sample 8    # plus 8 seeds one at a time, extrapolated to all
+    python bench/engine.py --execution threads  # each engine in this process on all cores' threads
 
-Both engines train the same passes in this one process, interleaved (fused, torch, then torch, fused,
-…), so a machine shared with other work slows both alike and the ratio compares like with like. Each
+Both engines train the same passes in this one run, interleaved (fused, torch, then torch, fused, …),
+so a machine shared with other work slows both alike and the ratio compares like with like. By default
+(`--execution pool`) each engine trains as `cli.py sweep` trains it: on its own pool of worker processes
+with one thread each (one worker per core), the passes cut into the same seed chunks; both pools are
+started (and warmed up) before any timing. `--execution threads` trains every pass in this process
+instead, each engine on all of torch's threads (numba's parallel loop over models for the fused one). Each
 round also times a large `torch.mm` (4096², best of 3): the machine's fp32 peak as this process sees it
 at that moment, against which the engines' GFLOP/s are read. Training (`train_pass` on every pass) and
 evaluation (every metric) are timed apart; the GFLOP are the training's matrix products (forward and
@@ -38,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import fused  # noqa: E402
 from pipeline.config import QUICK_EPOCHS, QUICK_SAE_EPOCHS, AblationConfig, preset_configs  # noqa: E402
-from pipeline.experiments.pool import plan_passes  # noqa: E402
+from pipeline.experiments.pool import PassPool, plan_passes, pool_chunks, usable_cores  # noqa: E402
 from pipeline.experiments.taming import evaluate, run_ablations  # noqa: E402
 from pipeline.models import layer_dims  # noqa: E402
 from pipeline.train import train_pass  # noqa: E402
@@ -95,6 +100,43 @@ def timed_run(configs, seeds, share_passes: bool) -> tuple[float, float]:
     return training, evaluation
 
 
+def _timed_chunk(configs, seeds) -> tuple[float, float]:
+    """In a pool worker: (training s, evaluation s) of one seed chunk."""
+    started = time.perf_counter()
+    trained = train_pass(configs, seeds)
+    training = time.perf_counter() - started
+    started = time.perf_counter()
+    for result in trained:
+        evaluate(result)
+    return training, time.perf_counter() - started
+
+
+def pooled_run(pool: PassPool, configs, seeds, share_passes: bool) -> tuple[float, float]:
+    """(training s, evaluation s) of every pass trained on `pool` as the sweep command cuts them: the wall
+    time of the whole run, split between training and evaluation in proportion to the workers' own
+    timings of the two (they overlap across workers, so only their shares are known)."""
+    started = time.perf_counter()
+    futures = [
+        pool.submit_task(_timed_chunk, [configs[index] for index, _ in chunk], [seed for _, seed in chunk])
+        for members in plan_passes(configs, seeds, share_passes)
+        for chunk in pool_chunks(members, pool.workers)
+    ]
+    timings = [future.result() for future in futures]
+    wall = time.perf_counter() - started
+    training, evaluation = (sum(values) for values in zip(*timings, strict=True))
+    return wall * training / (training + evaluation), wall * evaluation / (training + evaluation)
+
+
+def start_pools(workers: int) -> dict[str, PassPool]:
+    """One started pool per engine, its workers made (by `start`, which forks or spawns every one of them
+    before it returns) while POLYLAB_ENGINE named that engine, which they keep."""
+    pools = {engine: PassPool(workers) for engine in ENGINES}  # before any thread, so they may fork
+    for engine, pool in pools.items():
+        os.environ[fused.ENGINE_VARIABLE] = engine
+        pool.start()
+    return pools
+
+
 @click.command()
 @click.option(
     "--preset", type=click.Choice(["strategic", "factorial"]), default="strategic", show_default=True
@@ -122,7 +164,22 @@ def timed_run(configs, seeds, share_passes: bool) -> tuple[float, float]:
 @click.option(
     "--threads", type=click.IntRange(min=1), default=None, help="torch.set_num_threads (default: torch's)."
 )
-def main(preset, seeds, quick, repeats, batching, profile, serial_sample, threads):
+@click.option(
+    "--execution",
+    type=click.Choice(["pool", "threads"]),
+    default="pool",
+    show_default=True,
+    help="Each engine on a pool of one-thread worker processes as the sweep runs it, or in this process.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Worker processes per pool (default: one per usable core).",
+)
+def main(preset, seeds, quick, repeats, batching, profile, serial_sample, threads, execution, workers):
+    if execution == "pool" and (profile or serial_sample or threads):
+        raise click.UsageError("--profile, --serial-sample and --threads apply to --execution threads")
     if threads:
         torch.set_num_threads(threads)
     if fused.numba is None:
@@ -134,30 +191,39 @@ def main(preset, seeds, quick, repeats, batching, profile, serial_sample, thread
     seed_list = list(range(seeds))
     share_passes = batching == "shared"
     gflop = sum(training_flop(config) for config in configs) * seeds / 1e9
+    workers = workers or usable_cores()
     figures: dict = {
         "configs": len(configs),
         "seeds": seeds,
-        "threads": torch.get_num_threads(),
+        "execution": execution,
+        "threads": torch.get_num_threads() if execution == "threads" else 1,
+        "workers": workers if execution == "pool" else 1,
         "training_gflop": round(gflop, 1),
     }
     previous = os.environ.get(fused.ENGINE_VARIABLE)
     times: dict[str, dict[str, list[float]]] = {engine: {"train": [], "evaluate": []} for engine in ENGINES}
     peaks: list[float] = []
+    pools = start_pools(workers) if execution == "pool" else {}
     try:
         # The first call of each engine in a process pays one-off costs (the fused engine loads its
-        # compiled kernels from the cache, or compiles them when there is none): a small warm-up pass.
+        # compiled kernels from the cache, or compiles them when there is none): a small warm-up pass
+        # (in pool mode, on every worker).
         for engine in ENGINES:
             os.environ[fused.ENGINE_VARIABLE] = engine
             started = time.perf_counter()
-            train_pass(configs[:1], seed_list[:1])
-            print(
-                f"{engine}: first pass in this process {time.perf_counter() - started:.2f} s", file=sys.stderr
-            )
+            if execution == "pool":
+                pooled_run(pools[engine], configs[:1], seed_list[: 2 * workers], share_passes)
+            else:
+                train_pass(configs[:1], seed_list[:1])
+            print(f"{engine}: first pass {time.perf_counter() - started:.2f} s", file=sys.stderr)
         for repeat in range(repeats):
             peaks.append(measured_peak_gflops())
             for engine in ENGINES if repeat % 2 == 0 else ENGINES[::-1]:
                 os.environ[fused.ENGINE_VARIABLE] = engine
-                training, evaluation = timed_run(configs, seed_list, share_passes)
+                if execution == "pool":
+                    training, evaluation = pooled_run(pools[engine], configs, seed_list, share_passes)
+                else:
+                    training, evaluation = timed_run(configs, seed_list, share_passes)
                 times[engine]["train"].append(training)
                 times[engine]["evaluate"].append(evaluation)
                 print(
@@ -183,6 +249,8 @@ def main(preset, seeds, quick, repeats, batching, profile, serial_sample, thread
             figures["serial_s"] = round((time.perf_counter() - started) * len(pairs) / sample, 2)
             figures["serial_extrapolated"] = sample < len(pairs)
     finally:
+        for pool in pools.values():
+            pool.close()
         if previous is None:
             os.environ.pop(fused.ENGINE_VARIABLE, None)
         else:
