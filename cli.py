@@ -905,20 +905,9 @@ def split(sweep_id, epsilons, epochs, experiment, tracking_uri, force, report_on
     except StoreUnavailable as error:
         raise click.ClickException(str(error)) from error
     if result.table is not None:
-        columns = [
-            "epsilon",
-            "epochs",
-            "metric",
-            "before",
-            "baseline",
-            "split",
-            "difference",
-            "ci_low",
-            "ci_high",
-            "p_holm",
-            "seeds",
-        ]
-        click.echo(markdown_table(result.table, columns))
+        from pipeline.taming_splitting import TERMINAL_COLUMNS
+
+        click.echo(markdown_table(result.table, list(TERMINAL_COLUMNS)))
         click.echo("")
     for line in result.readings:
         click.echo(line)

@@ -43,7 +43,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import fused  # noqa: E402
 from pipeline.config import QUICK_EPOCHS, QUICK_SAE_EPOCHS, AblationConfig, preset_configs  # noqa: E402
-from pipeline.experiments.pool import PassPool, plan_passes, pool_chunks, usable_cores  # noqa: E402
+from pipeline.experiments.pool import (  # noqa: E402
+    PassPool,
+    chunk_work,
+    plan_passes,
+    pool_chunks,
+    usable_cores,
+)
 from pipeline.experiments.taming import evaluate, run_ablations  # noqa: E402
 from pipeline.models import layer_dims  # noqa: E402
 from pipeline.train import train_pass  # noqa: E402
@@ -117,7 +123,7 @@ def pooled_run(pool: PassPool, configs, seeds, share_passes: bool) -> tuple[floa
     timings of the two (they overlap across workers, so only their shares are known)."""
     started = time.perf_counter()
     futures = [
-        pool.submit_task(_timed_chunk, [configs[index] for index, _ in chunk], [seed for _, seed in chunk])
+        pool.submit_task(_timed_chunk, *chunk_work(configs, chunk))
         for members in plan_passes(configs, seeds, share_passes)
         for chunk in pool_chunks(members, pool.workers)
     ]

@@ -65,8 +65,7 @@ def main(hidden: int, samples: int, chunks: int, repeats: int) -> None:
     retain_freed_memory()  # as train_pass does: freed blocks reused, not re-faulted from the kernel
     shape = (NOISE_CHUNK_EPOCHS, hidden, samples)
     draws = [
-        fill(t_kind, torch.empty(shape), np.random.default_rng(7))
-        for fill, t_kind in ((way, "positive_kurtosis") for way in WAYS.values())
+        fill("positive_kurtosis", torch.empty(shape), np.random.default_rng(7)) for fill in WAYS.values()
     ]
     if not all(torch.equal(draws[0], other) for other in draws[1:]):
         raise click.ClickException("the three ways drew different numbers")

@@ -56,6 +56,9 @@ TABLE_COLUMNS = (
     "seeds",
     "networks",
 )
+# What the split command prints in the terminal: the table without t, p (p_holm is the one to read) and
+# the count of stored networks, to fit a terminal's width.
+TERMINAL_COLUMNS = tuple(column for column in TABLE_COLUMNS if column not in ("t", "p", "networks"))
 PAIR_KEYS = ("config", "seed")
 METHOD = (
     "paired on (configuration, seed) against the no-split baseline fine-tuned for the same epochs; "

@@ -202,18 +202,14 @@ def decompose_ablations(
 
 def _decompose_in_pool(pool, configs, passes, deliver, progress, device) -> None:
     """Every pass split by seed over the pool's workers; each chunk handed to `deliver` when it is done."""
-    from pipeline.experiments.pool import collect_chunks, pool_chunks
+    from pipeline.experiments.pool import chunk_work, collect_chunks, pool_chunks
 
     futures = {}
     for members in passes:
         network_of = {(index, seed): network for index, seed, network in members}
         for chunk in pool_chunks([(index, seed) for index, seed, _ in members], pool.workers):
             future = pool.submit_task(
-                _decompose_chunk,
-                [configs[index] for index, _ in chunk],
-                [seed for _, seed in chunk],
-                [network_of[key] for key in chunk],
-                device,
+                _decompose_chunk, *chunk_work(configs, chunk), [network_of[key] for key in chunk], device
             )
             futures[future] = chunk
     collect_chunks(pool, futures, deliver, progress)

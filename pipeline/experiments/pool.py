@@ -2,8 +2,8 @@
 
 Importing this module costs nothing heavy (no torch): the sweep command decides on its workers before it
 imports torch and MLflow. Starting the pool imports the engine once in this process and forks the workers
-from it where that is safe (`start_method`), so no worker pays the imports (about 1.5 s of a core each),
-and they train while this process imports MLflow; elsewhere they are spawned and import it themselves.
+from it where that is safe (`start_method`), so no worker pays the imports, and they train while this
+process imports MLflow; elsewhere they are spawned and import it themselves.
 """
 
 from __future__ import annotations
@@ -52,6 +52,13 @@ def seed_chunks(members: Sequence[tuple[int, int]], chunks: int) -> list[list[tu
         start += size + (chunk < extra)
         groups.append([member for member in members if member[1] in chosen])
     return groups
+
+
+def chunk_work(
+    configs: Sequence[AblationConfig], chunk: Sequence[tuple[int, int]]
+) -> tuple[list[AblationConfig], list[int]]:
+    """The configurations and seeds one seed chunk of (config index, seed) members trains, in order."""
+    return [configs[index] for index, _ in chunk], [seed for _, seed in chunk]
 
 
 # With a pool, a pass with enough seeds is cut into this many seed chunks per worker. Chunks then finish
@@ -182,8 +189,7 @@ def start_method() -> str:
         return "spawn"
     import torch
 
-    import pipeline.experiments.taming  # noqa: F401  (evaluation, and the engine through it)
-    import pipeline.train  # noqa: F401
+    import pipeline.experiments.taming  # noqa: F401  (training and evaluation, what a worker runs)
     from pipeline import fused
 
     if torch.cuda.is_initialized():
@@ -283,7 +289,7 @@ class PassPool:
         self.outstanding: list[Future] = []  # every training future handed out
 
     def start(self) -> PassPool:
-        """Start every worker now instead of at the first pass, so their imports (about 1.5 s) overlap
+        """Start every worker now instead of at the first pass, so that a spawned worker's imports overlap
         whatever the caller does next (opening the tracking store, say)."""
         for _ in range(self.workers):
             self.executor.submit(_ready)
@@ -301,10 +307,7 @@ class PassPool:
         is ready to record it (the sweep command on a new store, while MLflow creates the database)."""
         for members in plan_passes(configs, seeds, share_passes):
             for chunk in pool_chunks(members, self.workers):
-                chunk_configs, chunk_seeds = (
-                    [configs[index] for index, _ in chunk],
-                    [seed for _, seed in chunk],
-                )
+                chunk_configs, chunk_seeds = chunk_work(configs, chunk)
                 key = _chunk_key(chunk_configs, chunk_seeds, device)
                 if key not in self.prefetched:
                     self.prefetched[key] = self._submit(chunk_configs, chunk_seeds, device)
@@ -387,7 +390,7 @@ def run_in_pool(
     futures: dict[Future, list[tuple[int, int]]] = {}
     for members in passes:
         for chunk in pool_chunks(members, pool.workers):
-            future = pool.submit([configs[index] for index, _ in chunk], [seed for _, seed in chunk], device)
+            future = pool.submit(*chunk_work(configs, chunk), device)
             futures[future] = chunk
     collect_chunks(pool, futures, deliver, progress)
 
