@@ -101,8 +101,8 @@ if numba is not None and "NUMBA_THREADING_LAYER" not in os.environ:
     # 2-core machine that spinning took the cores from torch (evaluation, curves) in the same process.
     numba.config.THREADING_LAYER = "workqueue"
 # Models are handed to threads one at a time: a pass is sorted by activation and a GELU model costs
-# about 1.2× a ReLU one (62 against 54 µs a model-epoch measured), so equal contiguous halves would
-# leave one thread idle at the end.
+# about 1.45× a ReLU one (57.7 against 39.8 µs a model-epoch, `python bench/activations.py`), so equal
+# contiguous halves would leave one thread idle at the end.
 PARALLEL_CHUNK_MODELS = 1
 
 
