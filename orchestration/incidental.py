@@ -4,9 +4,10 @@ into configs and prints what these functions return."""
 
 from __future__ import annotations
 
+import functools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,51 @@ def _experiment(store, name: str | None, *, create: bool = True):
     return experiment_and_adopted_run(store, name, create=create, lookup=_study_experiment)
 
 
+def _train_and_track(
+    tracking_uri: str | None,
+    experiment: str | None,
+    configs: Sequence,
+    *,
+    steps_of: Callable,
+    description: str,
+    run: Callable,
+    track: Callable,
+) -> Recorded:
+    """Open the store, train what `track` asks for (`run(config, progress)`) under one progress bar over
+    every config's `steps_of(config)` steps, and record it; `track(store, experiment_id, trainer=...,
+    adopted_run_id=..., on_reuse=...)` is the tracking function with its own arguments bound."""
+    store = open_store(tracking_uri)
+    experiment_id, experiment_name, adopted = _experiment(store, experiment)
+    bar = _step_bar(sum(steps_of(config) for config in configs), description)
+
+    def on_reuse(config, run_id: str) -> None:
+        # Told before anything trains: the bar then counts (and times) only the steps still to train.
+        bar.total -= steps_of(config)
+        bar.refresh()
+
+    def trainer(config):
+        reported = 0
+
+        def progress(done: int) -> None:
+            nonlocal reported
+            bar.update(done - reported)
+            reported = done
+
+        return run(config, progress)
+
+    try:
+        tracked = track(
+            store,
+            experiment_id,
+            trainer=trainer,
+            adopted_run_id=adopted.info.run_id if adopted is not None else None,
+            on_reuse=on_reuse,
+        )
+    finally:
+        bar.close()
+    return Recorded(tracked, experiment_name, store.uri)
+
+
 @reports_store_faults
 def train_and_track_points(
     command: str,
@@ -58,40 +104,17 @@ def train_and_track_points(
     from pipeline.experiments.incidental import run_point
     from tracking.incidental import track_points
 
-    store = open_store(tracking_uri)
-    experiment_id, experiment_name, adopted = _experiment(store, experiment)
-    bar = _step_bar(sum(config.steps for config in configs), f"{command}: {len(configs)} point(s)")
-
-    def on_reuse(config, run_id: str) -> None:
-        # Told before anything trains: the bar then counts (and times) only the steps still to train.
-        bar.total -= config.steps
-        bar.refresh()
-
-    def trainer(config):
-        reported = 0
-
-        def progress(done: int) -> None:
-            nonlocal reported
-            bar.update(done - reported)
-            reported = done
-
-        return run_point(config, progress=progress)
-
-    try:
-        tracked = track_points(
-            store,
-            experiment_id,
-            command,
-            configs,
-            trainer=trainer,
-            sweep_params=sweep_params,
-            adopted_run_id=adopted.info.run_id if adopted is not None else None,
-            force=force,
-            on_reuse=on_reuse,
-        )
-    finally:
-        bar.close()
-    return Recorded(tracked, experiment_name, store.uri)
+    return _train_and_track(
+        tracking_uri,
+        experiment,
+        configs,
+        steps_of=lambda config: config.steps,
+        description=f"{command}: {len(configs)} point(s)",
+        run=lambda config, progress: run_point(config, progress=progress),
+        track=functools.partial(
+            track_points, command=command, configs=configs, sweep_params=sweep_params, force=force
+        ),
+    )
 
 
 @reports_store_faults
@@ -108,39 +131,16 @@ def train_and_track_splitting(
     from pipeline.experiments.incidental_splitting import run_split_point
     from tracking.incidental import track_splitting
 
-    store = open_store(tracking_uri)
-    experiment_id, experiment_name, adopted = _experiment(store, experiment)
-    bar = _step_bar(sum(config.extra_steps for config in configs), f"splitting: {len(configs)} arm(s)")
     cache: dict = {}
-
-    def on_reuse(config, run_id: str) -> None:
-        bar.total -= config.extra_steps
-        bar.refresh()
-
-    def trainer(config):
-        reported = 0
-
-        def progress(done: int) -> None:
-            nonlocal reported
-            bar.update(done - reported)
-            reported = done
-
-        return run_split_point(config, base_cache=cache, progress=progress)
-
-    try:
-        tracked = track_splitting(
-            store,
-            experiment_id,
-            configs,
-            trainer=trainer,
-            sweep_params=sweep_params,
-            adopted_run_id=adopted.info.run_id if adopted is not None else None,
-            force=force,
-            on_reuse=on_reuse,
-        )
-    finally:
-        bar.close()
-    return Recorded(tracked, experiment_name, store.uri)
+    return _train_and_track(
+        tracking_uri,
+        experiment,
+        configs,
+        steps_of=lambda config: config.extra_steps,
+        description=f"splitting: {len(configs)} arm(s)",
+        run=lambda config, progress: run_split_point(config, base_cache=cache, progress=progress),
+        track=functools.partial(track_splitting, configs=configs, sweep_params=sweep_params, force=force),
+    )
 
 
 @reports_store_faults
