@@ -4,7 +4,9 @@ Both signals become KeyboardInterrupt("interrupted by SIGINT" / "... SIGTERM") i
 recorder already closes its open runs on any BaseException (`tracking.recorder.reason_of` turns this one
 into the failure_reason "interrupted by SIGTERM"), and the local worker pool is stopped by the same
 unwinding, so a TERM from a scheduler or `kill` leaves the store as tidy as a Ctrl-C. Worker processes
-ignore SIGINT (pipeline/experiments/pool.py) and die with their parent, so no traceback but ours.
+ignore SIGINT (pipeline/experiments/pool.py) and die with their parent, so no traceback but ours. A
+signal that arrives during a call to an SQLite store is raised when that call returns
+(tracking/interrupts.py): cutting SQLAlchemy mid-fetch logged a traceback and left its pool half-closed.
 
 `run_cli(command, prog_name)` runs a click command with the handlers installed and, when a signal ended
 it, prints one line and exits 128 + the signal's number (130 for Ctrl-C, 143 for TERM), as shells do.
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import signal
 
+from tracking import interrupts
+
 # The signal that ended the command, if one did (set by the handler, read when the command has unwound).
 _received: list[int] = []
 
@@ -21,6 +25,15 @@ _received: list[int] = []
 def _interrupt(signum: int, frame) -> None:
     if _received:
         return  # a second Ctrl-C while the runs are being closed: let that finish
+    # Inside a call to an SQLite store the interruption waits until the call has returned.
+    if interrupts.defer(lambda: _raise_interruption(signum)):
+        return
+    _raise_interruption(signum)
+
+
+def _raise_interruption(signum: int) -> None:
+    if _received:
+        return  # a second signal already raised it while this one was held
     _received.append(signum)
     raise KeyboardInterrupt(f"interrupted by {signal.Signals(signum).name}")
 

@@ -25,6 +25,7 @@ import torch
 from mlflow import MlflowClient
 from mlflow.entities import RunStatus, ViewType
 
+from tracking import interrupts
 from tracking.uri import (  # noqa: F401 (re-exported: the checks live in uri.py, free of MLflow)
     CREDENTIALS_HINT,
     LOCK_WAIT_S,
@@ -80,12 +81,39 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
 
+class _UncutClient:
+    """An MlflowClient whose every method call is an `interrupts.store_call` block: a Ctrl-C or TERM that
+    arrives during the call is raised once it has returned (tracking/interrupts.py says why)."""
+
+    def __init__(self, client: MlflowClient) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str):
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+
+        def uncut(*arguments, **keywords):
+            with interrupts.store_call():
+                return attribute(*arguments, **keywords)
+
+        return uncut
+
+
 @dataclass(frozen=True)
 class Store:
-    """A checked tracking store and a client bound to it."""
+    """A checked tracking store and a client bound to it.
+
+    For an SQLite store the client is wrapped so that a signal never cuts one of its calls (an HTTP
+    request cut short harms nothing in this process, and one can wait minutes on retries, so it is not).
+    """
 
     uri: str
     client: MlflowClient
+
+    def __post_init__(self) -> None:
+        if self.uri.startswith("sqlite:") and not isinstance(self.client, _UncutClient):
+            object.__setattr__(self, "client", _UncutClient(self.client))
 
     def experiment_id(self, name: str | None = None, *, create: bool = True) -> str:
         """Id of experiment `name` (or the one MLflow's environment names), created once if missing.
