@@ -1,4 +1,9 @@
-"""Shared fixtures: tiny configurations so the suite runs in seconds on 2 cores."""
+"""Shared fixtures: tiny configurations so the suite runs in seconds on 2 cores.
+
+Tiny means few samples and epochs, not other widths: the fused engine compiles its kernels once per
+width pair (network: features, hidden; SAE: hidden, latents), 30-75 s each on a cold cache such as CI's.
+The suite keeps to the default widths (8 features, hidden 12, 16 latents) wherever it trains with it.
+"""
 
 from __future__ import annotations
 

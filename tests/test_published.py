@@ -16,7 +16,9 @@ from pipeline.published import LADDER_RUNGS, ladder_summary, published_ladder
 from pipeline.sae import architecture
 from pipeline.train import train_pass, train_saes_on_hidden
 
-HIDDEN, LATENTS, SAMPLES, STEPS = 6, 8, 40, 12
+# The default widths (hidden 12, 16 latents): the fused engine compiles once per (inputs, outputs) width
+# pair, 30-75 s each on a cold cache, so a test with widths of its own adds a compile to every CI run.
+HIDDEN, LATENTS, SAMPLES, STEPS = 12, 16, 40, 12
 
 
 def _published_reference(
@@ -112,8 +114,8 @@ def test_bad_training_input_is_refused_with_the_field_name():
 def test_ladder_trains_four_saes_on_the_same_networks():
     config = AblationConfig(
         data=DataConfig(samples=96),
-        network=NetworkConfig(epochs=30, hidden_dim=6, hidden_layers=2),
-        sae=SAEConfig(epochs=20, d_sae=8),
+        network=NetworkConfig(epochs=30, hidden_layers=2),
+        sae=SAEConfig(epochs=20),
     )
     seeds = [0, 1]
     results = train_pass([config] * 2, seeds)
