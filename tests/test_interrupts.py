@@ -94,3 +94,11 @@ def test_sqlite_store_calls_are_uncut_and_their_results_unchanged(handlers, tmp_
 def test_http_store_clients_are_not_wrapped():
     client = MlflowClient(tracking_uri="http://127.0.0.1:9")
     assert Store("http://127.0.0.1:9", client).client is client
+
+
+def test_the_wrapped_client_survives_pickling(tmp_path):
+    import pickle
+
+    store = open_store(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    copy = pickle.loads(pickle.dumps(store.client))
+    assert [e.name for e in copy.search_experiments()] == [e.name for e in store.client.search_experiments()]

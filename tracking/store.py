@@ -89,6 +89,8 @@ class _UncutClient:
         self._client = client
 
     def __getattr__(self, name: str):
+        if name == "_client":  # not set yet (an instance being unpickled): no recursion
+            raise AttributeError(name)
         attribute = getattr(self._client, name)
         if not callable(attribute):
             return attribute
