@@ -23,7 +23,7 @@ def handlers():
     for signum, handler in saved.items():
         signal.signal(signum, handler)
     signals._received.clear()
-    interrupts._held.clear()
+    interrupts._held = None
 
 
 def test_a_signal_inside_a_store_call_is_raised_when_the_call_returns(handlers):

@@ -20,6 +20,13 @@ from pipeline.config_tools import ConfigError
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def printed_by_a_fresh_python(code: str) -> str:
+    """What `code` prints when run by a new interpreter in the checkout (so nothing is imported yet)."""
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, timeout=120
+    ).stdout
+
+
 def test_default_sae_architecture_is_in_the_registry():
     # check_field_choices skips the registry look-up for a default value; that is sound only if the
     # default is a registered architecture.
@@ -43,10 +50,7 @@ def test_checking_the_preset_configs_does_not_import_torch():
         "    preset_configs(preset, AblationConfig())\n"
         "print('torch' in sys.modules)\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, timeout=120
-    )
-    assert result.stdout.strip() == "False"
+    assert printed_by_a_fresh_python(code).strip() == "False"
 
 
 def test_log_files_with_the_run_artifact_uri_writes_into_the_run(tmp_path):
@@ -78,10 +82,7 @@ def test_the_recording_side_imports_neither_statsmodels_nor_scipy_stats():
         "stats.describe([1.0, 2.0, 4.0])\n"
         "print('statsmodels' in sys.modules, 'scipy.stats' in sys.modules)\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, timeout=120
-    )
-    assert result.stdout.split() == ["False", "False"]
+    assert printed_by_a_fresh_python(code).split() == ["False", "False"]
 
 
 def test_describe_uses_the_student_t_quantile_scipy_stats_gives():

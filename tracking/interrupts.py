@@ -20,16 +20,17 @@ import threading
 from collections.abc import Callable, Iterator
 
 _depth = 0
-_held: list[Callable[[], None]] = []
+_held: Callable[[], None] | None = None  # the interruption being held, if one is
 
 
 def defer(raise_interruption: Callable[[], None]) -> bool:
     """Called by a signal handler (main thread): True when `raise_interruption` is kept for the end of the
     current `store_call` block, False when the handler should raise now (no block open, or one already
     held)."""
-    if _depth == 0 or _held:
+    global _held
+    if _depth == 0 or _held is not None:
         return False
-    _held.append(raise_interruption)
+    _held = raise_interruption
     return True
 
 
@@ -39,7 +40,7 @@ def store_call() -> Iterator[None]:
 
     Only the main thread's blocks count (signal handlers run there); in another thread this does nothing.
     """
-    global _depth
+    global _depth, _held
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -48,11 +49,11 @@ def store_call() -> Iterator[None]:
         yield
     finally:
         _depth -= 1
-        if _depth == 0 and _held:
-            raise_interruption = _held.pop()
+        if _depth == 0 and _held is not None:
+            raise_interruption, _held = _held, None
             raise_interruption()
 
 
 def holding() -> bool:
     """Whether an interruption is being held (for tests)."""
-    return bool(_held)
+    return _held is not None

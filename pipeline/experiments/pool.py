@@ -177,8 +177,9 @@ def start_method() -> str:
     its thread pool, and CUDA is not initialized (neither survives a fork). The sweep and decompose
     commands start their pool before anything else runs, so they fork; a process that has already
     trained on the fused engine (a test session, say) spawns. Forking costs the parent the imports once
-    (about 1.2 s, which it needs anyway to record) instead of each worker paying them (1.5 s of a core
-    each, bench/scale.py --start-method).
+    (it needs them anyway to record) instead of each worker paying them: on the strategic sweep, medians of
+    16.3 s wall and 30.1 CPU-s forked against 17.3 s and 32.2 CPU-s spawned
+    (`bench/sweep_time.py --compare POLYLAB_START_METHOD=fork,spawn --runs 4`, 2 cores).
     """
     forced = os.environ.get(START_METHOD_VARIABLE, "").strip()
     if forced:
