@@ -17,10 +17,18 @@ from pipeline.config import AblationConfig, DataConfig, NetworkConfig, SAEConfig
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session")
+def store_template(tmp_path_factory):
+    """The session's empty-store template (tracking.store.store_template_path): built by the first test
+    that creates a store, copied by the rest, and never the user's own cache."""
+    return tmp_path_factory.mktemp("store-template") / "empty-store.db"
+
+
 @pytest.fixture(autouse=True)
-def _work_in_a_temporary_folder(tmp_path, monkeypatch):
+def _work_in_a_temporary_folder(tmp_path, monkeypatch, store_template):
     """Every test runs in its own folder, so nothing (mlflow.db, mlruns/, reports/) lands in the checkout."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("POLYLAB_STORE_TEMPLATE", str(store_template))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)

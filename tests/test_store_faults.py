@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tracking.store import describe_store_failure, open_store
+from tracking.store import describe_store_failure, open_store, store_template_path
 from tracking.uri import SQLITE_HEADER, TrackingError
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -286,8 +286,18 @@ def small_tmpfs(tmp_path):
     subprocess.run(["umount", "--lazy", str(folder)], check=False)
 
 
-def test_a_full_disk_at_creation_leaves_nothing_and_a_retry_works(small_tmpfs, tmp_path):
+@pytest.mark.parametrize("schema_from", ["migrations", "template"])
+def test_a_full_disk_at_creation_leaves_nothing_and_a_retry_works(
+    schema_from, small_tmpfs, tmp_path, monkeypatch
+):
+    """MLflow's migrations fill a 3 MiB disk; a copy of the empty-store template (0.9 MiB) fills 512 KiB."""
     uri = f"sqlite:///{small_tmpfs / 'mlflow.db'}"
+    if schema_from == "migrations":
+        monkeypatch.setenv("POLYLAB_STORE_TEMPLATE", "off")
+    else:
+        close(open_store(f"sqlite:///{tmp_path / 'elsewhere.db'}"))  # makes the template if none yet
+        assert store_template_path().is_file()
+        subprocess.run(["mount", "-o", "remount,size=512k", str(small_tmpfs)], check=True)
     result, seconds = cli(*TINY_ABLATE, "--tracking-uri", uri, cwd=tmp_path, timeout=120)
     assert "the disk is full" in one_sentence(result)
     assert seconds < 30

@@ -342,12 +342,11 @@ def _create_sqlite_store(uri: str, database: Path) -> None:
     killed process) leaves a database every later command fails on ("duplicate column name"), and two
     processes creating the same store collide ("table experiments already exists"). Here the database
     appears only complete, os.link refuses to replace a store another process linked first (theirs is
-    used), and a failure leaves nothing behind, so a retry after freeing space starts clean.
+    used), and a failure leaves nothing behind, so a retry after freeing space starts clean. The schema
+    comes from a copy of the installed MLflow's empty store where there is one (`store_template_path`).
     """
     import secrets
     import sqlite3
-
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     temporary = database.with_name(f".{database.name}.creating-{os.getpid()}-{secrets.token_hex(4)}")
     temporary_uri = f"sqlite:///{temporary}"
@@ -356,16 +355,19 @@ def _create_sqlite_store(uri: str, database: Path) -> None:
         *(temporary.with_name(temporary.name + end) for end in ("-wal", "-shm", "-journal")),
     ]
     try:
-        MlflowClient(tracking_uri=temporary_uri).search_experiments(max_results=1)
-        engine = SqlAlchemyStore._engine_map.pop(temporary_uri, None)
-        if engine is not None:
-            engine.dispose()
+        template = store_template_path()
+        built = not _open_from_template(template, temporary, temporary_uri)
+        if built:
+            MlflowClient(tracking_uri=temporary_uri).search_experiments(max_results=1)
+            _dispose_engine(temporary_uri)
         # Fold the write-ahead log into the file, so the file alone is the whole store when linked.
         connection = sqlite3.connect(temporary, timeout=LOCK_WAIT_S)
         try:
             connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
             connection.close()
+        if built and template is not None:
+            _save_template(temporary, template)
         try:
             os.link(temporary, database)
         except FileExistsError:
@@ -382,6 +384,108 @@ def _create_sqlite_store(uri: str, database: Path) -> None:
         raise TrackingError(describe_store_failure(error, uri, creating=True)) from None
     finally:
         for leftover in leftovers:
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+
+
+# "off": every new SQLite store is built through MLflow's migrations; a path: the template file to use.
+STORE_TEMPLATE_VARIABLE = "POLYLAB_STORE_TEMPLATE"
+
+
+def store_template_path() -> Path | None:
+    """Where the empty-store template of the installed MLflow is kept (None: switched off).
+
+    MLflow builds a new store's schema through dozens of migrations: about 1.1 CPU-s on this project's
+    2-core machines, in the sweep's recording process while its workers train. Their result depends only
+    on the MLflow version, so the first store a version creates is kept (less its Default experiment)
+    under the user's cache folder and every later store starts as a copy of it (0.05 s). The file name
+    carries MLflow's and SQLAlchemy's versions; MLflow still checks the copy's schema revision when it
+    opens it, and anything wrong with the copy falls back to the migrations.
+    """
+    setting = os.environ.get(STORE_TEMPLATE_VARIABLE, "").strip()
+    if setting.lower() in ("off", "0", "false", "no"):
+        return None
+    if setting:
+        return Path(setting).expanduser()
+    import sqlalchemy
+
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    name = f"mlflow-{mlflow.__version__}-sqlalchemy-{sqlalchemy.__version__}-empty-store.db"
+    return Path(cache) / "polysemanticity-lab" / name
+
+
+def _dispose_engine(uri: str) -> None:
+    """Close the connections MLflow keeps for `uri` (its engines are cached per URI)."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    engine = SqlAlchemyStore._engine_map.pop(uri, None)
+    if engine is not None:
+        engine.dispose()
+
+
+def _open_from_template(template: Path | None, temporary: Path, temporary_uri: str) -> bool:
+    """Make `temporary` a copy of the template and let MLflow open it (which verifies the schema revision
+    and creates the Default experiment, with this store's artifact location and time, as it does in a
+    store it builds). False when there is no usable template: `temporary` is then removed, to be built
+    through the migrations."""
+    import shutil
+    import sqlite3
+
+    if template is None or not template.is_file():
+        return False
+    try:
+        shutil.copyfile(template, temporary)
+        # A file that is no database at all: MLflow would retry opening it for minutes before giving up.
+        connection = sqlite3.connect(temporary)
+        try:
+            connection.execute("SELECT version_num FROM alembic_version").fetchone()
+        finally:
+            connection.close()
+        MlflowClient(tracking_uri=temporary_uri).search_experiments(max_results=1)
+        _dispose_engine(temporary_uri)
+        return True
+    except (OSError, sqlite3.Error, mlflow.exceptions.MlflowException) as error:
+        _dispose_engine(temporary_uri)
+        for leftover in (temporary, *(temporary.with_name(temporary.name + end) for end in ("-wal", "-shm"))):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+        if _is_disk_full(error):
+            raise  # no room for the store: the same one sentence as when the migrations fill the disk
+        return False
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    chain = _error_chain(error)
+    text = " ".join(str(link) for link in chain).lower()
+    return any(getattr(link, "errno", None) == errno.ENOSPC for link in chain) or "disk is full" in text
+
+
+def _save_template(built: Path, template: Path) -> None:
+    """Keep a copy of the freshly built store `built` (its log already folded in) as the template, without its
+    Default experiment, which MLflow recreates in each copy with that store's own location and time. Best
+    effort: a cache folder that cannot be written leaves every store to the migrations."""
+    import secrets
+    import shutil
+    import sqlite3
+
+    partial = template.with_name(f".{template.name}.{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        template.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(built, partial)
+        connection = sqlite3.connect(partial)
+        try:
+            with connection:
+                connection.execute("DELETE FROM experiments WHERE experiment_id = 0")
+        finally:
+            connection.close()
+        os.replace(partial, template)  # whole or not at all, whoever else saves one at the same time
+    except (OSError, sqlite3.Error):
+        pass
+    finally:
+        for leftover in (
+            partial,
+            *(partial.with_name(partial.name + end) for end in ("-wal", "-shm", "-journal")),
+        ):
             with contextlib.suppress(FileNotFoundError):
                 leftover.unlink()
 
