@@ -356,6 +356,12 @@ if numba is not None:
             delta_below = np.empty((hidden, tile), dtype=np.float32)
             residual = np.empty((features, tile), dtype=np.float32)
             tile_inputs = np.empty((features, tile), dtype=np.float32)
+            # Inner loops read these (and the noise) through one-dimensional row slices: indexed at
+            # [..., unit, start + sample] inside the vector loop, the 3-D and 4-D arrays are read 4.8-7×
+            # more slowly (`python bench/indexing.py`). The slices made this kernel 1.23× and the SAE
+            # kernel 1.42× faster, with bit-identical results.
+            model_inputs = inputs[model]
+            model_targets = targets[model]
             gelu = use_gelu[model]
             for local_epoch in range(epoch_count):
                 epoch = first_epoch + local_epoch
@@ -370,8 +376,10 @@ if numba is not None:
                     # A C-contiguous copy: the vector loops need unit stride, which a strided view of
                     # `inputs` would only give through a run-time check.
                     for unit in range(features):
+                        source = model_inputs[unit, start : start + count]
+                        destination = tile_inputs[unit]
                         for sample in range(count):
-                            tile_inputs[unit, sample] = inputs[model, unit, start + sample]
+                            destination[sample] = source[sample]
                     first_weight = model_parameters[weight_start : weight_start + hidden * features].reshape(
                         (hidden, features)
                     )
@@ -405,13 +413,13 @@ if numba is not None:
                         bias_start += hidden
                     last = activations[hidden_layers - 1]
                     if noisy:
-                        stream = model_stream[model]
                         scale = sigma[model]
+                        epoch_noise = noise[model_stream[model], noise_offset + local_epoch]
                         for unit in range(hidden):
+                            unit_noise = epoch_noise[unit, start : start + count]
+                            unit_values = last[unit]
                             for sample in range(count):
-                                last[unit, sample] += (
-                                    noise[stream, noise_offset + local_epoch, unit, start + sample] * scale
-                                )
+                                unit_values[sample] += unit_noise[sample] * scale
                     output_weight = model_parameters[weight_start : weight_start + features * hidden].reshape(
                         (features, hidden)
                     )
@@ -425,10 +433,12 @@ if numba is not None:
                         count,
                     )
                     for unit in range(features):
+                        unit_targets = model_targets[unit, start : start + count]
+                        unit_residual = residual[unit]
                         for sample in range(count):
-                            difference = residual[unit, sample] - targets[model, unit, start + sample]
+                            difference = unit_residual[sample] - unit_targets[sample]
                             squared_error += np.float64(difference * difference)
-                            residual[unit, sample] = difference * output_scale
+                            unit_residual[sample] = difference * output_scale
                     # Backward, last layer first: ∂W = δ·hᵀ, ∂b = Σ_t δ, δ_below = act'(pre) ⊙ Wᵀδ.
                     gradient_weights = gradient[weight_start : weight_start + features * hidden].reshape(
                         (features, hidden)
@@ -605,6 +615,7 @@ if numba is not None:
         inverse_samples = np.float32(1.0 / samples)
         for model in prange(models):
             model_parameters = parameters[model]
+            model_inputs = inputs[model]  # read through row slices, as in `_network_epochs_kernel`
             encoder = model_parameters[:encoder_size].reshape((hidden, latents))
             encoder_bias = model_parameters[encoder_bias_start:decoder_start]
             decoder = model_parameters[decoder_start:decoder_bias_start].reshape((latents, hidden))
@@ -639,8 +650,10 @@ if numba is not None:
                     count = min(tile, samples - start)
                     for unit in range(hidden):
                         shift = decoder_bias[unit]
+                        unit_inputs = model_inputs[unit, start : start + count]
+                        unit_centred = centred[unit]
                         for sample in range(count):
-                            centred[unit, sample] = inputs[model, unit, start + sample] - shift
+                            unit_centred[sample] = unit_inputs[sample] - shift
                     _dense_transposed(encoder, centred, latent_values, latents, hidden, count)
                     for latent in range(latents):
                         offset = encoder_bias[latent]
@@ -656,10 +669,12 @@ if numba is not None:
                     _dense_transposed(decoder, latent_values, residual, hidden, latents, count)
                     for unit in range(hidden):
                         shift = decoder_bias[unit]
+                        unit_inputs = model_inputs[unit, start : start + count]
+                        unit_residual = residual[unit]
                         for sample in range(count):
-                            difference = residual[unit, sample] + shift - inputs[model, unit, start + sample]
+                            difference = unit_residual[sample] + shift - unit_inputs[sample]
                             squared_error += np.float64(difference * difference)
-                            residual[unit, sample] = difference * reconstruction_scale
+                            unit_residual[sample] = difference * reconstruction_scale
                     # ∂W_dec = z·g_x̂ᵀ; g_z = W_dec·g_x̂ + the penalty's ∂/∂z; g_pre = g_z ⊙ act'(pre).
                     _accumulate_outer(gradient_decoder, latent_values, residual, latents, hidden, count)
                     _dense(decoder, no_bias, residual, latent_gradient, latents, hidden, count)
