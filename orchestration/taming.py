@@ -230,6 +230,10 @@ def run_sweep(request: SweepRequest) -> SweepResult:
     if request.executor == "local" and workers > 1:
         # Started before the store is opened: the workers import torch while this process sets up MLflow.
         pool = PassPool(workers).start()
+        if request.artifacts:
+            pool.paint_overlaps(
+                {config.hash(): label for config, label in zip(request.configs, request.labels, strict=True)}
+            )
         if is_new_sqlite_store(uri):
             # A new store holds nothing to reuse, so everything will train: start it now, while MLflow
             # creates the database (about 2 s on a 2-core machine).

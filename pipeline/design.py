@@ -217,6 +217,11 @@ def configuration_label(config: AblationConfig, varying: Sequence[str]) -> str:
     return " · ".join([config.name, *extras])
 
 
+def seed_label(configuration: str, seed: int) -> str:
+    """Run name of one seed of a configuration named `configuration` (also its overlap picture's title)."""
+    return f"{configuration} seed {seed}"
+
+
 def configuration_labels(configs: Sequence[AblationConfig], varying: Sequence[str]) -> list[str]:
     """`configuration_label` of each configuration; where two would read alike (values equal to 6
     significant digits) both get their config hash's first 6 characters, so a name never stands for two."""

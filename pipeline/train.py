@@ -261,6 +261,8 @@ class SeedResult:
     network: MLP | None = None
     sae: sae_architectures.SparseAutoencoder | None = None
     wall_seconds: float = 0.0
+    # (title, PNG bytes) of its overlap heatmap, when a pool worker painted it (PassPool.paint_overlaps).
+    overlap_picture: tuple[str, bytes] | None = None
 
     @property
     def finished(self) -> bool:

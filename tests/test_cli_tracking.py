@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import math
+from pathlib import Path
 
+import matplotlib.image
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -12,12 +16,17 @@ from mlflow import MlflowClient
 import cli
 import pipeline.experiments.taming as taming_experiments
 from pipeline.config import AblationConfig, DataConfig, NetworkConfig, SAEConfig, preset_configs
-from pipeline.evaluation import METRIC_NAMES, reevaluate
+from pipeline.evaluation import METRIC_NAMES, load_checkpoint, reevaluate
+from tracking import taming as tracking_taming
 from tracking.query import load_seed_checkpoint, seed_frame
 from tracking.store import open_store
 from tracking.taming import run_tracked_sweep
 
 TINY = ["--seeds", "2", "--epochs", "20", "--sae-epochs", "10", "--samples", "64"]
+
+
+def png_pixels(png: bytes) -> np.ndarray:
+    return matplotlib.image.imread(io.BytesIO(png))
 
 
 def invoke(*arguments: str):
@@ -358,11 +367,26 @@ def test_sweep_on_two_workers_into_a_new_store_matches_one_process(strategic_sto
         return future
 
     monkeypatch.setattr(PassPool, "submit", spying_submit)
+    drawn_here = []
+    original_overlap_png = tracking_taming.overlap_png
+    monkeypatch.setattr(
+        tracking_taming,
+        "overlap_png",
+        lambda *arguments: drawn_here.append(arguments) or original_overlap_png(*arguments),
+    )
     uri = f"sqlite:///{tmp_path / 'two.db'}"
     result = invoke("sweep", "--preset", "strategic", *TINY, "--workers", "2", "--tracking-uri", uri)
     assert result.exit_code == 0, result.output
     # Two seeds on two workers: two chunks, both trained before the store existed and then collected.
     assert collected == [True, True]
+    # The workers drew every seed's heatmap, and drew what this process draws from the run's checkpoint.
+    assert drawn_here == []
+    store = open_store(uri)
+    for seed_run in runs_of_kind(store.client, "seed")[:3]:
+        _, _, _, sae = load_checkpoint(load_seed_checkpoint(store, seed_run.info.run_id))
+        expected = original_overlap_png(sae.decoder_directions.detach(), seed_run.info.run_name)
+        stored = Path(store.client.download_artifacts(seed_run.info.run_id, "overlap.png", str(tmp_path)))
+        assert np.array_equal(png_pixels(stored.read_bytes()), png_pixels(expected))
     one_uri, _ = strategic_store
     two = seed_frame(open_store(uri), [open_store(uri).experiment_id(None)])
     one_store = open_store(one_uri)

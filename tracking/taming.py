@@ -47,6 +47,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from pipeline import stats
 from pipeline.config import AblationConfig, pass_key
 from pipeline.config_tools import flatten
+from pipeline.design import seed_label
 from pipeline.evaluation import METRIC_NAMES, checkpoint
 from pipeline.metrics import metric_bounds
 from pipeline.plots.taming import overlap_grid_png, overlap_png, prepare_overlap_painters
@@ -218,7 +219,7 @@ def start_ablation_run(
 
 
 def seed_run_name(seed_result, naming: SweepNaming | None = None) -> str:
-    return f"{(naming or SweepNaming()).label(seed_result.config)} seed {seed_result.seed}"
+    return seed_label((naming or SweepNaming()).label(seed_result.config), seed_result.seed)
 
 
 def log_seed(
@@ -292,7 +293,11 @@ def log_seed(
         log_in_batches(store, run_id, metrics=metrics, params=params)
         if artifacts:
             saved = checkpoint(config, seed_result.seed, seed_result.network, seed_result.sae)
-            png = overlap_png(seed_result.sae.decoder_directions.detach().cpu(), name)
+            painted = seed_result.overlap_picture
+            if painted is not None and painted[0] == name:
+                png = painted[1]  # a pool worker drew it, titled as this run is named
+            else:
+                png = overlap_png(seed_result.sae.decoder_directions.detach().cpu(), name)
             log_files(
                 store,
                 run_id,
