@@ -315,3 +315,27 @@ def test_pass_rejects_incompatible_configs():
 def test_every_default_metric_is_finite_for_a_default_shape():
     result = run_ablation(AblationConfig(network=tiny_config().network, sae=tiny_config().sae), seeds=[0])
     assert all(math.isfinite(result.seeds[0].metrics[name]) for name in METRIC_NAMES)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="no CUDA device on this machine: the batched engine's GPU path (issue 13, item 6; "
+    "bench/gpu.py) is checked only where one is present",
+)
+def test_a_pass_on_the_gpu_matches_the_same_pass_on_the_cpu():
+    """Random draws happen on the CPU whatever the device, so a pass on the GPU trains the same models:
+    their curves agree with the CPU's to float rounding (GPU kernels sum in other orders)."""
+    from pipeline.config import preset_configs
+
+    configs = preset_configs("factorial", tiny_config())
+    seeds = [seed for _ in configs for seed in (0, 1)]
+    configs = [config for config in configs for _ in (0, 1)]
+    on_cpu = train_pass(configs, seeds, device="cpu")
+    on_gpu = train_pass(configs, seeds, device="cuda")
+    for cpu_result, gpu_result in zip(on_cpu, on_gpu, strict=True):
+        assert cpu_result.finished and gpu_result.finished
+        for stage, curves in cpu_result.curves.items():
+            for name, values in curves.items():
+                np.testing.assert_allclose(
+                    gpu_result.curves[stage][name], values, rtol=2e-3, atol=1e-6, err_msg=f"{stage} {name}"
+                )
