@@ -217,6 +217,11 @@ def configuration_label(config: AblationConfig, varying: Sequence[str]) -> str:
     return " · ".join([config.name, *extras])
 
 
+def label_of(config: AblationConfig, labels: Mapping[str, str]) -> str:
+    """The run name of `config` in a sweep whose names are `labels` (by config hash), else its own name."""
+    return labels.get(config.hash(), config.name)
+
+
 def seed_label(configuration: str, seed: int) -> str:
     """Run name of one seed of a configuration named `configuration` (also its overlap picture's title)."""
     return f"{configuration} seed {seed}"

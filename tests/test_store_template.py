@@ -8,12 +8,12 @@ from contextlib import closing
 import mlflow.store.db.utils
 import pytest
 
+from tests.test_store_faults import close
 from tracking.store import open_store, store_template_path
 
 
 def created(path) -> None:
-    store = open_store(f"sqlite:///{path}")
-    store.client._tracking_client.store.engine.dispose()
+    close(open_store(f"sqlite:///{path}"))
 
 
 def contents(path) -> list[tuple[str, ...]]:

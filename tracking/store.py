@@ -350,10 +350,6 @@ def _create_sqlite_store(uri: str, database: Path) -> None:
 
     temporary = database.with_name(f".{database.name}.creating-{os.getpid()}-{secrets.token_hex(4)}")
     temporary_uri = f"sqlite:///{temporary}"
-    leftovers = [
-        temporary,
-        *(temporary.with_name(temporary.name + end) for end in ("-wal", "-shm", "-journal")),
-    ]
     try:
         template = store_template_path()
         built = not _open_from_template(template, temporary, temporary_uri)
@@ -383,9 +379,7 @@ def _create_sqlite_store(uri: str, database: Path) -> None:
     except Exception as error:  # noqa: BLE001 - every fault becomes the user's one sentence
         raise TrackingError(describe_store_failure(error, uri, creating=True)) from None
     finally:
-        for leftover in leftovers:
-            with contextlib.suppress(FileNotFoundError):
-                leftover.unlink()
+        _remove_database_files(temporary)
 
 
 # "off": every new SQLite store is built through MLflow's migrations; a path: the template file to use.
@@ -412,6 +406,16 @@ def store_template_path() -> Path | None:
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     name = f"mlflow-{mlflow.__version__}-sqlalchemy-{sqlalchemy.__version__}-empty-store.db"
     return Path(cache) / "polysemanticity-lab" / name
+
+
+def _remove_database_files(database: Path) -> None:
+    """Delete an SQLite database and the companion files SQLite may have left beside it."""
+    for path in (
+        database,
+        *(database.with_name(database.name + end) for end in ("-wal", "-shm", "-journal")),
+    ):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def _dispose_engine(uri: str) -> None:
@@ -446,18 +450,10 @@ def _open_from_template(template: Path | None, temporary: Path, temporary_uri: s
         return True
     except (OSError, sqlite3.Error, mlflow.exceptions.MlflowException) as error:
         _dispose_engine(temporary_uri)
-        for leftover in (temporary, *(temporary.with_name(temporary.name + end) for end in ("-wal", "-shm"))):
-            with contextlib.suppress(FileNotFoundError):
-                leftover.unlink()
-        if _is_disk_full(error):
+        _remove_database_files(temporary)
+        if _is_disk_full(_error_chain(error)):
             raise  # no room for the store: the same one sentence as when the migrations fill the disk
         return False
-
-
-def _is_disk_full(error: BaseException) -> bool:
-    chain = _error_chain(error)
-    text = " ".join(str(link) for link in chain).lower()
-    return any(getattr(link, "errno", None) == errno.ENOSPC for link in chain) or "disk is full" in text
 
 
 def _save_template(built: Path, template: Path) -> None:
@@ -482,12 +478,14 @@ def _save_template(built: Path, template: Path) -> None:
     except (OSError, sqlite3.Error):
         pass
     finally:
-        for leftover in (
-            partial,
-            *(partial.with_name(partial.name + end) for end in ("-wal", "-shm", "-journal")),
-        ):
-            with contextlib.suppress(FileNotFoundError):
-                leftover.unlink()
+        _remove_database_files(partial)
+
+
+def _is_disk_full(chain: list[BaseException]) -> bool:
+    """Whether an error chain (`_error_chain`) says the disk is full, by errno or by SQLite's words."""
+    text = " ".join(str(getattr(link, "message", None) or link) for link in chain).lower()
+    errnos = {getattr(link, "errno", None) for link in chain}
+    return errno.ENOSPC in errnos or "disk is full" in text or "no space left" in text
 
 
 def _error_chain(error: BaseException) -> list[BaseException]:
@@ -511,7 +509,7 @@ def describe_store_failure(error: BaseException, uri: str, *, creating: bool = F
     text = " ".join(str(getattr(e, "message", None) or e) for e in chain).lower()
     errnos = {getattr(e, "errno", None) for e in chain}
     resume = "re-run the same command to resume (runs FINISHED so far are kept)"
-    if errno.ENOSPC in errnos or "disk is full" in text or "no space left" in text:
+    if _is_disk_full(chain):
         if creating:
             return (
                 f"--tracking-uri {shown}: the disk is full, so the new store was not created (nothing was "

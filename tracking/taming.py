@@ -47,10 +47,10 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from pipeline import stats
 from pipeline.config import AblationConfig, pass_key
 from pipeline.config_tools import flatten
-from pipeline.design import seed_label
+from pipeline.design import label_of, seed_label
 from pipeline.evaluation import METRIC_NAMES, checkpoint
 from pipeline.metrics import metric_bounds
-from pipeline.plots.taming import overlap_grid_png, overlap_png, prepare_overlap_painters
+from pipeline.plots.taming import overlap_grid_png, overlap_png, prepare_overlap_grid_painter
 from tracking import recorder
 from tracking.recorder import log_files, now_ms, without_logged
 from tracking.store import Store, code_version, fail_run, git_commit, log_in_batches
@@ -81,7 +81,7 @@ class SweepNaming:
     sweep_tags: Mapping[str, str] = field(default_factory=dict)  # on the sweep run
 
     def label(self, config: AblationConfig) -> str:
-        return self.labels.get(config.hash(), config.name)
+        return label_of(config, self.labels)
 
     def axis_tags(self, config: AblationConfig) -> dict[str, str]:
         values = flatten(config)
@@ -919,7 +919,7 @@ def _train_and_record(
                     continue
             training.extend(group)
             if artifacts:
-                prepare_overlap_painters(configs[group[0]].sae.d_sae, len(seeds))
+                prepare_overlap_grid_painter(configs[group[0]].sae.d_sae, len(seeds))
             results = trainer(
                 [configs[index] for index in group],
                 seeds,

@@ -178,11 +178,11 @@ def _grid_painter(panels: int, latents: int, suptitle: bool, dpi: int) -> Overla
     return OverlapPainter(figure, latents)
 
 
-def prepare_overlap_painters(latents: int, panels: int, dpi: int = 80) -> None:
-    """Build the painters `overlap_png` and `overlap_grid_png` will use for decoders of `latents` rows
-    and grids of `panels` seeds (about 0.3 s, once), so a sweep can pay it while its workers train rather
-    than when the last results arrive."""
-    _heatmap_painter(latents, dpi)
+def prepare_overlap_grid_painter(latents: int, panels: int, dpi: int = 80) -> None:
+    """Build the painter `overlap_grid_png` will use for grids of `panels` seeds of decoders with `latents`
+    rows (about 0.1 CPU-s, once), so a sweep can pay it while its workers train rather than when the last
+    results arrive. The seed heatmaps' painter is not built here: a pool's workers draw those
+    (`PassPool.paint_overlaps`), and a single process builds it at its first seed, nothing training beside."""
     _grid_painter(panels, latents, True, dpi)
 
 
